@@ -1,0 +1,7 @@
+"""vqvae-medical: discrete latent generative models of medical images, packaged as MONAI bundles."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

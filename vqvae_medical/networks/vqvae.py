@@ -1,0 +1,279 @@
+"""VQ-VAE for 2D and 3D images.
+
+van den Oord et al., "Neural Discrete Representation Learning", NeurIPS 2017 (arXiv 1711.00937); encoder and
+decoder laid out as MONAI's ``VQVAE`` (Tudosiu et al. 2022, arXiv 2209.03177): strided convolutions alternating
+with residual units. Differences from ``monai.networks.nets.VQVAE``, each for a measured reason:
+
+- the quantizer is :class:`~vqvae_medical.quantizers.EMAVectorQuantizer` (data initialisation, dead-code restart,
+  fp32, chunked search) or the gradient-trained one, instead of MONAI's ``EMAQuantizer`` that collapses;
+- upsampling is selectable (``"subpixel"`` ICNR by default, free of checkerboards at initialisation);
+- inputs whose size is not a multiple of ``2 ** levels`` are padded and the reconstruction cropped back;
+- activation checkpointing is per level (memory of one level instead of the whole encoder at once);
+- index look-ups (:meth:`VQVAE.encode_to_indices`) never change the codebook, in any mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
+from monai.networks.layers.utils import get_act_layer
+from monai.utils import ensure_tuple_rep
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vqvae_medical.blocks import UPSAMPLE_MODES, ResidualUnit, make_downsample, make_upsample
+from vqvae_medical.quantizers import EMAVectorQuantizer, GradientVectorQuantizer, QuantizerOutput
+
+__all__ = ["VQOutput", "VQVAE", "CheckpointedSequential", "make_quantizer", "pad_to_multiple"]
+
+
+class VQOutput(NamedTuple):
+    """Result of an autoencoder's training forward pass.
+
+    Attributes:
+        reconstruction: decoded image, same shape as the input.
+        quantizer_loss: sum of the quantizer losses of all levels.
+        levels: one :class:`QuantizerOutput` per code level (one for a VQ-VAE, ``(top, bottom)`` for a VQ-VAE-2).
+    """
+
+    reconstruction: torch.Tensor
+    quantizer_loss: torch.Tensor
+    levels: tuple[QuantizerOutput, ...]
+
+
+def make_quantizer(
+    kind: str,
+    spatial_dims: int,
+    num_embeddings: int,
+    embedding_dim: int,
+    commitment_cost: float = 0.25,
+    decay: float = 0.99,
+    epsilon: float = 1e-5,
+    codebook_init: str = "data",
+    dead_code_threshold: float = 1.0,
+    ddp_sync: bool = True,
+) -> nn.Module:
+    """A quantizer by name: ``"ema"`` (:class:`EMAVectorQuantizer`) or ``"gradient"`` (:class:`GradientVectorQuantizer`)."""
+    if kind == "ema":
+        return EMAVectorQuantizer(
+            spatial_dims,
+            num_embeddings,
+            embedding_dim,
+            commitment_cost=commitment_cost,
+            decay=decay,
+            epsilon=epsilon,
+            init=codebook_init,
+            dead_code_threshold=dead_code_threshold,
+            ddp_sync=ddp_sync,
+        )
+    if kind == "gradient":
+        return GradientVectorQuantizer(spatial_dims, num_embeddings, embedding_dim, commitment_cost=commitment_cost)
+    raise ValueError(f"quantizer must be 'ema' or 'gradient', got {kind!r}.")
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Replicate-pad the spatial dims of ``x`` at their end up to a multiple of ``multiple``."""
+    pad: list[int] = []
+    for size in x.shape[2:][::-1]:
+        pad += [0, (multiple - size % multiple) % multiple]
+    if sum(pad) == 0:
+        return x
+    return F.pad(x, pad, mode="replicate")
+
+
+def _crop_to(x: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """Crop the spatial dims of ``x`` to ``size`` (from the start)."""
+    for dim, s in enumerate(size):
+        x = x.narrow(dim + 2, 0, s)
+    return x
+
+
+class CheckpointedSequential(nn.Module):
+    """Layers run in order; with ``use_checkpointing`` each layer's activations are recomputed in the backward
+    pass (``torch.utils.checkpoint``) instead of being stored.
+
+    Args:
+        layers: the layers (one per level, typically).
+        use_checkpointing: checkpoint each layer while training.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], use_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.use_checkpointing = use_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpointing and self.training:
+            return self._forward_checkpointed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    @torch.jit.unused
+    def _forward_checkpointed(self, x):  # untyped: TorchScript reads unused signatures without the future import
+        for layer in self.layers:
+            x = checkpoint(layer, x, use_reentrant=False)
+        return x
+
+
+class VQVAE(nn.Module):
+    """Vector-quantised variational autoencoder for 2D or 3D images.
+
+    Args:
+        spatial_dims: number of spatial dimensions (2 or 3).
+        in_channels: image channels.
+        out_channels: reconstruction channels (defaults to ``in_channels``).
+        channels: feature channels per level; ``len(channels)`` levels downsample by ``2 ** len(channels)``.
+        num_res_units: residual units per level.
+        res_channels: hidden channels of the residual units per level (defaults to ``channels``).
+        num_embeddings: codebook size ``K``.
+        embedding_dim: code dimension ``D``.
+        quantizer: ``"ema"`` or ``"gradient"``.
+        commitment_cost: weight of the commitment loss.
+        decay: EMA decay (``"ema"`` only).
+        epsilon: Laplace smoothing (``"ema"`` only).
+        codebook_init: ``"data"``, ``"kmeans"`` or ``"random"`` (``"ema"`` only).
+        dead_code_threshold: EMA cluster size under which codes are restarted; 0 disables (``"ema"`` only).
+        norm: normalisation in the residual units: ``"batch"``, ``"instance"``, ``"group"`` or ``None``.
+        act: activation type and arguments.
+        upsample_mode: ``"subpixel"`` (ICNR), ``"resize_conv"`` or ``"transposed"``.
+        blur: blur after sub-pixel upsampling.
+        output_act: activation of the reconstruction (e.g. ``"sigmoid"``), ``None`` for linear.
+        use_checkpointing: recompute each level's activations in the backward pass to save memory.
+        ddp_sync: all-reduce codebook statistics under ``torch.distributed``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int | None = None,
+        channels: Sequence[int] = (64, 128),
+        num_res_units: int = 2,
+        res_channels: Sequence[int] | int | None = None,
+        num_embeddings: int = 256,
+        embedding_dim: int = 64,
+        quantizer: str = "ema",
+        commitment_cost: float = 0.25,
+        decay: float = 0.99,
+        epsilon: float = 1e-5,
+        codebook_init: str = "data",
+        dead_code_threshold: float = 1.0,
+        norm: tuple | str | None = None,
+        act: tuple | str | None = "relu",
+        upsample_mode: str = "subpixel",
+        blur: bool = False,
+        output_act: tuple | str | None = None,
+        use_checkpointing: bool = False,
+        ddp_sync: bool = True,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if len(channels) < 1:
+            raise ValueError("channels must name at least one level.")
+        if upsample_mode not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}, got {upsample_mode!r}.")
+        out_channels = in_channels if out_channels is None else out_channels
+        res_channels = ensure_tuple_rep(channels if res_channels is None else res_channels, len(channels))
+        if len(res_channels) != len(channels):
+            raise ValueError("res_channels must be an int or have one entry per level of channels.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.downsample_factor = 2 ** len(channels)
+
+        def residuals(ch: int, rch: int) -> list[nn.Module]:
+            return [ResidualUnit(spatial_dims, ch, rch, act=act, norm=norm) for _ in range(num_res_units)]
+
+        encoder: list[nn.Module] = []
+        prev = in_channels
+        for ch, rch in zip(channels, res_channels):
+            encoder.append(
+                nn.Sequential(make_downsample(spatial_dims, prev, ch), get_act_layer(act), *residuals(ch, rch))
+            )
+            prev = ch
+        encoder.append(Conv[Conv.CONV, spatial_dims](prev, embedding_dim, kernel_size=3, padding=1))
+        self.encoder = CheckpointedSequential(encoder, use_checkpointing)
+
+        rev = list(channels)[::-1]
+        rev_res = list(res_channels)[::-1]
+        decoder: list[nn.Module] = [Conv[Conv.CONV, spatial_dims](embedding_dim, rev[0], kernel_size=3, padding=1)]
+        for i, (ch, rch) in enumerate(zip(rev, rev_res)):
+            nxt = rev[i + 1] if i + 1 < len(rev) else rev[-1]
+            decoder.append(
+                nn.Sequential(
+                    *residuals(ch, rch),
+                    make_upsample(upsample_mode, spatial_dims, ch, nxt, 2, blur=blur),
+                    get_act_layer(act),
+                )
+            )
+        decoder.append(Conv[Conv.CONV, spatial_dims](rev[-1], out_channels, kernel_size=3, padding=1))
+        if output_act is not None:
+            decoder.append(get_act_layer(output_act))
+        self.decoder = CheckpointedSequential(decoder, use_checkpointing)
+
+        self.quantizer = make_quantizer(
+            quantizer,
+            spatial_dims,
+            num_embeddings,
+            embedding_dim,
+            commitment_cost=commitment_cost,
+            decay=decay,
+            epsilon=epsilon,
+            codebook_init=codebook_init,
+            dead_code_threshold=dead_code_threshold,
+            ddp_sync=ddp_sync,
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Continuous encoder output ``[B, D, *spatial / f]`` (input padded to a multiple of ``f``)."""
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected a [B, {self.in_channels}, ...] image with {self.spatial_dims} spatial dims, "
+                f"got shape {list(x.shape)}."
+            )
+        return self.encoder(pad_to_multiple(x, self.downsample_factor))
+
+    def decode(self, z_q: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        """Image from (quantized) latents; cropped to ``output_size`` when given."""
+        y = self.decoder(z_q)
+        if output_size is not None:
+            y = _crop_to(y, output_size)
+        return y
+
+    @torch.jit.unused
+    def quantize(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize encoder outputs (updates an EMA codebook in training mode)."""
+        return self.quantizer(z)
+
+    def encode_to_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """Code indices ``[B, *spatial / f]`` of an image; never changes the codebook."""
+        return self.quantizer.quantize_indices(self.encode(x))
+
+    def embed_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Quantized latents ``[B, D, ...]`` of code indices."""
+        return self.quantizer.embed(indices)
+
+    def decode_from_indices(self, indices: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        """Image decoded from code indices ``[B, *spatial / f]``."""
+        return self.decode(self.quantizer.embed(indices), output_size)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of ``x`` through the codebook without changing any state (export and inference path)."""
+        size = [int(s) for s in x.shape[2:]]
+        return self.decode_from_indices(self.encode_to_indices(x), size)
+
+    @torch.jit.unused
+    def forward(self, x: torch.Tensor) -> VQOutput:
+        """Training forward pass: reconstruction, quantizer loss and the level's codes."""
+        size = list(x.shape[2:])
+        q = self.quantizer(self.encode(x))
+        return VQOutput(self.decode(q.quantized, size), q.loss, (q,))
