@@ -314,12 +314,11 @@ class EMAVectorQuantizer(_VectorQuantizerBase):
                 used = counts > 0
                 codebook[used] = sums[used] / counts[used, None]
         codebook = self._broadcast(codebook.contiguous())
-        # the EMA starts as if each code had already absorbed an equal share of a batch
-        world = dist.get_world_size() if (self.ddp_sync and _is_distributed()) else 1
-        per_code = max(1.0, flat.shape[0] * world / k)
+        # each code starts with the weight of one vector: never zero (no division by ~0), yet small enough that
+        # codes the encoder abandons early fall under the restart threshold within a few dozen steps
         self.codebook.copy_(codebook)
-        self.cluster_size.fill_(per_code)
-        self.embed_sum.copy_(codebook * per_code)
+        self.cluster_size.fill_(1.0)
+        self.embed_sum.copy_(codebook)
         self.initialized.fill_(True)
 
     def _update(self, flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -51,12 +51,12 @@ NIFTI_EXTENSIONS: tuple[str, ...] = (".nii", ".nii.gz")
 _PIL_GREY_MODES = {"1", "L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 _PIL_ALPHA_MODES = {"LA": 2, "La": 2, "RGBA": 4, "RGBa": 4}
 _PIL_FIX = {
-    "P": "convert it to RGB or grey (e.g. PIL's Image.convert('RGB')), since a palette image loads as colour indices",
-    "PA": "convert it to RGB or grey (e.g. PIL's Image.convert('RGB')), since a palette image loads as colour indices",
-    "CMYK": "convert it to RGB (e.g. PIL's Image.convert('RGB'))",
-    "YCbCr": "convert it to RGB (e.g. PIL's Image.convert('RGB'))",
-    "LAB": "convert it to RGB (e.g. PIL's Image.convert('RGB'))",
-    "HSV": "convert it to RGB (e.g. PIL's Image.convert('RGB'))",
+    "P": "Convert it to RGB or grey (e.g. PIL's Image.convert('RGB')), since a palette image loads as colour indices",
+    "PA": "Convert it to RGB or grey (e.g. PIL's Image.convert('RGB')), since a palette image loads as colour indices",
+    "CMYK": "Convert it to RGB (e.g. PIL's Image.convert('RGB'))",
+    "YCbCr": "Convert it to RGB (e.g. PIL's Image.convert('RGB'))",
+    "LAB": "Convert it to RGB (e.g. PIL's Image.convert('RGB'))",
+    "HSV": "Convert it to RGB (e.g. PIL's Image.convert('RGB'))",
 }
 
 
@@ -164,7 +164,7 @@ def _pil_info(path: str) -> ImageInfo:
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
     if mode in _PIL_FIX:
-        raise _Problem(f"has PIL mode {mode!r}", _PIL_FIX[mode].capitalize())
+        raise _Problem(f"has PIL mode {mode!r}", _PIL_FIX[mode])
     if mode in _PIL_GREY_MODES:
         channels = 1
     elif mode in _PIL_ALPHA_MODES:
@@ -211,7 +211,8 @@ def _itk_info(path: str) -> ImageInfo:
     if torch.is_floating_point(img) and not torch.isfinite(img).all():
         raise _Problem("contains NaN or Inf values", "Replace the non-finite values or remove the file")
     spatial = tuple(int(s) for s in np.asarray(meta.get("spatial_shape", img.shape)).tolist())
-    channels = 1 if meta.get("original_channel_dim", "no_channel") == "no_channel" else int(img.shape[-1])
+    channel_dim = meta.get("original_channel_dim", "no_channel")  # "no_channel", NaN (ITK) or an int
+    channels = int(img.shape[int(channel_dim)]) if isinstance(channel_dim, (int, np.integer)) else 1
     if len(spatial) == 2:
         spatial = spatial[::-1]  # MONAI returns (x, y); the 2D transforms give rows first
     return ImageInfo(path=path, spatial_shape=spatial, channels=channels)

@@ -1,0 +1,154 @@
+"""Ignite iteration steps for the autoencoders, used as ``iteration_update`` of MONAI's workflows.
+
+MONAI's ``SupervisedTrainer._iteration`` computes ``loss_function(network(x), y)`` and keeps only the network output;
+a VQ-VAE's training loss needs the quantizer loss from the same forward pass, and the handlers need the code
+indices, perplexity and usage. These steps run one forward pass, add the losses, keep MONAI's AMP conventions
+(``engine.amp``, ``engine.scaler``; the quantizer itself stays in fp32) and return a dict that MONAI handlers read
+with ``from_engine`` (``image``, ``label``, ``pred``, ``loss``) plus the code statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys
+
+__all__ = [
+    "NonFiniteLossError",
+    "unwrap",
+    "reconstruction_loss",
+    "VQTrainStep",
+    "VQEvalStep",
+    "training_scalars",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a training loss is NaN or infinite; the step stops before the optimizer changes any weight."""
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``DistributedDataParallel``/``DataParallel`` wrappers."""
+    while isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        network = network.module
+    return network
+
+
+def reconstruction_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``"l1"`` or ``"mse"`` reconstruction loss."""
+    if kind == "l1":
+        return F.l1_loss
+    if kind == "mse":
+        return F.mse_loss
+    raise ValueError(f"reconstruction loss must be 'l1' or 'mse', got {kind!r}.")
+
+
+def _level_stats(levels) -> dict[str, torch.Tensor]:
+    """Perplexity and usage of each code level; one level is reported without a suffix."""
+    names = ("",) if len(levels) == 1 else ("_top", "_bottom") if len(levels) == 2 else tuple(f"_{i}" for i in range(len(levels)))
+    stats: dict[str, torch.Tensor] = {}
+    for name, level in zip(names, levels):
+        stats[f"perplexity{name}"] = level.perplexity.detach()
+        stats[f"usage{name}"] = level.usage.detach()
+    return stats
+
+
+class VQTrainStep:
+    """One training iteration of a VQ-VAE or VQ-VAE-2: ``loss = recon(x_hat, x) + quantizer_weight * quantizer_loss``.
+
+    Args:
+        recon_loss: ``"l1"`` or ``"mse"``.
+        quantizer_weight: weight of the quantizer loss (commitment, plus codebook loss for gradient codebooks).
+        image_key: key of the images in the batch dict.
+    """
+
+    def __init__(self, recon_loss: str = "l1", quantizer_weight: float = 1.0, image_key: str = CommonKeys.IMAGE):
+        self.recon = reconstruction_loss(recon_loss)
+        self.quantizer_weight = float(quantizer_weight)
+        self.image_key = image_key
+
+    def __call__(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("must provide batch data for current iteration.")
+        images = batchdata[self.image_key].to(engine.state.device, non_blocking=engine.non_blocking)
+        images = images.as_tensor() if hasattr(images, "as_tensor") else images
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        use_amp = bool(engine.amp) and images.device.type == "cuda"
+        with torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {})):
+            out = engine.network(images)
+            recon_loss = self.recon(out.reconstruction.float(), images.float())
+            loss = recon_loss + self.quantizer_weight * out.quantizer_loss
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at epoch {engine.state.epoch}, iteration "
+                f"{engine.state.iteration}: reconstruction loss {recon_loss.item()}, quantizer loss "
+                f"{out.quantizer_loss.item()}. No weights were updated and the last checkpoint is intact; check the "
+                "input data for NaN/Inf, lower the learning rate, or disable AMP."
+            )
+        if use_amp and engine.scaler is not None:
+            engine.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return {
+            CommonKeys.IMAGE: images,
+            CommonKeys.LABEL: images,
+            CommonKeys.PRED: out.reconstruction.detach(),
+            CommonKeys.LOSS: loss.detach(),
+            "recon_loss": recon_loss.detach(),
+            "quantizer_loss": out.quantizer_loss.detach(),
+            **_level_stats(out.levels),
+        }
+
+
+class VQEvalStep:
+    """One evaluation iteration: eval mode, no gradients, codebook untouched.
+
+    The prediction is the reconstruction clipped to ``clip`` (the [0, 1] range of the scaled inputs) so that SSIM
+    and PSNR are computed with a known data range; ``indices`` holds one code map per level.
+
+    Args:
+        clip: value range of the prediction, or ``None`` to keep it unclipped.
+        image_key: key of the images in the batch dict.
+    """
+
+    def __init__(self, clip: tuple[float, float] | None = (0.0, 1.0), image_key: str = CommonKeys.IMAGE):
+        self.clip = clip
+        self.image_key = image_key
+
+    def __call__(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
+        images = batchdata[self.image_key].to(engine.state.device, non_blocking=engine.non_blocking)
+        images = images.as_tensor() if hasattr(images, "as_tensor") else images
+        engine.network.eval()
+        use_amp = bool(engine.amp) and images.device.type == "cuda"
+        with torch.no_grad(), torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {})):
+            out = engine.network(images)
+        pred = out.reconstruction.float()
+        if self.clip is not None:
+            pred = pred.clamp(*self.clip)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return {
+            CommonKeys.IMAGE: images,
+            CommonKeys.LABEL: images,
+            CommonKeys.PRED: pred,
+            "indices": tuple(level.indices for level in out.levels),
+            **_level_stats(out.levels),
+        }
+
+
+def training_scalars(output: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries of a step's output (loss terms, perplexity, usage) for ``TensorBoardStatsHandler``."""
+    return {k: float(v) for k, v in output.items() if isinstance(v, torch.Tensor) and v.ndim == 0}

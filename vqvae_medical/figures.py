@@ -1,0 +1,155 @@
+"""PNG figures of reconstructions, code maps, codebook usage and training curves (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["to_display", "plot_training_curves", "save_evaluation_report", "save_image_grid"]
+
+
+def to_display(image: Any) -> np.ndarray:
+    """``[C, H, W]`` array/tensor -> ``[H, W]`` (grey) or ``[H, W, 3]`` (RGB) float array clipped to [0, 1]."""
+    arr = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr[:3], 0, -1)
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _mid_slices(volume: np.ndarray) -> list[np.ndarray]:
+    """Axial, coronal and sagittal mid-slices of ``[C, X, Y, Z]`` (first channel), rotated for display."""
+    v = volume[0]
+    x, y, z = (s // 2 for s in v.shape)
+    return [np.rot90(v[:, :, z]), np.rot90(v[:, y, :]), np.rot90(v[x, :, :])]
+
+
+def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike | None = None, ax=None):
+    """Plot every numeric series of ``history`` (records with ``epoch`` and metric keys) against the epoch."""
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for rec in history:
+        for key, value in rec.items():
+            if key in ("epoch", "iteration", "phase", "time") or not isinstance(value, (int, float)):
+                continue
+            series.setdefault(f"{rec.get('phase', '')}/{key}".strip("/"), []).append((rec["epoch"], value))
+    for name, pts in sorted(series.items()):
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", ms=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_title("training curves" if series else "training curves (no history found)")
+    if series:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    if own:
+        fig.tight_layout()
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return ax
+
+
+def save_evaluation_report(
+    path: str | os.PathLike,
+    samples: Sequence[dict[str, Any]],
+    ssim_values: Sequence[float],
+    code_counts: Sequence[np.ndarray],
+    history: Sequence[dict[str, Any]] = (),
+    spatial_dims: int = 2,
+    level_names: Sequence[str] = ("codes",),
+) -> Path:
+    """One PNG: reconstructions (input | code maps | reconstruction [| error]), SSIM histogram, codebook usage
+    bars and training curves.
+
+    Args:
+        path: output PNG.
+        samples: dicts with ``image`` ``[C, ...]``, ``recon`` ``[C, ...]`` and ``codes`` (one ``[...]`` map per
+            level).
+        ssim_values: per-image SSIM of the whole evaluation set.
+        code_counts: per level, the histogram of code use over the evaluation set.
+        history: training history records (see :func:`plot_training_curves`).
+        spatial_dims: 2 or 3 (3D rows show axial, coronal and sagittal mid-slices with an absolute-error column).
+        level_names: titles of the code maps.
+    """
+    n_levels = len(level_names)
+    rows: list[list[tuple[str, np.ndarray, str]]] = []
+    for i, s in enumerate(samples):
+        image, recon = np.asarray(s["image"]), np.asarray(s["recon"])
+        if spatial_dims == 3:
+            views = zip(("axial", "coronal", "sagittal"), _mid_slices(image), _mid_slices(recon))
+            for view, a, b in views:
+                rows.append(
+                    [
+                        (f"#{i} input ({view})", np.clip(a, 0, 1), "gray"),
+                        (f"#{i} reconstruction", np.clip(b, 0, 1), "gray"),
+                        ("|error|", np.abs(a - b), "magma"),
+                    ]
+                )
+        else:
+            row = [(f"#{i} input", to_display(image), "gray")]
+            row += [(name, np.asarray(c), "nipy_spectral") for name, c in zip(level_names, s["codes"])]
+            row += [(f"reconstruction", to_display(recon), "gray"), ("|error|", np.abs(to_display(image) - to_display(recon)), "magma")]
+            rows.append(row)
+    n_cols = max((len(r) for r in rows), default=3)
+    n_rows = len(rows) + 1
+    fig = plt.figure(figsize=(2.6 * max(n_cols, 3), 2.6 * n_rows + 0.6))
+    grid = fig.add_gridspec(n_rows, max(n_cols, 3))
+    for r, row in enumerate(rows):
+        for c, (title, img, cmap) in enumerate(row):
+            ax = fig.add_subplot(grid[r, c])
+            if img.ndim == 3:
+                ax.imshow(img)
+            else:
+                ax.imshow(img, cmap=cmap, vmin=0 if cmap == "gray" else None, vmax=1 if cmap == "gray" else None)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    ncol = max(n_cols, 3)
+    ax = fig.add_subplot(grid[-1, 0])
+    ax.hist(np.asarray(ssim_values, dtype=float), bins=20, color="tab:blue")
+    ax.set_title(f"per-image SSIM (n={len(ssim_values)})", fontsize=8)
+    ax = fig.add_subplot(grid[-1, 1])
+    for name, counts in zip(level_names, code_counts):
+        counts = np.sort(np.asarray(counts, dtype=float))[::-1]
+        used = int((counts > 0).sum())
+        ax.bar(np.arange(len(counts)), counts / max(counts.sum(), 1.0), width=1.0, alpha=0.6, label=f"{name}: {used}/{len(counts)} used")
+    ax.set_title("codebook usage (codes sorted by frequency)", fontsize=8)
+    ax.set_yscale("log")
+    ax.legend(fontsize=6)
+    ax = fig.add_subplot(grid[-1, 2:ncol] if ncol > 3 else grid[-1, 2])
+    plot_training_curves(history, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def save_image_grid(path: str | os.PathLike, images: Sequence[Any], ncols: int = 4, titles: Sequence[str] | None = None) -> Path:
+    """Save 2D images ``[C, H, W]`` in [0, 1] as a PNG grid."""
+    n = len(images)
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.4 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            img = to_display(images[i])
+            ax.imshow(img, cmap=None if img.ndim == 3 else "gray", vmin=0, vmax=1)
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

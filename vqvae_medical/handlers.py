@@ -1,0 +1,227 @@
+"""Ignite handlers the bundles attach next to MONAI's: codebook monitoring, history, progress bar, evaluation report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar as _IgniteProgressBar
+
+from vqvae_medical.figures import plot_training_curves, save_evaluation_report
+
+__all__ = ["CodebookMonitor", "MetricsHistory", "ProgressBar", "EvaluationReport", "read_history", "level_names"]
+
+logger = logging.getLogger(__name__)
+
+
+def level_names(n_levels: int) -> tuple[str, ...]:
+    """Suffixes of per-level keys: ``("",)`` for one level, ``("_top", "_bottom")`` for two."""
+    if n_levels == 1:
+        return ("",)
+    if n_levels == 2:
+        return ("_top", "_bottom")
+    return tuple(f"_{i}" for i in range(n_levels))
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a :class:`MetricsHistory` file (JSON lines); empty when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class CodebookMonitor:
+    """Warns (once per epoch and level) when the fraction of codes used in recent training batches drops below
+    ``min_usage`` — the sign of codebook collapse. With an EMA quantizer whose ``dead_code_threshold > 0`` the
+    quantizer restarts the dead codes itself; this handler makes the event visible in the log.
+
+    Args:
+        min_usage: usage fraction under which to warn.
+        every: check every ``every`` iterations.
+    """
+
+    def __init__(self, min_usage: float = 0.1, every: int = 10) -> None:
+        self.min_usage = float(min_usage)
+        self.every = int(every)
+        self._warned: set[tuple[int, str]] = set()
+        self.warnings = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self)
+
+    def __call__(self, engine: Engine) -> None:
+        out = engine.state.output
+        if not isinstance(out, dict):
+            return
+        for key, value in out.items():
+            if not key.startswith("usage"):
+                continue
+            usage = float(value)
+            tag = (engine.state.epoch, key)
+            if usage < self.min_usage and tag not in self._warned:
+                self._warned.add(tag)
+                self.warnings += 1
+                msg = (
+                    f"codebook collapse: only {usage:.1%} of the codes were used in recent batches ({key}) at "
+                    f"epoch {engine.state.epoch}, iteration {engine.state.iteration} (threshold {self.min_usage:.1%})."
+                    " Consider codebook_init='data'/'kmeans', dead_code_threshold > 0 or a lower decay."
+                )
+                logger.warning(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
+class MetricsHistory:
+    """Appends one JSON line per epoch to ``path``: the mean of the step's scalar outputs (training) or the
+    engine's metrics (validation). The evaluation report and ``plot_training_curves`` read it.
+
+    Args:
+        path: JSON-lines file.
+        phase: ``"train"`` or ``"validation"``.
+        curves_png: optionally redraw the training curves to this PNG after each epoch.
+    """
+
+    def __init__(self, path: str | os.PathLike, phase: str = "train", curves_png: str | os.PathLike | None = None):
+        self.path = Path(path)
+        self.phase = phase
+        self.curves_png = curves_png
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def attach(self, engine: Engine) -> None:
+        if self.phase == "train":
+            engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._sums, self._count = {}, 0
+
+    def _accumulate(self, engine: Engine) -> None:
+        out = engine.state.output
+        if isinstance(out, dict):
+            for k, v in out.items():
+                if isinstance(v, torch.Tensor) and v.ndim == 0:
+                    self._sums[k] = self._sums.get(k, 0.0) + float(v)
+            self._count += 1
+
+    def _write(self, engine: Engine) -> None:
+        if self.phase == "train":
+            values = {k: v / max(self._count, 1) for k, v in self._sums.items()}
+        else:
+            values = {k: float(v) for k, v in engine.state.metrics.items() if np.isscalar(v) or isinstance(v, (int, float))}
+        record = {"phase": self.phase, "epoch": engine.state.epoch, "iteration": engine.state.iteration, "time": time.time(), **values}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.curves_png is not None:
+            plot_training_curves(read_history(self.path), self.curves_png)
+
+
+class ProgressBar(_IgniteProgressBar):
+    """Ignite's tqdm progress bar, attachable from a MONAI handler list, showing the running loss.
+
+    Args:
+        persist: keep the bar after each epoch.
+        keys: scalar keys of the step output to show.
+    """
+
+    def __init__(self, persist: bool = False, keys: Sequence[str] = ("loss",)) -> None:
+        super().__init__(persist=persist)
+        self.keys = tuple(keys)
+
+    def attach(self, engine: Engine, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        if not args and "output_transform" not in kwargs:
+            kwargs["output_transform"] = self._scalars
+        super().attach(engine, *args, **kwargs)
+
+    def _scalars(self, output: Any) -> dict[str, float]:
+        if not isinstance(output, dict):
+            return {}
+        return {k: float(output[k]) for k in self.keys if k in output}
+
+
+class EvaluationReport:
+    """Writes ``metrics.json`` and ``report.png`` for an evaluator run.
+
+    ``metrics.json`` holds every scalar of ``engine.state.metrics`` plus ``n_images``. ``report.png`` shows the
+    first ``n_samples`` images as input | code map(s) | reconstruction | error (three orthogonal mid-slices for
+    3D), the per-image SSIM histogram (from the ``ssim`` metric's details, so attach SSIM with
+    ``save_details=True``), the codebook-usage bars and the training curves read from ``history_path``.
+
+    Args:
+        output_dir: folder of ``metrics.json`` and ``report.png``.
+        num_embeddings: codebook size per level (an int for one level).
+        spatial_dims: 2 or 3.
+        history_path: the training :class:`MetricsHistory` file.
+        n_samples: how many images to draw.
+        ssim_key: name of the SSIM metric.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        num_embeddings: int | Sequence[int],
+        spatial_dims: int = 2,
+        history_path: str | os.PathLike | None = None,
+        n_samples: int = 4,
+        ssim_key: str = "ssim",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.num_embeddings = [int(num_embeddings)] if isinstance(num_embeddings, int) else [int(k) for k in num_embeddings]
+        self.spatial_dims = spatial_dims
+        self.history_path = history_path
+        self.n_samples = n_samples
+        self.ssim_key = ssim_key
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.samples: list[dict[str, Any]] = []
+        self.counts = [np.zeros(k, dtype=np.int64) for k in self.num_embeddings]
+        self.n_images = 0
+
+    def _collect(self, engine: Engine) -> None:
+        out = engine.state.output
+        images, recons, indices = out["image"], out["pred"], out["indices"]
+        self.n_images += int(images.shape[0])
+        for level, idx in enumerate(indices):
+            self.counts[level] += np.bincount(idx.reshape(-1).cpu().numpy(), minlength=self.num_embeddings[level])
+        for b in range(images.shape[0]):
+            if len(self.samples) >= self.n_samples:
+                break
+            codes = [idx[b].cpu().numpy() for idx in indices]
+            if self.spatial_dims == 3:
+                codes = [c[:, :, c.shape[2] // 2] for c in codes]
+            self.samples.append(
+                {"image": images[b].float().cpu().numpy(), "recon": recons[b].float().cpu().numpy(), "codes": codes}
+            )
+
+    def _write(self, engine: Engine) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float, np.floating))}
+        metrics["n_images"] = self.n_images
+        tmp = self.output_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, self.output_dir / "metrics.json")
+        details = getattr(engine.state, "metric_details", {}) or {}
+        ssim = details.get(self.ssim_key)
+        ssim_values = [] if ssim is None else torch.as_tensor(ssim).reshape(-1).float().tolist()
+        names = ("codes",) if len(self.num_embeddings) == 1 else ("top codes", "bottom codes")
+        history = read_history(self.history_path) if self.history_path else []
+        save_evaluation_report(
+            self.output_dir / "report.png", self.samples, ssim_values, self.counts, history, self.spatial_dims, names
+        )
+        logger.info(f"evaluation: {metrics} -> {self.output_dir}")

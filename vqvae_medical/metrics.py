@@ -1,0 +1,88 @@
+"""Metrics MONAI does not have: codebook usage and perplexity over a whole evaluation set, and bits per code.
+
+MONAI's ``VectorQuantizer`` computes perplexity of one batch only; here the code histogram is accumulated over the
+evaluation epoch (and summed across ranks under ``torch.distributed``), so ``codebook_usage`` is the fraction of
+the ``K`` codes used anywhere in the evaluation set and ``perplexity`` is ``exp(entropy)`` of that histogram.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+
+__all__ = ["CodeHistogram", "CodebookUsage", "CodebookPerplexity", "code_histogram_stats", "bits_per_code"]
+
+
+def code_histogram_stats(counts: torch.Tensor) -> tuple[float, float]:
+    """``(fraction of codes used, perplexity)`` of a code histogram."""
+    counts = counts.double()
+    total = counts.sum()
+    if total <= 0:
+        return 0.0, 0.0
+    probs = counts / total
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return float((counts > 0).double().mean()), float(entropy.exp())
+
+
+def bits_per_code(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of ``codes`` under categorical ``logits`` ``[B, K, ...]``, in bits."""
+    return torch.nn.functional.cross_entropy(logits.float(), codes.long()) / math.log(2.0)
+
+
+class CodeHistogram(Metric):
+    """Accumulates the histogram of one level's code indices over an epoch.
+
+    Args:
+        num_embeddings: codebook size ``K``.
+        level: which code level of ``output["indices"]`` to count (0 for a VQ-VAE; 0 = top, 1 = bottom for a
+            VQ-VAE-2).
+        output_transform: maps the engine output to the tuple of index maps.
+        device: where to accumulate.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        level: int = 0,
+        output_transform: Callable[[Any], Any] = lambda out: out["indices"],
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if num_embeddings < 1:
+            raise ValueError(f"num_embeddings must be positive, got {num_embeddings}.")
+        self.num_embeddings = num_embeddings
+        self.level = level
+        super().__init__(output_transform=output_transform, device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._counts = torch.zeros(self.num_embeddings, dtype=torch.float64, device=self._device)
+
+    @reinit__is_reduced
+    def update(self, output: Any) -> None:
+        indices = output[self.level] if isinstance(output, (tuple, list)) else output
+        self._counts += torch.bincount(indices.reshape(-1).long(), minlength=self.num_embeddings).to(
+            self._counts.device, torch.float64
+        )
+
+    @sync_all_reduce("_counts")
+    def compute(self) -> torch.Tensor:
+        return self._counts.clone()
+
+
+class CodebookUsage(CodeHistogram):
+    """Fraction of codes used anywhere in the epoch (see :class:`CodeHistogram` for the arguments)."""
+
+    def compute(self) -> float:  # type: ignore[override]
+        return code_histogram_stats(super().compute())[0]
+
+
+class CodebookPerplexity(CodeHistogram):
+    """``exp(entropy)`` of the epoch's code histogram (see :class:`CodeHistogram` for the arguments)."""
+
+    def compute(self) -> float:  # type: ignore[override]
+        return code_histogram_stats(super().compute())[1]
