@@ -266,18 +266,18 @@ class EMAVectorQuantizer(_VectorQuantizerBase):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z32 = z.float()
             flat = _to_channels_last(z32)
-            if self.training:
-                with torch.no_grad():
-                    if not bool(self.initialized):
-                        self._initialise(flat)
-                    indices = nearest_code(flat, self.codebook, self.max_chunk_bytes)
+            with torch.no_grad():
+                if self.training and not bool(self.initialized):
+                    self._initialise(flat)
+                indices = nearest_code(flat, self.codebook, self.max_chunk_bytes)
+                # the codes searched, gathered before the EMA update changes (or restarts) them
+                codes = F.embedding(indices, self.codebook)
+                if self.training:
                     counts = self._update(flat, indices)
-            else:
-                with torch.no_grad():
-                    indices = nearest_code(flat, self.codebook, self.max_chunk_bytes)
-                counts = torch.bincount(indices, minlength=self.num_embeddings).float()
-            quantized = F.embedding(indices, self.codebook).view(z32.shape[0], *z32.shape[2:], -1).movedim(-1, 1)
-            loss = self.commitment_cost * F.mse_loss(z32, quantized.detach())
+                else:
+                    counts = torch.bincount(indices, minlength=self.num_embeddings).float()
+            quantized = codes.view(z32.shape[0], *z32.shape[2:], -1).movedim(-1, 1)
+            loss = self.commitment_cost * F.mse_loss(z32, quantized)
             quantized = z32 + (quantized - z32).detach()
             perplexity, usage = self._stats(indices, counts)
         return QuantizerOutput(quantized, loss, indices.view((z.shape[0],) + tuple(z.shape[2:])), perplexity, usage)

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from vqvae_medical.networks.export import ReconstructionNetwork
-from vqvae_medical.networks.vqvae import VQVAE, VQOutput, make_quantizer, pad_to_multiple
+from vqvae_medical.networks.vqvae import VQVAE, CheckpointedSequential, VQOutput, crop_to, make_quantizer, pad_to_multiple
+from vqvae_medical.networks.vqvae2 import VQVAE2
 
-__all__ = ["VQVAE", "VQOutput", "ReconstructionNetwork", "make_quantizer", "pad_to_multiple"]
+__all__ = [
+    "VQVAE",
+    "VQVAE2",
+    "VQOutput",
+    "ReconstructionNetwork",
+    "CheckpointedSequential",
+    "make_quantizer",
+    "pad_to_multiple",
+    "crop_to",
+]

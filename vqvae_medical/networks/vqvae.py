@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from vqvae_medical.blocks import UPSAMPLE_MODES, ResidualUnit, make_downsample, make_upsample
 from vqvae_medical.quantizers import EMAVectorQuantizer, GradientVectorQuantizer, QuantizerOutput
 
-__all__ = ["VQOutput", "VQVAE", "CheckpointedSequential", "make_quantizer", "pad_to_multiple"]
+__all__ = ["VQOutput", "VQVAE", "CheckpointedSequential", "make_quantizer", "pad_to_multiple", "crop_to"]
 
 
 class VQOutput(NamedTuple):
@@ -85,7 +85,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, pad, mode="replicate")
 
 
-def _crop_to(x: torch.Tensor, size: list[int]) -> torch.Tensor:
+def crop_to(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     """Crop the spatial dims of ``x`` to ``size`` (from the start)."""
     for dim, s in enumerate(size):
         x = x.narrow(dim + 2, 0, s)
@@ -246,7 +246,7 @@ class VQVAE(nn.Module):
         """Image from (quantized) latents; cropped to ``output_size`` when given."""
         y = self.decoder(z_q)
         if output_size is not None:
-            y = _crop_to(y, output_size)
+            y = crop_to(y, output_size)
         return y
 
     @torch.jit.unused

@@ -30,7 +30,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from vqvae_medical.blocks import UPSAMPLE_MODES, ResidualUnit, make_downsample, make_upsample
-from vqvae_medical.networks.vqvae import CheckpointedSequential, VQOutput, _crop_to, make_quantizer, pad_to_multiple
+from vqvae_medical.networks.vqvae import CheckpointedSequential, VQOutput, crop_to, make_quantizer, pad_to_multiple
 
 __all__ = ["VQVAE2"]
 
@@ -231,7 +231,7 @@ class VQVAE2(nn.Module):
         top = self.upsample_top(quantized_top)
         y = self.decoder(torch.cat([top, quantized_bottom.to(top.dtype)], dim=1))
         if output_size is not None:
-            y = _crop_to(y, output_size)
+            y = crop_to(y, output_size)
         return y
 
     def encode_to_indices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
