@@ -18,7 +18,15 @@ from ignite.handlers import ProgressBar as _IgniteProgressBar
 
 from vqvae_medical.figures import plot_training_curves, save_evaluation_report
 
-__all__ = ["CodebookMonitor", "MetricsHistory", "ProgressBar", "EvaluationReport", "read_history", "level_names"]
+__all__ = [
+    "CodebookMonitor",
+    "MetricsHistory",
+    "ProgressBar",
+    "EvaluationReport",
+    "TimeBudget",
+    "read_history",
+    "level_names",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +86,59 @@ class CodebookMonitor:
                 )
                 logger.warning(msg)
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
+class TimeBudget:
+    """Ends training cleanly once a time budget is spent: the current epoch is cut short after the running
+    iteration, the epoch-end handlers (validation, checkpoints) still run, then the run stops. Benchmarks use it
+    to say "N minutes of training" on any machine.
+
+    ``clock="wall"`` counts elapsed seconds; ``clock="process"`` counts the CPU seconds of this process (all its
+    threads), which stays fair when other jobs share the machine: on a 2-core machine, 10 wall-minutes of an
+    otherwise idle run correspond to about 20 process-minutes.
+
+    Args:
+        minutes: the budget; ``None`` or ``0`` disables the handler.
+        clock: ``"wall"`` or ``"process"``.
+    """
+
+    def __init__(self, minutes: float | None, clock: str = "wall") -> None:
+        if clock not in ("wall", "process"):
+            raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}.")
+        self.minutes = minutes
+        self.clock = clock
+        self._start = 0.0
+        self.spent_s = 0.0
+
+    def _now(self) -> float:
+        return time.process_time() if self.clock == "process" else time.perf_counter()
+
+    def attach(self, engine: Engine) -> None:
+        if not self.minutes:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._stop_if_spent)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = self._now()
+
+    @property
+    def spent(self) -> bool:
+        return bool(self.minutes) and self.spent_s >= float(self.minutes) * 60.0
+
+    def __call__(self, engine: Engine) -> None:
+        self.spent_s = self._now() - self._start
+        if self.spent:
+            engine.terminate_epoch()
+
+    def _stop_if_spent(self, engine: Engine) -> None:
+        if self.spent:
+            logger.info(
+                f"time budget of {self.minutes} {self.clock}-minutes spent ({self.spent_s:.0f} s) at epoch "
+                f"{engine.state.epoch}, iteration {engine.state.iteration}: stopping"
+            )
+            engine.terminate()
 
 
 class MetricsHistory:

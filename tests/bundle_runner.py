@@ -1,0 +1,67 @@
+"""Run ``python -m monai.bundle <command>`` on a bundle of this repository as a user would, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = REPO_ROOT / "bundles"
+
+__all__ = ["BUNDLES", "REPO_ROOT", "monai_bundle", "run_bundle", "read_metrics"]
+
+
+def _arg(value: Any) -> str:
+    """Format an override so that python-fire parses it back to the same value."""
+    if isinstance(value, (Path, str)):
+        return str(value)
+    return json.dumps(value)
+
+
+def monai_bundle(
+    bundle: str,
+    command: str,
+    args: Sequence[str] = (),
+    overrides: Mapping[str, Any] | None = None,
+    timeout: float = 600,
+    threads: int = 2,
+    expect_ok: bool = True,
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle <command> <args> --bundle_root <bundle> --key value ...`` run inside the bundle folder.
+
+    Raises ``AssertionError`` with the tail of the output when the command fails and ``expect_ok`` is set.
+    """
+    bundle_dir = BUNDLES / bundle
+    cmd = [sys.executable, "-m", "monai.bundle", command, *args]
+    for key, value in (overrides or {}).items():
+        cmd += [f"--{key}", _arg(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run(cmd, cwd=bundle_dir, env=env, capture_output=True, text=True, timeout=timeout)
+    if expect_ok:
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+    return proc
+
+
+def run_bundle(
+    bundle: str,
+    configs: Sequence[str],
+    overrides: Mapping[str, Any] | None = None,
+    timeout: float = 600,
+    expect_ok: bool = True,
+) -> subprocess.CompletedProcess:
+    """``monai.bundle run`` with one or more config files (later files override earlier ones)."""
+    files = [f"configs/{c}" for c in configs]
+    config_arg = files[0] if len(files) == 1 else json.dumps(files).replace('"', "'")
+    return monai_bundle(
+        bundle, "run", ["--config_file", config_arg], {"bundle_root": ".", **(overrides or {})}, timeout, expect_ok=expect_ok
+    )
+
+
+def read_metrics(output_dir: str | os.PathLike) -> dict[str, float]:
+    """``<output_dir>/eval/metrics.json``."""
+    return json.loads((Path(output_dir) / "eval" / "metrics.json").read_text())
