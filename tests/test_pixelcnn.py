@@ -67,7 +67,12 @@ def test_causal_without_blind_spot(config, num_layers, kernel_size):
     if cond is not None and cond.is_floating_point():
         cond = cond.double()
     captured = []
-    hook = model.embedding.register_forward_hook(lambda m, i, o: captured.append(o.retain_grad() or o))
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured.append(output)
+
+    hook = model.embedding.register_forward_hook(keep)
     try:
         logits = model(codes, label, cond)
     finally:

@@ -27,6 +27,11 @@ def brute_nearest(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return diff.pow(2).sum(-1).argmin(1)
 
 
+def exact_cdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances by explicit differences (the matmul shortcut loses ~1e-3 near zero)."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 def channels_last(z: torch.Tensor) -> torch.Tensor:
     return z.movedim(1, -1).reshape(-1, z.shape[1])
 
@@ -72,9 +77,12 @@ def peak_and_largest_allocation(fn) -> tuple[int, int]:
         (1, 1, 1, 16 << 20),  # degenerate, unchunked
         (37, 5, 3, 16 << 20),  # unchunked
         (1001, 13, 7, 4 * 13 * 64),  # 64-row chunks, 1001 = 15 * 64 + 41
-        (999, 17, 5, 1),  # cap below one row: one row per chunk
+        (333, 17, 5, 1),  # cap below one row: one row per chunk
         (500, 300, 9, 4 * 300 * 7),  # 7-row chunks, 500 = 71 * 7 + 3
         (257, 1, 4, 4 * 1 * 10),  # a single code
+        (300, 256, 5, 4 * 256 * 32),  # two-stage argmin in groups of 32, 300 = 9 * 32 + 12
+        (1000, 512, 8, 4 * 512 * 100),  # two-stage argmin in groups of 64
+        (777, 8192, 3, 16 << 20),  # two-stage argmin in groups of 128, 512-row chunks
     ],
 )
 def test_nearest_code_matches_brute_force(n: int, k: int, d: int, max_chunk_bytes: int) -> None:
@@ -90,10 +98,20 @@ def test_nearest_code_chunked_equals_unchunked_on_exact_points() -> None:
     # inputs placed exactly on codes (plus tiny noise): any chunking must give the code itself
     g = torch.Generator().manual_seed(1)
     codebook = torch.randn(50, 6, generator=g) * 3
-    truth = torch.randint(0, 50, (1234,), generator=g)
-    flat = codebook[truth] + 1e-3 * torch.randn(1234, 6, generator=g)
+    truth = torch.randint(0, 50, (300,), generator=g)
+    flat = codebook[truth] + 1e-3 * torch.randn(300, 6, generator=g)
     for cap in (1, 4 * 50 * 3, 4 * 50 * 100, 1 << 30):
         assert torch.equal(nearest_code(flat, codebook, cap), truth)
+
+
+@pytest.mark.parametrize("k", [12, 256, 1024])
+def test_nearest_code_ties_pick_the_lowest_index(k: int) -> None:
+    g = torch.Generator().manual_seed(k)
+    codebook = torch.randn(k, 4, generator=g)
+    for first, second in ((3, k - 1), (0, k // 2 + 1), (k // 2 - 1, k // 2)):  # across and within groups
+        codebook[second] = codebook[first]
+        flat = codebook[first] + 1e-3 * torch.randn(50, 4, generator=g)
+        assert (nearest_code(flat, codebook, 4 * k * 7) == first).all()
 
 
 def test_nearest_code_rejects_bad_shapes() -> None:
@@ -108,22 +126,27 @@ def test_nearest_code_respects_memory_cap() -> None:
     g = torch.Generator().manual_seed(2)
     flat, codebook = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
     peak, largest = peak_and_largest_allocation(lambda: nearest_code(flat, codebook, cap))
-    # one distance chunk, the int64 result and a few K-sized vectors
+    # one distance chunk, the argmin's small per-chunk temporaries, the int64 result and a few K-sized vectors
     assert largest <= cap
-    assert peak <= cap + 8 * n + 16 * k + (64 << 10)
+    assert peak <= 1.25 * cap + 8 * n + 16 * k + (64 << 10)
     # the measurement sees an N x K matrix when there is one (so the assertions above can fail)
     peak_full, largest_full = peak_and_largest_allocation(lambda: nearest_code(flat, codebook, 1 << 40))
     assert largest_full >= n * k * 4 and peak_full >= n * k * 4
 
 
 # ---------------------------------------------------------------------------------------------- through quantizers
-@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 5, 3, 5, 7)])
+# small maps are searched as one channels-last matrix, maps of >= 256 vectors in place, sample by sample
+SHAPES = [(2, 5, 7, 9), (1, 5, 3, 5, 7), (2, 5, 16, 17), (2, 5, 8, 7, 5)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", ["ema", "gradient"])
 @pytest.mark.parametrize("training", [False, True])
-def test_quantizer_indices_match_brute_force(shape: tuple[int, ...], kind: str, training: bool) -> None:
+@pytest.mark.parametrize("k", [11, 256])
+def test_quantizer_indices_match_brute_force(shape: tuple[int, ...], kind: str, training: bool, k: int) -> None:
     torch.manual_seed(3)
-    spatial_dims, k, d = len(shape) - 2, 11, shape[1]
-    cap = 4 * k * 8  # 8-row chunks; N is odd so the last chunk is partial
+    spatial_dims, d = len(shape) - 2, shape[1]
+    cap = 4 * k * 24  # 24-row chunks; N is odd so the last chunk is partial
     if kind == "ema":
         q = EMAVectorQuantizer(spatial_dims, k, d, init="random", dead_code_threshold=0.0, max_chunk_bytes=cap)
     else:
@@ -177,6 +200,27 @@ def test_ema_update_equals_hand_computed_formula() -> None:
     assert torch.allclose(q.codebook, q.embed_sum / smoothed[:, None])
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ema_update_matches_one_hot_reference(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(15)
+    k, decay, eps = 9, 0.8, 0.01
+    q = EMAVectorQuantizer(len(shape) - 2, k, shape[1], decay=decay, epsilon=eps, init="random", dead_code_threshold=0)
+    cluster_size, embed_sum = q.cluster_size.clone().double(), q.embed_sum.clone().double()
+    q.train()
+    for _ in range(2):
+        z = torch.randn(*shape)
+        flat = channels_last(z).double()
+        one_hot = F.one_hot(brute_nearest(flat, q.codebook), k).double()
+        q(z)
+        cluster_size = decay * cluster_size + (1 - decay) * one_hot.sum(0)
+        embed_sum = decay * embed_sum + (1 - decay) * one_hot.t() @ flat
+        n = cluster_size.sum()
+        codebook = embed_sum / ((cluster_size + eps) / (n + k * eps) * n)[:, None]
+        assert torch.allclose(q.cluster_size.double(), cluster_size, atol=1e-5)
+        assert torch.allclose(q.embed_sum.double(), embed_sum, atol=1e-5)
+        assert torch.allclose(q.codebook.double(), codebook, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- initialisation
 def test_data_init_seeds_codebook_with_encoder_vectors() -> None:
     torch.manual_seed(4)
@@ -196,10 +240,10 @@ def test_data_init_seeds_codebook_with_encoder_vectors() -> None:
     assert torch.allclose(initial_size, initial_size[0].expand(k), rtol=1e-5)
     # ... and the initial codebook rows are encoder vectors, all distinct (N >= K)
     initial = (q.embed_sum - (1 - decay) * sums) / (decay * initial_size[:, None])
-    assert torch.cdist(initial, flat, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.max() < 1e-4
+    assert exact_cdist(initial, flat).min(1).values.max() < 1e-4
     assert torch.unique(initial.round(decimals=4), dim=0).shape[0] == k
     # the step's output was quantized with those encoder vectors
-    assert torch.cdist(channels_last(out.quantized), flat, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.max() < 1e-4
+    assert exact_cdist(channels_last(out.quantized), flat).min(1).values.max() < 1e-4
 
 
 def _quantization_error(q: EMAVectorQuantizer, z: torch.Tensor) -> float:
@@ -284,13 +328,19 @@ def test_lookups_and_eval_leave_state_bit_identical(kind: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- precision
-def test_nearest_code_is_sensitive_to_bf16() -> None:
-    """The data of the autocast tests: a bf16 search would pick other codes (so those tests can fail)."""
+def test_nearest_code_is_fp32_under_autocast_and_bf16_would_differ() -> None:
+    """On the data of the autocast tests a bf16 search picks other codes (so those tests can fail), while
+    ``nearest_code`` itself stays fp32 under autocast."""
     z, codebook = _autocast_data()
     flat = channels_last(z)
+    fp32_idx = nearest_code(flat, codebook)
+    assert torch.equal(fp32_idx, brute_nearest(flat, codebook))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16_idx = nearest_code(flat, codebook)
-    assert not torch.equal(bf16_idx, nearest_code(flat, codebook))
+        bf16_dist = torch.addmm(codebook.pow(2).sum(1), flat, codebook.t(), alpha=-2.0)
+        amp_idx = nearest_code(flat, codebook)
+    assert bf16_dist.dtype == torch.bfloat16
+    assert not torch.equal(bf16_dist.argmin(1), fp32_idx)
+    assert torch.equal(amp_idx, fp32_idx)
 
 
 def _autocast_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,7 +415,8 @@ def test_gradient_quantizer_loss_and_codebook_gradient() -> None:
 
 
 @pytest.mark.parametrize("kind", ["ema", "gradient"])
-def test_straight_through_gradient_reaches_encoder(kind: str) -> None:
+@pytest.mark.parametrize("spatial", [(3, 4, 2), (8, 8, 5)])
+def test_straight_through_gradient_reaches_encoder(kind: str, spatial: tuple[int, ...]) -> None:
     torch.manual_seed(13)
     k, d, beta = 7, 3, 0.3
     if kind == "ema":
@@ -375,7 +426,7 @@ def test_straight_through_gradient_reaches_encoder(kind: str) -> None:
         with torch.no_grad():
             q.weight.normal_()
     q.train()
-    z = torch.randn(2, d, 3, 4, 2, requires_grad=True)
+    z = torch.randn(2, d, *spatial, requires_grad=True)
     codebook = q.get_codebook().detach().clone()
     out = q(z)
     upstream = torch.randn_like(out.quantized)
@@ -431,10 +482,15 @@ def test_usage_window() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- TorchScript
-@pytest.mark.parametrize("quantizer, spatial_dims, shape", [("ema", 2, (2, 1, 18, 22)), ("gradient", 3, (1, 1, 10, 9, 12))])
+@pytest.mark.parametrize(
+    "quantizer, spatial_dims, shape",
+    [("ema", 2, (2, 1, 18, 22)), ("ema", 2, (1, 1, 64, 72)), ("gradient", 3, (1, 1, 10, 9, 12))],
+)
 def test_reconstruction_network_torchscript_matches_eager(quantizer: str, spatial_dims: int, shape: tuple) -> None:
     torch.manual_seed(14)
-    model = VQVAE(spatial_dims, 1, channels=(4, 8), num_res_units=1, num_embeddings=16, embedding_dim=4, quantizer=quantizer)
+    model = VQVAE(
+        spatial_dims, 1, channels=(4, 8), num_res_units=1, num_embeddings=256, embedding_dim=4, quantizer=quantizer
+    )
     x = torch.rand(*shape)
     model.train()
     model(x)  # one training step: data-initialise the EMA codebook

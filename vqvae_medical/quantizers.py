@@ -10,9 +10,11 @@ The EMA quantizer follows van den Oord et al., "Neural Discrete Representation L
 - builds a dense ``N x K`` distance matrix and an ``N x K`` one-hot matrix per step, which dominates the step time
   and does not fit for 3D feature maps with large codebooks.
 
-Here the nearest-code search is a chunked ``addmm`` + ``argmin`` under a memory cap, the EMA statistics are
-gathered with ``bincount``/``index_add_`` and all-reduced under ``torch.distributed``, and everything that touches
-the codebook runs in fp32 whatever autocast context surrounds it.
+Here the nearest-code search is a chunked ``addmm`` + ``argmin`` under a memory cap, run directly on the
+channels-first feature maps (no channels-last copy) with a two-stage argmin (``argmin`` is not vectorised on CPU,
+``amin`` is); the EMA statistics are gathered with ``bincount``/``index_add_`` and all-reduced under
+``torch.distributed``; the straight-through output and the commitment loss come from one fused autograd function;
+and everything that touches the codebook runs in fp32 whatever autocast context surrounds it.
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ __all__ = [
     "GradientVectorQuantizer",
 ]
 
-#: default memory cap of one distance chunk, in bytes (fp32 elements * 4)
-DEFAULT_MAX_CHUNK_BYTES = 16 * 1024 * 1024
+#: default memory cap of one distance chunk, in bytes (fp32 elements * 4); a chunk that stays in the CPU caches
+#: is reused for every block of rows (see ``benchmarks/quantizer.py``)
+DEFAULT_MAX_CHUNK_BYTES = 4 * 1024 * 1024
+
+#: feature maps with at least this many vectors per sample are searched in place, one sample at a time
+_MIN_MAP_SIZE = 256
 
 
 class QuantizerOutput(NamedTuple):
@@ -55,39 +61,151 @@ class QuantizerOutput(NamedTuple):
     usage: torch.Tensor
 
 
+def _chunk_rows(n: int, k: int, max_chunk_bytes: int) -> int:
+    """Rows per distance chunk: as many as fit ``max_chunk_bytes`` of fp32 ``K``-vectors (at least one)."""
+    return max(1, min(n, int(max_chunk_bytes) // (4 * k)))
+
+
+def _argmin_group(k: int) -> int:
+    """Group size of the two-stage argmin over ``k`` codes (at least 8 groups), 0 for a plain ``argmin``."""
+    for group in [128, 64, 32]:
+        if k % group == 0 and k >= 8 * group:
+            return group
+    return 0
+
+
+def _argmin_rows(dist: torch.Tensor, group: int, out: torch.Tensor) -> None:
+    """``out[:] = dist.argmin(1)`` for a contiguous ``[m, K]`` block.
+
+    With ``group > 0``: the vectorised ``amin`` of every run of ``group`` consecutive codes, ``argmin`` over those
+    minima (the first group holding the row minimum), then ``argmin`` inside that group. The index is the one
+    ``argmin`` returns, first minimum on ties included, at a fraction of the cost.
+    """
+    if group == 0:
+        out.copy_(dist.argmin(1))
+        return
+    m, k = dist.shape[0], dist.shape[1]
+    blocks = dist.view(m, k // group, group)
+    best = blocks.amin(2).argmin(1)
+    inner = blocks[torch.arange(m, device=dist.device), best].argmin(1)
+    out.copy_(inner + best * group)
+
+
+def _nearest_rows(
+    flat: torch.Tensor,
+    codebook_t: torch.Tensor,
+    code_sq: torch.Tensor,
+    buf: torch.Tensor,
+    group: int,
+    out: torch.Tensor,
+) -> None:
+    """Write the nearest code of every row of ``flat`` ``[n, D]`` (any strides) into ``out`` ``[n]``, chunk by chunk
+    through ``buf`` ``[rows, K]``."""
+    n = flat.shape[0]
+    rows = buf.shape[0]
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        dist = buf[: stop - start]
+        torch.addmm(code_sq, flat[start:stop], codebook_t, beta=1.0, alpha=-2.0, out=dist)
+        _argmin_rows(dist, group, out[start:stop])
+
+
 def nearest_code(
     flat: torch.Tensor, codebook: torch.Tensor, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
 ) -> torch.Tensor:
     """Index of the nearest codebook row (squared Euclidean distance) for every row of ``flat``.
 
     ``argmin_k ||x - e_k||^2 = argmin_k (||e_k||^2 - 2 x.e_k)``: the ``||x||^2`` term is constant per row and is
-    skipped. Rows are processed in chunks so that at most ``max_chunk_bytes`` of fp32 distances exist at once.
+    skipped. Rows are processed in chunks through one reused buffer of at most ``max_chunk_bytes`` of fp32
+    distances (the per-chunk temporaries of the argmin add well under a tenth of it). The arithmetic is fp32, also
+    under autocast (``out=`` variants are not autocast).
 
     Args:
-        flat: ``[N, D]`` vectors.
+        flat: ``[N, D]`` vectors (any strides).
         codebook: ``[K, D]`` codes.
         max_chunk_bytes: memory cap for one ``chunk x K`` distance block.
 
     Returns:
-        ``[N]`` int64 indices.
+        ``[N]`` int64 indices; on ties the lowest index.
     """
     if flat.ndim != 2 or codebook.ndim != 2 or flat.shape[1] != codebook.shape[1]:
         raise ValueError(
             f"nearest_code expects flat [N, D] and codebook [K, D], got {list(flat.shape)} and {list(codebook.shape)}."
         )
     n, k = flat.shape[0], codebook.shape[0]
-    flat = flat.float()
+    codebook = codebook.float()
+    out = torch.empty(n, dtype=torch.long, device=flat.device)
+    buf = torch.empty(_chunk_rows(n, k, max_chunk_bytes), k, dtype=torch.float32, device=flat.device)
+    _nearest_rows(flat.float(), codebook.t(), codebook.pow(2).sum(1), buf, _argmin_group(k), out)
+    return out
+
+
+def _nearest_code_maps(z3: torch.Tensor, codebook: torch.Tensor, max_chunk_bytes: int) -> torch.Tensor:
+    """:func:`nearest_code` of every vector of ``z3`` ``[B, D, S]`` (fp32), as ``[B, S]`` indices.
+
+    Large maps are searched in place, one sample at a time (``z3[b].t()`` is a valid strided matrix for BLAS), so
+    the channels-last copy of the whole batch is never made; small ones are copied and searched at once.
+    """
+    b, d, s = z3.shape
+    if s < _MIN_MAP_SIZE:
+        return nearest_code(z3.transpose(1, 2).reshape(-1, d), codebook, max_chunk_bytes).view(b, s)
+    k = codebook.shape[0]
     codebook = codebook.float()
     code_sq = codebook.pow(2).sum(1)
-    codebook_t = codebook.t()
-    rows = max(1, min(n, int(max_chunk_bytes) // (4 * k)))
-    if rows >= n:
-        return torch.addmm(code_sq, flat, codebook_t, beta=1.0, alpha=-2.0).argmin(1)
-    out = torch.empty(n, dtype=torch.long, device=flat.device)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        out[start:stop] = torch.addmm(code_sq, flat[start:stop], codebook_t, beta=1.0, alpha=-2.0).argmin(1)
+    buf = torch.empty(_chunk_rows(s, k, max_chunk_bytes), k, dtype=torch.float32, device=z3.device)
+    group = _argmin_group(k)
+    out = torch.empty(b, s, dtype=torch.long, device=z3.device)
+    for i in range(b):
+        _nearest_rows(z3[i].t(), codebook.t(), code_sq, buf, group, out[i])
     return out
+
+
+def _codes_channels_first(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Codes ``[B, D, S]`` (contiguous) of indices ``[B, S]``."""
+    b, s = indices.shape
+    if s < _MIN_MAP_SIZE:
+        return F.embedding(indices, codebook).transpose(1, 2).contiguous()
+    codebook_t = codebook.t().contiguous()
+    out = torch.empty(b, codebook.shape[1], s, dtype=codebook.dtype, device=codebook.device)
+    for i in range(b):
+        torch.index_select(codebook_t, 1, indices[i], out=out[i])
+    return out
+
+
+def _code_sums(z3: torch.Tensor, indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+    """Per-code sums ``[K, D]`` of the vectors of ``z3`` ``[B, D, S]`` assigned by ``indices`` ``[B, S]``."""
+    b, d, s = z3.shape
+    if s < _MIN_MAP_SIZE:
+        flat = z3.transpose(1, 2).reshape(-1, d)
+        return torch.zeros(num_embeddings, d, dtype=z3.dtype, device=z3.device).index_add_(0, indices.view(-1), flat)
+    sums_t = torch.zeros(d, num_embeddings, dtype=z3.dtype, device=z3.device)
+    for i in range(b):
+        sums_t.index_add_(1, indices[i], z3[i])
+    return sums_t.t().contiguous()
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``(z + sg(q - z), beta * mean((z - sg(q))^2))`` in one pass forward and one backward.
+
+    The forward output is ``q`` itself; its gradient goes to ``z`` unchanged (straight-through estimator) and the
+    loss adds ``2 beta (z - q) / numel`` to it. ``q`` receives no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, q: torch.Tensor, beta: float):  # type: ignore[override]
+        diff = z.detach() - q
+        ctx.save_for_backward(diff)
+        ctx.scale = 2.0 * beta / max(1, diff.numel())
+        return q, diff.square().mean() * beta
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor | None, grad_loss: torch.Tensor | None):  # type: ignore[override]
+        (diff,) = ctx.saved_tensors
+        if grad_loss is None:
+            return grad_q, None, None
+        if grad_q is None:
+            return diff * (grad_loss * ctx.scale), None, None
+        return torch.addcmul(grad_q, diff, grad_loss * ctx.scale), None, None
 
 
 def perplexity_from_indices(indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:
@@ -95,6 +213,11 @@ def perplexity_from_indices(indices: torch.Tensor, num_embeddings: int) -> torch
     counts = torch.bincount(indices.reshape(-1), minlength=num_embeddings).float()
     probs = counts / counts.sum().clamp_min(1.0)
     return torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
+
+
+def _maps(x: torch.Tensor) -> torch.Tensor:
+    """``[B, D, *spatial]`` -> ``[B, D, S]`` (fp32; a view when the layout allows)."""
+    return x.float().reshape(x.shape[0], x.shape[1], -1)
 
 
 def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +285,7 @@ class _VectorQuantizerBase(nn.Module):
     @torch.jit.unused
     def _nearest_fp32(self, z):  # untyped: TorchScript reads unused signatures without the future import
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return nearest_code(_to_channels_last(z), self.get_codebook(), self.max_chunk_bytes)
+            return _nearest_code_maps(_maps(z), self.get_codebook().detach(), self.max_chunk_bytes)
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes ``[B, D, *spatial]`` (fp32) for indices ``[B, *spatial]``; never changes any state."""
@@ -265,20 +388,19 @@ class EMAVectorQuantizer(_VectorQuantizerBase):
         self._check_input(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
             z32 = z.float()
-            flat = _to_channels_last(z32)
             with torch.no_grad():
+                z3 = _maps(z32.detach())
                 if self.training and not bool(self.initialized):
-                    self._initialise(flat)
-                indices = nearest_code(flat, self.codebook, self.max_chunk_bytes)
+                    self._initialise(z3)
+                indices = _nearest_code_maps(z3, self.codebook, self.max_chunk_bytes)
                 # the codes searched, gathered before the EMA update changes (or restarts) them
-                codes = F.embedding(indices, self.codebook)
+                codes = _codes_channels_first(self.codebook, indices).view(z32.shape)
                 if self.training:
-                    counts = self._update(flat, indices)
+                    counts = self._update(z3, indices)
                 else:
-                    counts = torch.bincount(indices, minlength=self.num_embeddings).float()
-            quantized = codes.view(z32.shape[0], *z32.shape[2:], -1).movedim(-1, 1)
-            loss = self.commitment_cost * F.mse_loss(z32, quantized)
-            quantized = z32 + (quantized - z32).detach()
+                    counts = torch.bincount(indices.view(-1), minlength=self.num_embeddings).float()
+            # z + sg(q - z) and beta * ||z - sg(q)||^2
+            quantized, loss = _StraightThrough.apply(z32, codes, self.commitment_cost)
             perplexity, usage = self._stats(indices, counts)
         return QuantizerOutput(quantized, loss, indices.view((z.shape[0],) + tuple(z.shape[2:])), perplexity, usage)
 
@@ -293,20 +415,21 @@ class EMAVectorQuantizer(_VectorQuantizerBase):
             dist.broadcast(t, src=0)
         return t
 
-    def _sample_rows(self, flat: torch.Tensor, n: int) -> torch.Tensor:
-        """``n`` rows of ``flat`` drawn at random (with replacement when ``flat`` has fewer rows)."""
-        if flat.shape[0] >= n:
-            pick = torch.randperm(flat.shape[0], device=flat.device)[:n]
+    def _sample_rows(self, z3: torch.Tensor, n: int) -> torch.Tensor:
+        """``n`` vectors ``[n, D]`` of ``z3`` ``[B, D, S]`` drawn at random (with replacement when it has fewer)."""
+        total, s = z3.shape[0] * z3.shape[2], z3.shape[2]
+        if total >= n:
+            pick = torch.randperm(total, device=z3.device)[:n]
         else:
-            pick = torch.randint(0, flat.shape[0], (n,), device=flat.device)
-        return flat[pick].clone()
+            pick = torch.randint(0, total, (n,), device=z3.device)
+        return z3[pick // s, :, pick % s].contiguous()
 
-    def _initialise(self, flat: torch.Tensor) -> None:
+    def _initialise(self, z3: torch.Tensor) -> None:
         """Seed the codebook from encoder outputs of the first training batch (rank 0's under DDP)."""
         k = self.num_embeddings
-        codebook = self._sample_rows(flat, k)
+        codebook = self._sample_rows(z3, k)
         if self.init == "kmeans":
-            sample = self._sample_rows(flat, min(flat.shape[0], max(20 * k, 4096)))
+            sample = self._sample_rows(z3, min(z3.shape[0] * z3.shape[2], max(20 * k, 4096)))
             for _ in range(self.kmeans_iters):
                 assign = nearest_code(sample, codebook, self.max_chunk_bytes)
                 counts = torch.bincount(assign, minlength=k).float()
@@ -321,10 +444,10 @@ class EMAVectorQuantizer(_VectorQuantizerBase):
         self.embed_sum.copy_(codebook)
         self.initialized.fill_(True)
 
-    def _update(self, flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def _update(self, z3: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """EMA update of cluster sizes and sums (Laplace-smoothed), then dead-code restart. Returns batch counts."""
-        counts = torch.bincount(indices, minlength=self.num_embeddings).float()
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)
+        counts = torch.bincount(indices.view(-1), minlength=self.num_embeddings).float()
+        sums = _code_sums(z3, indices, self.num_embeddings)
         self._all_reduce(counts, sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
@@ -332,16 +455,16 @@ class EMAVectorQuantizer(_VectorQuantizerBase):
         smoothed = (self.cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
         if self.dead_code_threshold > 0:
-            self._restart_dead_codes(flat)
+            self._restart_dead_codes(z3)
         return counts
 
-    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+    def _restart_dead_codes(self, z3: torch.Tensor) -> None:
         """Re-seed codes whose EMA cluster size fell below ``dead_code_threshold`` from current encoder outputs."""
         dead = self.cluster_size < self.dead_code_threshold
         n_dead = int(dead.sum().item())
         if n_dead == 0:
             return
-        fresh = self._broadcast(self._sample_rows(flat, n_dead).contiguous())
+        fresh = self._broadcast(self._sample_rows(z3, n_dead))
         self.codebook[dead] = fresh
         self.cluster_size[dead] = self.dead_code_threshold
         self.embed_sum[dead] = fresh * self.dead_code_threshold
@@ -385,9 +508,9 @@ class GradientVectorQuantizer(_VectorQuantizerBase):
         self._check_input(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
             z32 = z.float()
-            flat = _to_channels_last(z32)
             with torch.no_grad():
-                indices = nearest_code(flat, self.weight.detach().float(), self.max_chunk_bytes)
+                indices = _nearest_code_maps(_maps(z32.detach()), self.weight.detach().float(), self.max_chunk_bytes)
+            indices = indices.view(-1)
             quantized = F.embedding(indices, self.weight.float()).view(z32.shape[0], *z32.shape[2:], -1).movedim(-1, 1)
             loss = F.mse_loss(quantized, z32.detach()) + self.commitment_cost * F.mse_loss(z32, quantized.detach())
             quantized = z32 + (quantized - z32).detach()

@@ -6,7 +6,8 @@ handler undoes the spatial preprocessing (``Compose.inverse`` on the MetaTensor'
 
 - PNG/JPEG/BMP/TIFF inputs -> ``<name>_recon.png`` (8-bit) and ``<name>_codes.png`` (16-bit code indices);
 - NIfTI inputs -> ``<name>_recon.nii.gz`` with the input's affine and header, intensities mapped back to the
-  input's range, and ``<name>_codes.nii.gz`` (int16, affine scaled to the code grid);
+  input's range, and ``<name>_codes.nii.gz`` (int16, affine scaled to the code grid; for 3D volumes the affine of
+  the preprocessed network grid, reoriented/resampled, scaled by the downsampling factor);
 - other formats -> NIfTI through the same path.
 """
 
@@ -76,7 +77,23 @@ class ReconstructionWriter:
             if src.lower().endswith(_RASTER):
                 self._write_raster(src, np.asarray(pred, dtype=np.float32), codes)
             else:
-                self._write_nifti(src, np.asarray(pred, dtype=np.float32), codes)
+                self._write_nifti(src, np.asarray(pred, dtype=np.float32), codes, self._grid(image))
+
+    @staticmethod
+    def _grid(image: Any) -> tuple[np.ndarray, tuple[int, ...]] | None:
+        """Affine and spatial shape of the preprocessed (network input) grid of a 3D volume, else ``None``."""
+        if not isinstance(image, MetaTensor) or image.ndim != 4:
+            return None
+        return np.asarray(image.affine, dtype=np.float64), tuple(int(s) for s in image.shape[1:])
+
+    @staticmethod
+    def _code_affine(grid: tuple[np.ndarray, tuple[int, ...]], code_shape: tuple[int, ...]) -> np.ndarray:
+        """World affine of a 3D code map: code voxel ``i`` covers voxels ``f*i .. f*i+f-1`` of the network input."""
+        affine, shape = grid
+        factors = [int(np.ceil(s / max(c, 1))) for s, c in zip(shape, code_shape)]
+        voxel_to_grid = np.diag([*factors, 1.0])
+        voxel_to_grid[:3, 3] = [(f - 1) / 2.0 for f in factors]
+        return affine @ voxel_to_grid
 
     def _code_names(self, n: int) -> list[str]:
         return ["codes"] if n == 1 else ["codes_top", "codes_bottom"] if n == 2 else [f"codes_{i}" for i in range(n)]
@@ -93,7 +110,7 @@ class ReconstructionWriter:
             Image.fromarray(c.astype(np.uint16)).save(cpath)
             self.written.append(cpath)
 
-    def _write_nifti(self, src: str, pred: np.ndarray, codes: list[np.ndarray]) -> None:
+    def _write_nifti(self, src: str, pred: np.ndarray, codes: list[np.ndarray], grid=None) -> None:
         stem = output_stem(src)
         data = pred[0] if pred.shape[0] == 1 else np.moveaxis(pred, 0, -1)
         affine, header = np.eye(4), None
@@ -114,6 +131,8 @@ class ReconstructionWriter:
             scale = np.ones(4)
             scale[: c.ndim] = [d / max(cs, 1) for d, cs in zip(data.shape[: c.ndim], c.shape)]
             code_affine = affine @ np.diag(scale)
+            if grid is not None and c.ndim == 3:  # 3D codes live on the reoriented/resampled network grid
+                code_affine = self._code_affine(grid, c.shape)
             cpath = self.output_dir / f"{stem}_{name}.nii.gz"
             nib.save(nib.Nifti1Image(c.astype(np.int16), code_affine), cpath)
             self.written.append(cpath)

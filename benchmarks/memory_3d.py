@@ -1,0 +1,205 @@
+"""Benchmark: peak memory of one 3D training step, our ``VQVAE`` (activation checkpointing) vs MONAI's ``VQVAE``.
+
+A step is the train-mode forward pass of a ``[batch, 1, 128, 128, 128]`` volume, the loss
+``L1(reconstruction, x) + quantizer loss``, the backward pass and one ``torch.optim.Adam`` step (its state is
+created in that step). Both networks have the same layout: two levels of ``(64, 128)`` channels (downsampling
+factor 4), two residual units per level with ``(32, 64)`` hidden channels, a codebook of 256 codes of dimension 32.
+Ours runs with ``use_checkpointing=True`` (each level's activations are recomputed in the backward pass); MONAI's
+runs with its defaults (``use_checkpointing=False``), or with its own checkpointing under ``--monai_checkpointing``.
+
+Every measurement runs in a fresh subprocess per model, so that one model's allocations never count for the other:
+
+- on CUDA: ``torch.cuda.max_memory_allocated`` during the step minus the memory allocated before it (model,
+  input);
+- on the CPU (``rss``, the headline figures): the increase of the process's peak resident set size during the step,
+  ``getrusage(RUSAGE_SELF).ru_maxrss`` after the step minus the resident size just before it (``/proc/self/statm``),
+  i.e. what the step adds to the memory the machine must have;
+- on the CPU (``tensor``, with ``--method both``): the high-water mark of tensor bytes allocated during a second
+  step, from ``torch.profiler`` (see ``benchmarks/quantizer.py``): tensor storage only, no allocator slack.
+
+Usage::
+
+    python benchmarks/memory_3d.py                 # table on stderr, JSON on stdout
+    python benchmarks/memory_3d.py --json          # exactly one JSON object on stdout
+    python benchmarks/memory_3d.py --size 64 --method both
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["build_model", "training_step", "measure", "main"]
+
+MIB = 1024.0 * 1024.0
+CHANNELS = (64, 128)
+RES_CHANNELS = (32, 64)
+NUM_RES_UNITS = 2
+NUM_EMBEDDINGS = 256
+EMBEDDING_DIM = 32
+
+
+def build_model(name: str, monai_checkpointing: bool = False) -> torch.nn.Module:
+    """``"ours"``: :class:`vqvae_medical.networks.VQVAE` with checkpointing; ``"monai"``: MONAI's ``VQVAE``;
+    ``"ours_nockpt"``: ours without checkpointing (reference)."""
+    if name in ("ours", "ours_nockpt"):
+        from vqvae_medical.networks import VQVAE
+
+        return VQVAE(
+            spatial_dims=3,
+            in_channels=1,
+            channels=CHANNELS,
+            num_res_units=NUM_RES_UNITS,
+            res_channels=RES_CHANNELS,
+            num_embeddings=NUM_EMBEDDINGS,
+            embedding_dim=EMBEDDING_DIM,
+            upsample_mode="subpixel",
+            use_checkpointing=name == "ours",
+        )
+    if name == "monai":
+        from monai.networks.nets import VQVAE as MonaiVQVAE
+
+        return MonaiVQVAE(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            channels=CHANNELS,
+            num_res_layers=NUM_RES_UNITS,
+            num_res_channels=RES_CHANNELS,
+            downsample_parameters=((2, 4, 1, 1),) * len(CHANNELS),
+            upsample_parameters=((2, 4, 1, 1, 0),) * len(CHANNELS),
+            num_embeddings=NUM_EMBEDDINGS,
+            embedding_dim=EMBEDDING_DIM,
+            use_checkpointing=monai_checkpointing,
+        )
+    raise ValueError(f"unknown model {name!r}.")
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    """Forward, ``L1 + quantizer loss``, backward, optimizer step; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    out = model(x)
+    recon, q_loss = (out.reconstruction, out.quantizer_loss) if hasattr(out, "reconstruction") else (out[0], out[1])
+    loss = torch.nn.functional.l1_loss(recon, x) + q_loss
+    loss.backward()
+    optimizer.step()
+    return float(loss)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(name: str, size: int, batch: int, method: str, device: str, monai_checkpointing: bool) -> dict:
+    """Peak memory of one training step of one model, in this process (call it in a fresh one)."""
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = build_model(name, monai_checkpointing).to(dev).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.rand(batch, 1, size, size, size, device=dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        training_step(model, optimizer, x)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - before
+        return {"model": name, "method": "cuda_max_memory_allocated", "peak_mb": peak / MIB, "params": n_params}
+    if method == "tensor":
+        from benchmarks.quantizer import peak_allocated_bytes
+
+        training_step(model, optimizer, x)  # Adam state and one-off buffers exist before the profiled step
+        peak, _ = peak_allocated_bytes(lambda: training_step(model, optimizer, x))
+        return {"model": name, "method": "torch_profiler_tensor_bytes", "peak_mb": peak / MIB, "params": n_params}
+    before = _rss_bytes()
+    training_step(model, optimizer, x)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"model": name, "method": "rss_increase", "peak_mb": (peak - before) / MIB, "params": n_params}
+
+
+def _in_subprocess(name: str, args: argparse.Namespace, method: str) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.memory_3d",
+        "--_worker",
+        name,
+        "--_method",
+        method,
+        "--size",
+        str(args.size),
+        "--batch",
+        str(args.batch),
+        "--device",
+        args.device,
+    ]
+    if args.monai_checkpointing:
+        cmd.append("--monai_checkpointing")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=128, help="cube side of the input volume")
+    parser.add_argument("--batch", type=int, default=1, help="batch size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--method", choices=("rss", "tensor", "both"), default="rss", help="CPU measurement (ignored on CUDA)"
+    )
+    parser.add_argument("--monai_checkpointing", action="store_true", help="run MONAI's VQVAE with its checkpointing")
+    parser.add_argument("--reference", action="store_true", help="also measure ours without checkpointing")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    parser.add_argument("--_method", default="rss", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._worker:
+        result = measure(args._worker, args.size, args.batch, args._method, args.device, args.monai_checkpointing)
+        print(json.dumps(result))
+        return result
+
+    cuda = torch.device(args.device).type == "cuda"
+    primary = "rss" if args.method in ("rss", "both") or cuda else "tensor"
+    names = ["ours", "monai"] + (["ours_nockpt"] if args.reference else [])
+    results = {name: _in_subprocess(name, args, primary) for name in names}
+    for name, r in results.items():
+        print(f"{name}: {r['peak_mb']:.1f} MiB ({r['method']}, {r['params']} parameters)", file=sys.stderr)
+    ours, monai = results["ours"]["peak_mb"], results["monai"]["peak_mb"]
+    report = {
+        "ours_peak_mb": round(ours, 1),
+        "monai_peak_mb": round(monai, 1),
+        "ratio": round(ours / monai, 3),
+        "method": results["ours"]["method"],
+        "device": args.device,
+        "input_shape": [args.batch, 1, args.size, args.size, args.size],
+        "monai_checkpointing": bool(args.monai_checkpointing),
+    }
+    if args.reference:
+        report["ours_no_checkpointing_peak_mb"] = round(results["ours_nockpt"]["peak_mb"], 1)
+    if args.method == "both" and not cuda:
+        tensor = {name: _in_subprocess(name, args, "tensor") for name in ("ours", "monai")}
+        for name, r in tensor.items():
+            print(f"{name}: {r['peak_mb']:.1f} MiB ({r['method']})", file=sys.stderr)
+        report["tensor_ours_peak_mb"] = round(tensor["ours"]["peak_mb"], 1)
+        report["tensor_monai_peak_mb"] = round(tensor["monai"]["peak_mb"], 1)
+        report["tensor_ratio"] = round(tensor["ours"]["peak_mb"] / tensor["monai"]["peak_mb"], 3)
+    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
