@@ -13,7 +13,8 @@ Every measurement runs in a fresh subprocess per model, so that one model's allo
   input);
 - on the CPU (``rss``, the headline figures): the increase of the process's peak resident set size during the step,
   ``getrusage(RUSAGE_SELF).ru_maxrss`` after the step minus the resident size just before it (``/proc/self/statm``),
-  i.e. what the step adds to the memory the machine must have;
+  i.e. what the step adds to the memory the machine must have; a warm-up step on a ``16^3`` input first loads the
+  lazily loaded kernels and creates the Adam state;
 - on the CPU (``tensor``, with ``--method both``): the high-water mark of tensor bytes allocated during a second
   step, from ``torch.profiler`` (see ``benchmarks/quantizer.py``): tensor storage only, no allocator slack.
 
@@ -120,6 +121,9 @@ def measure(name: str, size: int, batch: int, method: str, device: str, monai_ch
         training_step(model, optimizer, x)  # Adam state and one-off buffers exist before the profiled step
         peak, _ = peak_allocated_bytes(lambda: training_step(model, optimizer, x))
         return {"model": name, "method": "torch_profiler_tensor_bytes", "peak_mb": peak / MIB, "params": n_params}
+    # a small warm-up step loads the lazily loaded kernels/libraries and creates the Adam state, so that the
+    # measured increase is the step's own working memory at this size
+    training_step(model, optimizer, torch.rand(batch, 1, 16, 16, 16, device=dev))
     before = _rss_bytes()
     training_step(model, optimizer, x)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -107,8 +107,9 @@ def test_nearest_code_chunked_equals_unchunked_on_exact_points() -> None:
 @pytest.mark.parametrize("k", [12, 256, 1024])
 def test_nearest_code_ties_pick_the_lowest_index(k: int) -> None:
     g = torch.Generator().manual_seed(k)
-    codebook = torch.randn(k, 4, generator=g)
-    for first, second in ((3, k - 1), (0, k // 2 + 1), (k // 2 - 1, k // 2)):  # across and within groups
+    # duplicated codes in different argmin groups and within one group
+    for first, second in ((3, k - 1), (0, k // 2 + 1), (k // 2 - 1, k // 2), (k // 2, k // 2 + 1)):
+        codebook = torch.randn(k, 4, generator=g)
         codebook[second] = codebook[first]
         flat = codebook[first] + 1e-3 * torch.randn(50, 4, generator=g)
         assert (nearest_code(flat, codebook, 4 * k * 7) == first).all()

@@ -7,13 +7,14 @@ the ``K`` codes used anywhere in the evaluation set and ``perplexity`` is ``exp(
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+
+from vqvae_medical.networks.pixelcnn import bits_per_code
 
 __all__ = ["CodeHistogram", "CodebookUsage", "CodebookPerplexity", "code_histogram_stats", "bits_per_code"]
 
@@ -27,11 +28,6 @@ def code_histogram_stats(counts: torch.Tensor) -> tuple[float, float]:
     probs = counts / total
     entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
     return float((counts > 0).double().mean()), float(entropy.exp())
-
-
-def bits_per_code(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of ``codes`` under categorical ``logits`` ``[B, K, ...]``, in bits."""
-    return torch.nn.functional.cross_entropy(logits.float(), codes.long()) / math.log(2.0)
 
 
 class CodeHistogram(Metric):
