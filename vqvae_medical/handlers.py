@@ -129,6 +129,13 @@ class TimeBudget:
 
     def __call__(self, engine: Engine) -> None:
         self.spent_s = self._now() - self._start
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank must stop at the same iteration, or the others would wait forever in DDP's all-reduce
+            spent = torch.tensor([self.spent_s], dtype=torch.float64)
+            if torch.distributed.get_backend() == "nccl":
+                spent = spent.cuda()
+            torch.distributed.all_reduce(spent, op=torch.distributed.ReduceOp.MAX)
+            self.spent_s = float(spent.item())
         if self.spent:
             engine.terminate_epoch()
 

@@ -23,7 +23,15 @@ from vqvae_medical.data import (
     mni152_volumes,
 )
 
-__all__ = ["select_device", "amp_enabled", "training_datalist", "inference_datalist", "section"]
+__all__ = [
+    "select_device",
+    "amp_enabled",
+    "training_datalist",
+    "inference_datalist",
+    "section",
+    "init_distributed",
+    "rank_zero_handlers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +46,42 @@ def select_device(device: str | torch.device | None = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was requested but CUDA is not available; use device='cpu' or 'auto'.")
     return device
+
+
+def init_distributed() -> int:
+    """Join the ``torchrun`` process group (NCCL on CUDA, gloo on the CPU) once; returns this process's rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank()
+
+
+#: handlers that write files or logs; under DDP only rank 0 keeps them
+_WRITER_HANDLERS = (
+    "CheckpointSaver",
+    "BestModelSaver",
+    "StatsHandler",
+    "TensorBoardStatsHandler",
+    "TensorBoardImageHandler",
+    "MetricsHistory",
+    "ProgressBar",
+    "EvaluationReport",
+    "ReconstructionWriter",
+)
+
+
+def rank_zero_handlers(handlers: Sequence[Any]) -> list[Any]:
+    """The handler list for this rank: all handlers on rank 0; on other ranks, all but those that write files or
+    logs (checkpoints, TensorBoard, history, progress bars), so that every rank keeps resuming, validating (with
+    metrics reduced across ranks) and stopping on the same time budget."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        return list(handlers)
+    return [h for h in handlers if type(h).__name__ not in _WRITER_HANDLERS]
 
 
 def amp_enabled(amp: bool, device: torch.device) -> bool:
