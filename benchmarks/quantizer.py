@@ -6,7 +6,8 @@ A step is the train-mode forward pass (nearest-code search and EMA codebook upda
 CPU with torch's default thread count. Ours is initialised (one data-initialisation step) and has dead-code
 restarts on (``dead_code_threshold=1``), as in training.
 
-Time: median wall time of ``--repeats`` steps after ``--warmup`` steps.
+Time: median wall time of ``--repeats`` steps after ``--warmup`` steps; the repeats of ours and MONAI's alternate, so
+that both see the same background load on a shared machine.
 
 Peak memory: ``torch.profiler`` with ``profile_memory=True`` around one extra step. Every tensor allocation and
 free on the CPU goes through c10's profiled CPU allocator, which reports its running total of bytes allocated since
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -77,15 +79,18 @@ def _step(quantizer: nn.Module, z: torch.Tensor) -> None:
     (quantized.sum() + loss).backward()
 
 
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _median_ms(fns: list[Callable[[], object]], repeats: int, warmup: int) -> list[float]:
+    """Median wall time (ms) of each of ``fns``, run alternately ``repeats`` times after ``warmup`` runs each."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
+        for fn, acc in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return [1000.0 * statistics.median(t) for t in times]
 
 
 def bench_one(k: int, repeats: int = 3, warmup: int = 1, shape: tuple[int, ...] = (16, 64, 64, 64)) -> dict:
@@ -98,14 +103,11 @@ def bench_one(k: int, repeats: int = 3, warmup: int = 1, shape: tuple[int, ...] 
 
     ours = EMAVectorQuantizer(spatial_dims, k, d, init="data", dead_code_threshold=1.0).train()
     _step(ours, z)  # data initialisation happens here, outside the timings
-    ours_ms = _median_ms(lambda: _step(ours, z), repeats, warmup)
-    ours_peak, ours_largest = peak_allocated_bytes(lambda: _step(ours, z))
-    del ours
-
     monai = EMAQuantizer(spatial_dims, k, d).train()
-    monai_ms = _median_ms(lambda: _step(monai, z), repeats, warmup)
+    ours_ms, monai_ms = _median_ms([lambda: _step(ours, z), lambda: _step(monai, z)], repeats, warmup)
+    ours_peak, ours_largest = peak_allocated_bytes(lambda: _step(ours, z))
     monai_peak, monai_largest = peak_allocated_bytes(lambda: _step(monai, z))
-    del monai
+    del ours, monai
 
     nk_bytes = n * k * 4
     return {
@@ -127,8 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--k", type=int, nargs="+", default=[512, 1024, 8192], help="codebook sizes")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
 
     results = []
     for k in args.k:
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"WARNING: ours allocated an N x K fp32 matrix at K={k}", file=sys.stderr)
     report = {
         "results": results,
+        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "N": 16 * 64 * 64,
         "D": 64,
         "torch": torch.__version__,
@@ -148,7 +155,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"N={report['N']} D=64 threads={report['threads']} torch={report['torch']} repeats={args.repeats}")
+        print(
+            f"N={report['N']} D=64 threads={report['threads']} torch={report['torch']} repeats={args.repeats} "
+            f"load average (1 min) before/after: {report['loadavg_1min']}"
+        )
         print(f"{'K':>6} {'ours ms':>9} {'MONAI ms':>9} {'speedup':>8} {'ours MiB':>9} {'MONAI MiB':>10} "
               f"{'ours max alloc':>15}")
         for r in results:

@@ -77,7 +77,7 @@ def test_truncated_jpeg_names_file_problem_and_fix(tmp_path, brain_jpg):
         check_datalist([{"image": str(bad)}])
     message = str(err.value)
     assert message.startswith(f"{bad}: truncated or corrupt JPEG (")
-    assert message.endswith("Remove or replace the file, or set skip_bad=true to skip it.")
+    assert message.endswith("Remove or replace the file, or set skip_bad_files=true (bundle config; skip_bad=True in Python) to skip it.")
 
 
 def test_truncated_png_and_garbage_png(tmp_path, isic_jpg):
@@ -189,7 +189,7 @@ def test_many_bad_files_give_one_error_listing_all(tmp_path, brain_jpg):
     message = str(err.value)
     assert message.startswith(f"4 of 5 images in {tmp_path} are unusable:")
     assert all(str(p) in message for p in bad) and "gone.png: file not found" in message
-    assert message.endswith("Fix or remove these files, or set skip_bad=true to skip them.")
+    assert message.endswith("Fix or remove these files, or set skip_bad_files=true (bundle config; skip_bad=True in Python) to skip them.")
 
 
 def test_skip_bad_filters_warns_once_per_file_and_reports(tmp_path, brain_dir, ixi_nii):

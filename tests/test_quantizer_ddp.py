@@ -17,6 +17,7 @@ from vqvae_medical.quantizers import EMAVectorQuantizer
 WORLD = 2
 STEPS = 5
 STATE = ("codebook", "cluster_size", "embed_sum", "restarts", "initialized")
+MODES = ("random", "data")  # random init, no restarts / data init with restarts
 
 
 def _free_port() -> int:
@@ -48,29 +49,33 @@ def _run(q: EMAVectorQuantizer, batches: list[torch.Tensor]) -> list[torch.Tenso
     return [q(z).indices for z in batches]
 
 
-def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        q = _make_quantizer(mode)
-        torch.manual_seed(1000 + rank)  # different local random streams: initialisation and restarts must be synced
-        half = 4 // WORLD
-        indices = _run(q, [z[rank * half : (rank + 1) * half] for z in _batches(skewed=mode != "random")])
-        state = {name: getattr(q, name).clone() for name in STATE}
-        state["indices"] = torch.stack(indices)
-        torch.save(state, Path(out_dir) / f"rank{rank}.pt")
+        for mode in MODES:
+            q = _make_quantizer(mode)
+            torch.manual_seed(1000 + rank)  # different local random streams: initialisation and restarts must sync
+            half = 4 // WORLD
+            indices = _run(q, [z[rank * half : (rank + 1) * half] for z in _batches(skewed=mode != "random")])
+            state = {name: getattr(q, name).clone() for name in STATE}
+            state["indices"] = torch.stack(indices)
+            torch.save(state, Path(out_dir) / f"{mode}_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(mode: str, tmp_path: Path) -> list[dict[str, torch.Tensor]]:
-    mp.spawn(_worker, args=(_free_port(), mode, str(tmp_path)), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """The final state of each rank of one two-process run, per mode."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    return {mode: [torch.load(out_dir / f"{mode}_rank{r}.pt") for r in range(WORLD)] for mode in MODES}
 
 
 @pytest.mark.timeout(120)
-def test_ddp_equals_single_process_on_concatenated_batch(tmp_path: Path) -> None:
-    ranks = _spawn("random", tmp_path)
+def test_ddp_equals_single_process_on_concatenated_batch(ranks: dict) -> None:
+    ranks = ranks["random"]
     for name in STATE:
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
     single = _make_quantizer("random")
@@ -84,8 +89,8 @@ def test_ddp_equals_single_process_on_concatenated_batch(tmp_path: Path) -> None
 
 
 @pytest.mark.timeout(120)
-def test_ddp_data_init_and_restarts_keep_ranks_identical(tmp_path: Path) -> None:
-    ranks = _spawn("data", tmp_path)
+def test_ddp_data_init_and_restarts_keep_ranks_identical(ranks: dict) -> None:
+    ranks = ranks["data"]
     assert bool(ranks[0]["initialized"])
     assert int(ranks[0]["restarts"]) > 0  # the restart path ran under DDP
     for name in STATE:

@@ -81,8 +81,8 @@ def peak_and_largest_allocation(fn) -> tuple[int, int]:
         (500, 300, 9, 4 * 300 * 7),  # 7-row chunks, 500 = 71 * 7 + 3
         (257, 1, 4, 4 * 1 * 10),  # a single code
         (300, 256, 5, 4 * 256 * 32),  # two-stage argmin in groups of 32, 300 = 9 * 32 + 12
-        (1000, 512, 8, 4 * 512 * 100),  # two-stage argmin in groups of 64
-        (777, 8192, 3, 16 << 20),  # two-stage argmin in groups of 128, 512-row chunks
+        (1000, 1024, 8, 4 * 1024 * 100),  # two-stage argmin in groups of 64
+        (201, 8192, 3, 4 << 20),  # two-stage argmin in groups of 128, 128-row chunks
     ],
 )
 def test_nearest_code_matches_brute_force(n: int, k: int, d: int, max_chunk_bytes: int) -> None:
@@ -104,7 +104,7 @@ def test_nearest_code_chunked_equals_unchunked_on_exact_points() -> None:
         assert torch.equal(nearest_code(flat, codebook, cap), truth)
 
 
-@pytest.mark.parametrize("k", [12, 256, 1024])
+@pytest.mark.parametrize("k", [12, 256, 1024, 2048])
 def test_nearest_code_ties_pick_the_lowest_index(k: int) -> None:
     g = torch.Generator().manual_seed(k)
     # duplicated codes in different argmin groups and within one group
@@ -435,6 +435,18 @@ def test_straight_through_gradient_reaches_encoder(kind: str, spatial: tuple[int
     e = codebook[out.indices].movedim(-1, 1)
     expected = upstream + beta * 2 * (z.detach() - e) / z.numel()
     assert torch.allclose(z.grad, expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["ema", "gradient"])
+@pytest.mark.parametrize("spatial", [(3, 4), (16, 17)])
+def test_quantized_output_allows_inplace_ops(kind: str, spatial: tuple[int, ...]) -> None:
+    q = EMAVectorQuantizer(2, 8, 4, init="random") if kind == "ema" else GradientVectorQuantizer(2, 8, 4)
+    z = torch.randn(2, 4, *spatial, requires_grad=True)
+    out = q.train()(z)
+    assert out.quantized.is_contiguous()
+    y = out.quantized.relu_()  # e.g. an in-place activation right after the quantizer
+    (y.sum() + out.loss).backward()
+    assert z.grad is not None and z.grad.shape == z.shape
 
 
 # ---------------------------------------------------------------------------------------------- perplexity, usage

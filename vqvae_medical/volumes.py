@@ -86,12 +86,18 @@ def check_volume_datalist(
     good: dict[int, Mapping[str, Any]] = {}
     skipped: list[str] = []
     if single:
-        report = check_datalist(
-            [item for _, item in single], spatial_dims=3, channels=channels, skip_bad=skip_bad, key=key, source=source
-        )
-        kept = {id(item) for item in report.items}
-        good.update((i, item) for i, item in single if id(item) in kept)
-        skipped += report.skipped
+        try:
+            report = check_datalist(
+                [item for _, item in single], spatial_dims=3, channels=channels, skip_bad=skip_bad, key=key, source=source
+            )
+        except DataError as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))  # every single-file item is unusable; the multi-file ones may still be fine
+        else:
+            kept = {id(item) for item in report.items}
+            good.update((i, item) for i, item in single if id(item) in kept)
+            skipped += report.skipped
     bad: list[str] = []
     for i, item in multi:
         problem = _check_multi_file(item[key], channels)

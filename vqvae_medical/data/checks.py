@@ -381,12 +381,12 @@ def check_datalist(
     if bad and not skip_bad:
         if len(bad) == 1:
             _, path, problem = bad[0]
-            raise DataError(f"{_message(path, problem)}, or set skip_bad=true to skip it.")
+            raise DataError(f"{_message(path, problem)}, or set skip_bad_files=true (bundle config; skip_bad=True in Python) to skip it.")
         shown = "\n".join(f"  {_message(path, problem)}." for _, path, problem in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more." if len(bad) > 20 else ""
         raise DataError(
             f"{len(bad)} of {len(datalist_items)} images in {where} are unusable:\n{shown}{more}\n"
-            "Fix or remove these files, or set skip_bad=true to skip them."
+            "Fix or remove these files, or set skip_bad_files=true (bundle config; skip_bad=True in Python) to skip them."
         )
     report = CheckReport(
         items=[item if isinstance(item, Mapping) else {key: path} for _, item, path, _ in good],

@@ -547,8 +547,9 @@ def build_datalist(dataset_dir: str | os.PathLike, layout: str = "auto", **kwarg
             :func:`split_folder_datalist` (trying ``"*_{split}"`` then ``"{split}"`` unless ``pattern`` is given),
             :func:`class_folder_datalist` and :func:`folder_datalist`; ``"isic"`` calls :func:`folder_datalist`
             on ``images/`` with the labels of :func:`isic_labels` on ``metadata/``.
-        kwargs: passed to the builder. With ``layout="auto"`` arguments the detected builder does not take
-            (e.g. ``test_fraction`` for a split-folder data set) are ignored; with an explicit layout they raise.
+        kwargs: passed to the builder. Arguments the chosen builder does not take (e.g. ``test_fraction`` for a
+            split-folder data set) are ignored, so one config can serve every layout; arguments that no builder
+            takes raise ``TypeError``.
 
     Raises:
         DataError: the path is missing or holds nothing usable, with a message naming it.
@@ -556,15 +557,14 @@ def build_datalist(dataset_dir: str | os.PathLike, layout: str = "auto", **kwarg
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}.")
-    strict = layout != "auto"
+    strict = False
     path = Path(dataset_dir).absolute()
+    builders = (decathlon_datalist, split_folder_datalist, class_folder_datalist, folder_datalist)
+    known = {"extensions"}.union(*(inspect.signature(fn).parameters for fn in builders))
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"build_datalist got arguments no layout takes: {', '.join(unknown)}.")
     if layout == "auto":
-        known = {"extensions"}.union(
-            *(inspect.signature(fn).parameters for fn in (decathlon_datalist, split_folder_datalist, folder_datalist))
-        )
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"build_datalist got arguments no layout takes: {', '.join(unknown)}.")
         layout, path = detect_layout(path, kwargs.get("extensions", IMAGE_EXTENSIONS))
     if layout == "decathlon":
         if path.is_dir():

@@ -1,0 +1,192 @@
+"""The PixelCNN prior bundle end to end through ``python -m monai.bundle``, on the codes of a VQ-VAE trained here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import monai.bundle
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from bundle_runner import BUNDLES, read_metrics, run_bundle
+from vqvae_medical.codes import CodeMapDataset
+from vqvae_medical.networks import GatedPixelCNN, prior_cross_entropy
+from vqvae_medical.prior import PriorNetwork, PriorTrainStep, pack_inputs
+
+BUNDLE = "pixelcnn_prior"
+VQ_TINY = {
+    "in_channels": 3,
+    "network_def#model#channels": [8, 16],
+    "network_def#model#res_channels": [8, 8],
+    "network_def#model#num_res_units": 1,
+    "num_embeddings": 16,
+    "embedding_dim": 8,
+}
+PRIOR_NET = {"num_embeddings": 16, "channels": 8, "num_layers": 2}
+SIZE = [32, 32]  # images -> 8 x 8 code maps
+SPLIT = {"val_fraction": 0.2, "test_fraction": 0.2}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, isic_dir):
+    """12 real ISIC photos; a tiny vqvae_2d trained one epoch on them; the prior trained 1 epoch, then resumed to 2."""
+    data = tmp_path_factory.mktemp("isic")
+    (data / "images").mkdir()
+    (data / "metadata").mkdir()
+    for f in sorted((isic_dir / "images").glob("*.jpg"))[:12]:
+        shutil.copy(f, data / "images" / f.name)
+        shutil.copy(isic_dir / "metadata" / (f.stem + ".json"), data / "metadata" / (f.stem + ".json"))
+    vq_out = tmp_path_factory.mktemp("vqvae")
+    run_bundle(
+        "vqvae_2d",
+        ["train.json"],
+        {**VQ_TINY, **SPLIT, "dataset_dir": data, "output_dir": vq_out, "spatial_size": SIZE, "batch_size": 4, "max_epochs": 1},
+    )
+    vq_ckpt = vq_out / "models" / "model.pt"
+    vq_hash = _sha256(vq_ckpt)
+    out = tmp_path_factory.mktemp("prior")
+    common = {
+        **PRIOR_NET,
+        **SPLIT,
+        "vqvae_bundle_dir": BUNDLES / "vqvae_2d",
+        "vqvae_ckpt": vq_ckpt,
+        "vqvae_overrides": VQ_TINY,
+        "dataset_dir": data,
+        "output_dir": out,
+        "spatial_size": SIZE,
+        "image_size": SIZE,
+        "batch_size": 4,
+    }
+    first = run_bundle(BUNDLE, ["train.json"], {**common, "max_epochs": 1, "sample_interval": 1})
+    resumed = run_bundle(BUNDLE, ["train.json"], {**common, "max_epochs": 2})
+    return {"data": data, "out": out, "vq_ckpt": vq_ckpt, "vq_hash": vq_hash, "common": common, "first": first, "resumed": resumed}
+
+
+def test_train_writes_model_logs_checkpoints_and_samples(trained):
+    out = trained["out"]
+    log = trained["first"].stdout + trained["first"].stderr
+    assert "extracted" in log and "code maps [8, 8]" in log
+    assert (out / "models" / "model.pt").is_file() and (out / "models" / "checkpoint_epoch=2.pt").is_file()
+    assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    val = [r for r in history if r["phase"] == "validation"]
+    assert [r["epoch"] for r in val] == [1, 2]
+    assert all(0.0 < r["nll_bits_per_code"] < 10.0 for r in val)
+    assert [r["epoch"] for r in history if r["phase"] == "train"] == [1, 2]
+    for c in (0, 1):
+        grid = Image.open(out / "logs" / "samples" / "epoch=1" / f"samples_class{c}.png")
+        assert grid.size[0] > 100
+    # the code maps were cached, with the labels of the ISIC metadata
+    cache = torch.load(out / "cache" / "codes_training.pt", weights_only=True)
+    assert cache["codes"].dtype == torch.int16 and cache["codes"].shape[1:] == (8, 8)
+    assert set(cache["labels"].tolist()) <= {0, 1}
+    # the VQ-VAE checkpoint is untouched
+    assert _sha256(trained["vq_ckpt"]) == trained["vq_hash"]
+
+
+def test_resume_reads_the_cache_and_continues(trained):
+    log = trained["resumed"].stdout + trained["resumed"].stderr
+    assert "resumed from" in log
+    assert "loaded" in log and "cached code maps" in log
+    assert "extracted" not in log, "the second run extracted the code maps again"
+
+
+def test_evaluate_writes_bits_per_code(trained):
+    out = trained["out"]
+    run_bundle(BUNDLE, ["train.json", "evaluate.json"], trained["common"])
+    metrics = read_metrics(out)
+    assert metrics["uniform_bits_per_code"] == pytest.approx(math.log2(16))
+    assert metrics["n_maps"] >= 2 and metrics["n_codes"] == metrics["n_maps"] * 64
+    assert 0.0 < metrics["nll_bits_per_code"] < 10.0
+    assert metrics["nll_fraction_of_uniform"] == pytest.approx(metrics["nll_bits_per_code"] / 4.0)
+    assert 0.0 <= metrics["marginal_bits_per_code"] <= 4.0
+    assert (out / "eval" / "report.png").is_file()
+    assert (out / "cache" / "codes_test.pt").is_file()
+
+
+def test_inference_samples_each_class_and_decodes(trained, tmp_path):
+    out = trained["out"]
+    keys = ("vqvae_bundle_dir", "vqvae_ckpt", "vqvae_overrides", "image_size", *PRIOR_NET)
+    overrides = {k: trained["common"][k] for k in keys}
+    result = tmp_path / "result"
+    run_bundle(BUNDLE, ["inference.json"], {**overrides, "output_dir": result, "ckpt_path": out / "models" / "model.pt", "num_samples": 4})
+    inf = result / "inference"
+    for c in (0, 1):
+        saved = torch.load(inf / f"samples_class{c}_codes.pt", weights_only=True)
+        assert saved["codes"].shape == (4, 8, 8) and saved["class_label"] == c
+        assert 0 <= int(saved["codes"].min()) and int(saved["codes"].max()) < 16
+        assert Image.open(inf / f"samples_class{c}.png").mode in ("RGB", "RGBA")
+    assert (inf / "samples.png").is_file()
+
+
+def _bundle_args(*overrides: dict) -> dict:
+    configs = BUNDLES / BUNDLE / "configs"
+    merged = {"meta_file": str(configs / "metadata.json"), "config_file": str(configs / "inference.json")}
+    for o in overrides:
+        merged.update(o)
+    return merged
+
+
+def test_verify_net_in_out(trained):
+    meta = "_meta_#network_data_format"
+    # class-conditioned (the default): codes and class channels in, K logits out
+    monai.bundle.verify_net_in_out("network_def", **_bundle_args(PRIOR_NET, {f"{meta}#outputs#pred#num_channels": 16}))
+    # unconditioned: one channel in
+    monai.bundle.verify_net_in_out(
+        "network_def",
+        **_bundle_args(
+            PRIOR_NET,
+            {"num_classes": 0, f"{meta}#inputs#image#num_channels": 1, f"{meta}#outputs#pred#num_channels": 16},
+        ),
+    )
+
+
+def test_ckpt_export_torchscript_equals_eager(trained, tmp_path):
+    ckpt = trained["out"] / "models" / "model.pt"
+    ts = tmp_path / "model.ts"
+    monai.bundle.ckpt_export("network_def", **_bundle_args(PRIOR_NET, {"filepath": str(ts), "ckpt_file": str(ckpt)}))
+    scripted = torch.jit.load(str(ts))
+    eager = PriorNetwork(GatedPixelCNN(2, 16, 8, 2, num_classes=2))
+    eager.load_state_dict(torch.load(ckpt, weights_only=True))
+    eager.eval()
+    codes = torch.randint(0, 16, (3, 8, 8), generator=torch.Generator().manual_seed(0))
+    x = pack_inputs(codes, torch.tensor([0, 1, 1]))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), eager(x), rtol=0, atol=0)
+        # the class channel matters
+        assert not torch.equal(eager(x), eager(pack_inputs(codes, torch.tensor([1, 0, 0]))))
+
+
+def test_prior_step_learns_the_cached_codes(trained):
+    """PriorTrainStep in MONAI's SupervisedTrainer fits the real code maps: the training NLL falls well below its start."""
+    cache = torch.load(trained["out"] / "cache" / "codes_training.pt", weights_only=True)
+    ds = CodeMapDataset(cache["codes"], cache["labels"], 16, num_classes=2)
+    torch.manual_seed(0)
+    network = PriorNetwork(GatedPixelCNN(2, 16, 16, 2, num_classes=2))
+    losses: list[float] = []
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=20,
+        train_data_loader=DataLoader(ds, batch_size=len(ds)),
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), lr=3e-2),
+        loss_function=prior_cross_entropy,
+        iteration_update=PriorTrainStep(),
+        decollate=False,
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["bits_per_code"])))
+    trainer.run()
+    assert losses[0] > 3.0
+    assert losses[-1] < 0.75 * losses[0], losses[::4]

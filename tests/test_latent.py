@@ -1,0 +1,256 @@
+"""Latent diffusion pieces (vqvae_medical.latent) on small real brain slices and tiny networks."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from monai.metrics import MultiScaleSSIMMetric
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from vqvae_medical.checkpoints import atomic_save
+from vqvae_medical.data import image_transforms_2d
+from vqvae_medical.latent import (
+    EMAWeights,
+    FrozenAutoencoder,
+    LatentDiffusionNetwork,
+    LatentDiffusionPrepareBatch,
+    LatentSampler,
+    extract_latents,
+    load_autoencoder,
+    load_diffusion_network,
+    ms_ssim_settings,
+    pairwise_ms_ssim,
+    state_fingerprint,
+)
+from vqvae_medical.networks import VQVAE, ReconstructionNetwork
+
+SIZE = (64, 48)  # crop of the brain slices: latents 16 x 12
+
+
+def tiny_vqvae(spatial_dims: int = 2) -> VQVAE:
+    torch.manual_seed(0)
+    return VQVAE(spatial_dims, 1, channels=(8, 16), num_res_units=1, num_embeddings=16, embedding_dim=4, channels_last=False)
+
+
+def tiny_unet(spatial_dims: int = 2, num_class_embeds: int | None = None) -> DiffusionModelUNet:
+    torch.manual_seed(0)
+    return DiffusionModelUNet(
+        spatial_dims=spatial_dims,
+        in_channels=4,
+        out_channels=4,
+        channels=(16, 32),
+        attention_levels=(False, False),
+        num_res_blocks=1,
+        norm_num_groups=8,
+        num_class_embeds=num_class_embeds,
+    )
+
+
+@pytest.fixture(scope="module")
+def slices(brain_dir, tmp_path_factory):
+    """Six real brain slices and their preprocessing (cropped to SIZE)."""
+    folder = tmp_path_factory.mktemp("slices")
+    for f in sorted((brain_dir / "Test" / "NonDemented").glob("*.jpg"))[:6]:
+        shutil.copy(f, folder / f.name.replace(" ", "_"))
+    items = [{"image": str(p), "label": i % 2} for i, p in enumerate(sorted(folder.glob("*.jpg")))]
+    return items, image_transforms_2d(spatial_size=SIZE)
+
+
+@pytest.fixture()
+def trained_vqvae(slices):
+    """A tiny VQ-VAE trained for a few steps (EMA codebook initialised from data)."""
+    items, transform = slices
+    model = tiny_vqvae()
+    images = torch.stack([transform(dict(i))["image"].as_tensor() for i in items])
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    for _ in range(3):
+        out = model(images)
+        loss = (out.reconstruction - images).abs().mean() + out.quantizer_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), images
+
+
+def test_frozen_autoencoder_never_changes_state(trained_vqvae):
+    model, images = trained_vqvae
+    frozen = FrozenAutoencoder(model, latent="encoder")
+    before = state_fingerprint(model)
+    frozen.train()  # a trainer calling train() must not unfreeze it
+    assert not any(m.training for m in frozen.modules())
+    assert not any(p.requires_grad for p in frozen.parameters())
+    z = frozen.encode(images)
+    frozen.decode(z, list(images.shape[2:]))
+    assert state_fingerprint(model) == before
+    # the same network, unfrozen, in training mode: its forward pass moves the EMA codebook (so the check can fail)
+    model.train()
+    model(images)
+    assert state_fingerprint(model) != before
+
+
+def test_latent_kinds_and_snapping(trained_vqvae):
+    model, images = trained_vqvae
+    enc = FrozenAutoencoder(model, latent="encoder")
+    quant = FrozenAutoencoder(model, latent="quantized")
+    z = enc.encode(images)
+    assert list(z.shape) == [images.shape[0], 4, SIZE[0] // 4, SIZE[1] // 4]
+    assert torch.equal(z, model.encode(images).float())
+    snapped = model.quantizer.embed(model.quantizer.quantize_indices(z))
+    assert torch.equal(quant.encode(images), snapped)
+    size = list(images.shape[2:])
+    assert torch.equal(enc.decode(z, size), model.decode(snapped, size))
+    assert not torch.allclose(enc.decode(z, size), model.decode(z, size))
+    raw = FrozenAutoencoder(model, latent="encoder", snap_to_codebook=False)
+    assert torch.equal(raw.decode(z, size), model.decode(z, size))
+
+
+def test_load_autoencoder_from_bundle_checkpoint(trained_vqvae, tmp_path):
+    model, images = trained_vqvae
+    path = atomic_save(ReconstructionNetwork(model).state_dict(), tmp_path / "model.pt")
+    frozen = load_autoencoder(ReconstructionNetwork(tiny_vqvae()), path)
+    assert state_fingerprint(frozen.autoencoder) == state_fingerprint(model)
+    wrong = VQVAE(2, 1, channels=(8, 16), num_res_units=1, num_embeddings=32, embedding_dim=4)
+    with pytest.raises(ValueError, match="autoencoder_def"):
+        load_autoencoder(wrong, path)
+    with pytest.raises(FileNotFoundError):
+        load_autoencoder(tiny_vqvae(), tmp_path / "missing.pt")
+
+
+def test_scale_factor_is_inverse_std_of_training_latents_and_cached(trained_vqvae, slices, tmp_path):
+    model, images = trained_vqvae
+    items, transform = slices
+    frozen = FrozenAutoencoder(model)
+    latents = extract_latents(frozen, items, transform, cache_dir=tmp_path, batch_size=4, key=list(SIZE))
+    expected = frozen.encode(images)
+    assert torch.equal(latents.latents, expected)
+    assert latents.scale_factor == pytest.approx(1.0 / expected.double().std().item(), rel=1e-9)
+    assert (latents.latents * latents.scale_factor).std().item() == pytest.approx(1.0, abs=1e-5)
+    assert latents.labels.tolist() == [i % 2 for i in range(len(items))]
+    assert latents.image_size == list(SIZE)
+    files = list(tmp_path.glob("latents_*.pt"))
+    assert len(files) == 1
+    again = extract_latents(frozen, items, transform, cache_dir=tmp_path, batch_size=4, key=list(SIZE))
+    assert torch.equal(again.latents, latents.latents) and again.fingerprint == latents.fingerprint
+    # another preprocessing key or other weights are not served from the stale cache
+    extract_latents(frozen, items, transform, cache_dir=tmp_path, batch_size=4, key=[1, 2])
+    assert len(list(tmp_path.glob("latents_*.pt"))) == 2
+
+
+def test_noise_has_the_latent_shape_not_the_image_shape(trained_vqvae):
+    model, images = trained_vqvae
+    frozen = FrozenAutoencoder(model)
+    latents = frozen.encode(images)
+    net = LatentDiffusionNetwork(tiny_unet(), 2, scale_factor=0.5, latent_shape=latents.shape[1:], image_size=SIZE)
+    prepare = LatentDiffusionPrepareBatch(1000, net, autoencoder=frozen)
+    for batch in ({"image": images}, {"latent": latents}):
+        z, target, args, kwargs = prepare(batch, torch.device("cpu"))
+        assert torch.allclose(z, latents * 0.5)
+        assert kwargs["noise"].shape == latents.shape != images.shape
+        assert torch.equal(target, kwargs["noise"])
+        assert kwargs["timesteps"].shape == (images.shape[0],) and int(kwargs["timesteps"].max()) < 1000
+    # v-prediction target and the class labels of a conditioned model
+    scheduler = DDPMScheduler(1000, prediction_type="v_prediction")
+    cond = LatentDiffusionNetwork(tiny_unet(num_class_embeds=2), 2, 0.5, latents.shape[1:], SIZE)
+    prepare = LatentDiffusionPrepareBatch(1000, cond, scheduler=scheduler, prediction_type="v_prediction", label_key="label")
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    z, target, _, kwargs = prepare({"latent": latents, "label": labels})
+    assert torch.allclose(target, scheduler.get_velocity(z, kwargs["noise"], kwargs["timesteps"]))
+    assert torch.equal(kwargs["class_labels"], labels)
+    from vqvae_medical.latent import ClassConditionedDiffusionInferer
+
+    pred = ClassConditionedDiffusionInferer(scheduler)(z, cond, **kwargs)
+    assert pred.shape == z.shape
+    with pytest.raises(ValueError, match="latent's shape"):
+        ClassConditionedDiffusionInferer(scheduler)(z, cond, torch.randn_like(images), kwargs["timesteps"])
+
+
+def test_seeded_prepare_batch_repeats_each_epoch():
+    net = LatentDiffusionNetwork(tiny_unet(), 2, 1.0, (4, 8, 8), (32, 32))
+    prepare = LatentDiffusionPrepareBatch(1000, net, seed=3)
+    batch = {"latent": torch.zeros(2, 4, 8, 8)}
+    first = prepare(batch)[3]
+    assert not torch.equal(prepare(batch)[3]["noise"], first["noise"])
+    prepare.reset()
+    again = prepare(batch)[3]
+    assert torch.equal(again["noise"], first["noise"]) and torch.equal(again["timesteps"], first["timesteps"])
+
+
+def test_scale_factor_and_shapes_are_saved_and_restored(tmp_path):
+    net = LatentDiffusionNetwork(tiny_unet(), 2, scale_factor=0.731, latent_shape=(4, 16, 12), image_size=(64, 48))
+    path = atomic_save(net.state_dict(), tmp_path / "model.pt")
+    fresh = LatentDiffusionNetwork(tiny_unet(), 2)
+    with pytest.raises(RuntimeError, match="scale factor"):
+        fresh.check_ready()
+    loaded = load_diffusion_network(fresh, path)
+    assert loaded.scale_factor.item() == pytest.approx(0.731)
+    assert loaded.latent_shape.tolist() == [4, 16, 12] and loaded.image_size.tolist() == [64, 48]
+    # a training checkpoint ({"model": ..., "optimizer": ...}) works too
+    ckpt = atomic_save({"model": net.state_dict(), "rng": {}}, tmp_path / "checkpoint_epoch=1.pt")
+    assert load_diffusion_network(LatentDiffusionNetwork(tiny_unet(), 2), ckpt).scale_factor.item() == pytest.approx(0.731)
+
+
+def test_latent_shape_must_fit_the_unet():
+    with pytest.raises(ValueError, match="multiple of 2"):
+        LatentDiffusionNetwork(tiny_unet(), 2, 1.0, latent_shape=(4, 13, 12))
+    with pytest.raises(ValueError, match="channels"):
+        LatentDiffusionNetwork(tiny_unet(), 2, 1.0, latent_shape=(8, 16, 12))
+
+
+def test_sampler_decodes_images_of_the_training_size(trained_vqvae):
+    model, images = trained_vqvae
+    frozen = FrozenAutoencoder(model)
+    net = LatentDiffusionNetwork(tiny_unet(num_class_embeds=3), 2, 0.9, latent_shape=(4, 16, 12), image_size=(62, 45))
+    scheduler = DDIMScheduler(1000, clip_sample=False)
+    sampler = LatentSampler(net, frozen, scheduler, num_inference_steps=5, batch_size=2)
+    out, labels = sampler.sample(3, seed=1)
+    assert list(out.shape) == [3, 1, 62, 45]
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert labels.tolist() == [0, 1, 2]
+    assert len(scheduler.timesteps) == 5
+    again, _ = sampler.sample(3, seed=1)
+    assert torch.equal(out, again)
+    assert sampler.sample(2, class_label=2)[1].tolist() == [2, 2]
+    with pytest.raises(ValueError):
+        sampler.sample(2, class_label=5)
+
+
+def test_ema_weights_follow_the_network(tmp_path):
+    net = LatentDiffusionNetwork(tiny_unet(), 2, 1.0, (4, 8, 8), (32, 32))
+    ema = EMAWeights(net, decay=0.5, save_path=tmp_path / "model.pt")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update()  # first update: decay min(0.5, 2/11)
+    p_net, p_ema = next(net.parameters()), next(ema.ema.parameters())
+    assert torch.allclose(p_ema, p_net - 1.0 + (1 - 2 / 11))
+    ema.save()
+    restored = load_diffusion_network(LatentDiffusionNetwork(tiny_unet(), 2), tmp_path / "model.pt")
+    assert torch.equal(next(restored.parameters()), p_ema)
+
+
+@pytest.mark.parametrize(
+    "size, kernel, scales", [((208, 176), 11, 5), ((128, 128, 128), 7, 5), ((32, 32, 32), 3, 4), ((20, 24), 5, 3)]
+)
+def test_ms_ssim_settings_fit_monai_metric(size, kernel, scales):
+    k, w = ms_ssim_settings(size)
+    assert (k, len(w)) == (kernel, scales)
+    assert sum(w) == pytest.approx(1.0)
+    x = torch.rand(2, 1, *size) if len(size) == 2 or size[0] <= 32 else None
+    if x is not None:
+        value = MultiScaleSSIMMetric(len(size), kernel_size=k, weights=w)(x, x)
+        assert torch.allclose(value, torch.ones_like(value), atol=1e-4)
+
+
+def test_pairwise_ms_ssim_diversity(slices):
+    items, transform = slices
+    real = torch.stack([transform(dict(i))["image"].as_tensor() for i in items])
+    same = real[:1].repeat(4, 1, 1, 1)
+    assert pairwise_ms_ssim(same, 2) == pytest.approx(1.0, abs=1e-4)
+    diverse = pairwise_ms_ssim(real, 2)
+    assert 0.0 < diverse < 0.99
+    noise = torch.rand(6, 1, *SIZE, generator=torch.Generator().manual_seed(0))
+    assert pairwise_ms_ssim(noise, 2) < diverse
