@@ -7,7 +7,8 @@ CPU with torch's default thread count. Ours is initialised (one data-initialisat
 restarts on (``dead_code_threshold=1``), as in training.
 
 Time: median wall time of ``--repeats`` steps after ``--warmup`` steps; the repeats of ours and MONAI's alternate, so
-that both see the same background load on a shared machine.
+that both see the same background load on a shared machine. The median process CPU time (all threads, user + system)
+is reported too: with ``--threads 1`` it is robust to other processes competing for the cores (wall time is not).
 
 Peak memory: ``torch.profiler`` with ``profile_memory=True`` around one extra step. Every tensor allocation and
 free on the CPU goes through c10's profiled CPU allocator, which reports its running total of bytes allocated since
@@ -79,18 +80,19 @@ def _step(quantizer: nn.Module, z: torch.Tensor) -> None:
     (quantized.sum() + loss).backward()
 
 
-def _median_ms(fns: list[Callable[[], object]], repeats: int, warmup: int) -> list[float]:
-    """Median wall time (ms) of each of ``fns``, run alternately ``repeats`` times after ``warmup`` runs each."""
+def _median_ms(fns: list[Callable[[], object]], repeats: int, warmup: int) -> list[tuple[float, float]]:
+    """Median wall time and median process CPU time (ms) of each of ``fns``, run alternately ``repeats`` times after
+    ``warmup`` runs each."""
     for fn in fns:
         for _ in range(warmup):
             fn()
-    times: list[list[float]] = [[] for _ in fns]
+    times: list[list[tuple[float, float]]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, acc in zip(fns, times):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            acc.append(time.perf_counter() - t0)
-    return [1000.0 * statistics.median(t) for t in times]
+            acc.append((time.perf_counter() - t0, time.process_time() - c0))
+    return [(1000.0 * statistics.median(w for w, _ in t), 1000.0 * statistics.median(c for _, c in t)) for t in times]
 
 
 def bench_one(k: int, repeats: int = 3, warmup: int = 1, shape: tuple[int, ...] = (16, 64, 64, 64)) -> dict:
@@ -104,7 +106,9 @@ def bench_one(k: int, repeats: int = 3, warmup: int = 1, shape: tuple[int, ...] 
     ours = EMAVectorQuantizer(spatial_dims, k, d, init="data", dead_code_threshold=1.0).train()
     _step(ours, z)  # data initialisation happens here, outside the timings
     monai = EMAQuantizer(spatial_dims, k, d).train()
-    ours_ms, monai_ms = _median_ms([lambda: _step(ours, z), lambda: _step(monai, z)], repeats, warmup)
+    (ours_ms, ours_cpu), (monai_ms, monai_cpu) = _median_ms(
+        [lambda: _step(ours, z), lambda: _step(monai, z)], repeats, warmup
+    )
     ours_peak, ours_largest = peak_allocated_bytes(lambda: _step(ours, z))
     monai_peak, monai_largest = peak_allocated_bytes(lambda: _step(monai, z))
     del ours, monai
@@ -115,6 +119,9 @@ def bench_one(k: int, repeats: int = 3, warmup: int = 1, shape: tuple[int, ...] 
         "ours_ms": round(ours_ms, 1),
         "monai_ms": round(monai_ms, 1),
         "speedup": round(monai_ms / ours_ms, 2),
+        "ours_cpu_ms": round(ours_cpu, 1),
+        "monai_cpu_ms": round(monai_cpu, 1),
+        "cpu_speedup": round(monai_cpu / ours_cpu, 2),
         "ours_peak_mb": round(ours_peak / MIB, 1),
         "monai_peak_mb": round(monai_peak / MIB, 1),
         "ours_largest_alloc_mb": round(ours_largest / MIB, 1),
@@ -159,12 +166,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"N={report['N']} D=64 threads={report['threads']} torch={report['torch']} repeats={args.repeats} "
             f"load average (1 min) before/after: {report['loadavg_1min']}"
         )
-        print(f"{'K':>6} {'ours ms':>9} {'MONAI ms':>9} {'speedup':>8} {'ours MiB':>9} {'MONAI MiB':>10} "
-              f"{'ours max alloc':>15}")
+        print(
+            f"{'K':>6} {'ours ms':>9} {'MONAI ms':>9} {'speedup':>8} {'ours CPU ms':>12} {'MONAI CPU ms':>13} "
+            f"{'CPU speedup':>12} {'ours MiB':>9} {'MONAI MiB':>10} {'ours max alloc MiB':>19}"
+        )
         for r in results:
             print(
                 f"{r['K']:>6} {r['ours_ms']:>9.1f} {r['monai_ms']:>9.1f} {r['speedup']:>8.2f} "
-                f"{r['ours_peak_mb']:>9.1f} {r['monai_peak_mb']:>10.1f} {r['ours_largest_alloc_mb']:>15.1f}"
+                f"{r['ours_cpu_ms']:>12.1f} {r['monai_cpu_ms']:>13.1f} {r['cpu_speedup']:>12.2f} "
+                f"{r['ours_peak_mb']:>9.1f} {r['monai_peak_mb']:>10.1f} {r['ours_largest_alloc_mb']:>19.1f}"
             )
         big = [r for r in results if r["K"] >= 8192]
         for r in big:
