@@ -48,3 +48,17 @@ def test_bundle_files(bundle):
     missing = [s for s in README_SECTIONS if s not in readme]
     assert not missing, f"{bundle}/docs/README.md lacks sections: {missing}"
     assert "executable code" in readme or "arbitrary code" in readme, "README must warn that configs are code"
+
+
+@pytest.mark.parametrize("bundle", [b for b in ("vqvae_2d", "vqvae_3d", "vqvae2_2d") if b in BUNDLE_NAMES])
+def test_inference_network_matches_training_network(bundle):
+    """train.json and inference.json define the same network, so a trained checkpoint loads for inference."""
+    from monai.bundle import ConfigParser
+
+    shapes = []
+    for config in ("train.json", "inference.json"):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / bundle / "configs" / config))
+        net = parser.get_parsed_content("network_def")
+        shapes.append({k: tuple(v.shape) for k, v in net.state_dict().items()})
+    assert shapes[0] == shapes[1]

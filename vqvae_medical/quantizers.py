@@ -241,6 +241,10 @@ def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.float().movedim(1, -1).reshape(-1, d)
 
 
+#: torch.multinomial draws from at most 2**24 categories
+_MAX_MULTINOMIAL = 2**24
+
+
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -469,16 +473,29 @@ class EMAVectorQuantizer(_VectorQuantizerBase):
         smoothed = (self.cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
         if self.dead_code_threshold > 0:
-            self._restart_dead_codes(z3)
+            self._restart_dead_codes(z3, indices)
         return counts
 
-    def _restart_dead_codes(self, z3: torch.Tensor) -> None:
-        """Re-seed codes whose EMA cluster size fell below ``dead_code_threshold`` from current encoder outputs."""
+    def _restart_dead_codes(self, z3: torch.Tensor, indices: torch.Tensor) -> None:
+        """Re-seed codes whose EMA cluster size fell below ``dead_code_threshold`` from current encoder outputs.
+
+        The new codes are drawn k-means++-style (Arthur and Vassilvitskii 2007): each vector with probability
+        proportional to its squared distance to its code. Uniform draws mostly land in the densest region (the
+        background of medical images), where the new codes duplicate a live one and die again at once.
+        """
         dead = self.cluster_size < self.dead_code_threshold
         n_dead = int(dead.sum().item())
         if n_dead == 0:
             return
-        fresh = self._broadcast(self._sample_rows(z3, n_dead))
+        b, d, s = z3.shape
+        codes = F.embedding(indices.view(b, s), self.codebook).transpose(1, 2)
+        weight = (z3 - codes).pow(2).sum(1).view(-1)
+        if weight.numel() > _MAX_MULTINOMIAL:
+            weight = weight[: _MAX_MULTINOMIAL]
+        if not bool(torch.isfinite(weight).all()) or float(weight.sum()) <= 0.0:
+            weight = torch.ones_like(weight)
+        pick = torch.multinomial(weight, n_dead, replacement=int((weight > 0).sum()) < n_dead)
+        fresh = self._broadcast(z3[pick // s, :, pick % s].contiguous())
         self.codebook[dead] = fresh
         self.cluster_size[dead] = self.dead_code_threshold
         self.embed_sum[dead] = fresh * self.dead_code_threshold
