@@ -1,0 +1,253 @@
+"""The latent diffusion bundle end to end on real images: a tiny VQ-VAE trained inside the test, then diffusion
+train -> inference -> evaluate through ``python -m monai.bundle`` (2D brain slices, 3D IXI volumes), plus
+in-process runs of the same configs for the checks that need the objects (frozen codebook, resume, classes)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from PIL import Image
+
+from bundle_runner import BUNDLES, monai_bundle, read_metrics, run_bundle
+from vqvae_medical.checkpoints import atomic_save, safe_load
+from vqvae_medical.data import volume_transforms_3d
+from vqvae_medical.latent import LatentSet, load_autoencoder, state_fingerprint
+from vqvae_medical.networks import VQVAE, ReconstructionNetwork
+
+BUNDLE = "latent_diffusion"
+SIZE_2D = [96, 80]  # centre crop of the 208 x 176 slices: latents 24 x 20
+SIZE_3D = [32, 32, 32]
+TINY_AE = {
+    "autoencoder_def#channels": [8, 16],
+    "autoencoder_def#res_channels": [8, 8],
+    "autoencoder_def#num_res_units": 1,
+    "num_embeddings": 16,
+    "embedding_dim": 8,
+}
+TINY_UNET = {
+    "unet_def#channels": [16, 32],
+    "unet_def#attention_levels": [False, False],
+    "unet_def#num_res_blocks": 1,
+    "unet_def#norm_num_groups": 8,
+    "unet_def#num_head_channels": 8,
+}
+TINY = {**TINY_AE, **TINY_UNET, "num_inference_steps": 4}
+TRAIN = {"batch_size": 4, "max_epochs": 1, "sample_interval": 1, "n_monitor_samples": 2, "val_fraction": 0.2, "test_fraction": 0.2}
+
+
+def _parse(configs: list[str], overrides: dict) -> ConfigParser:
+    """The bundle's configs parsed in this process, as ``monai.bundle run`` would with these overrides."""
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / BUNDLE / "configs" / c) for c in configs])
+    parser.update({"bundle_root": str(BUNDLES / BUNDLE), **{k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}})
+    parser.get_parsed_content("initialize")
+    return parser
+
+
+@pytest.fixture(scope="module")
+def brain_2d(tmp_path_factory, brain_dir):
+    """12 real brain slices and a tiny VQ-VAE trained on them by the vqvae_2d bundle."""
+    data = tmp_path_factory.mktemp("slices")
+    for f in sorted((brain_dir / "Test" / "NonDemented").glob("*.jpg"))[:12]:
+        shutil.copy(f, data / f.name.replace(" ", "_"))
+    vq_out = tmp_path_factory.mktemp("vqvae")
+    vq = {
+        "network_def#model#channels": [8, 16],
+        "network_def#model#res_channels": [8, 8],
+        "network_def#model#num_res_units": 1,
+        "num_embeddings": 16,
+        "embedding_dim": 8,
+        "batch_size": 4,
+        "max_epochs": 1,
+        "spatial_size": SIZE_2D,
+    }
+    run_bundle("vqvae_2d", ["train.json"], {**vq, "dataset_dir": data, "output_dir": vq_out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2})
+    ckpt = vq_out / "models" / "model.pt"
+    assert ckpt.is_file()
+    common = {**TINY, "dataset_dir": data, "data_layout": "folder", "spatial_size": SIZE_2D, "autoencoder_ckpt": ckpt}
+    return data, ckpt, common
+
+
+@pytest.fixture(scope="module")
+def trained_2d(tmp_path_factory, brain_2d):
+    _, ckpt, common = brain_2d
+    out = tmp_path_factory.mktemp("ldm2d")
+    proc = run_bundle(BUNDLE, ["train.json"], {**common, **TRAIN, "output_dir": out})
+    return out, proc
+
+
+def test_train_2d_writes_model_checkpoint_logs_and_samples(trained_2d):
+    out, proc = trained_2d
+    assert (out / "models" / "model.pt").is_file() and (out / "models" / "checkpoint_epoch=1.pt").is_file()
+    assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert Image.open(out / "logs" / "samples_epoch=1.png").size[0] > 100
+    history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in history} == {"train", "validation"}
+    assert "val_loss" in history[-1] or "val_loss" in history[-2]
+    assert "Epoch[1] Metrics -- val_loss" in proc.stdout + proc.stderr
+
+
+def test_scale_factor_is_inverse_std_of_training_latents_and_stored(trained_2d):
+    out, _ = trained_2d
+    (cache,) = (out / "cache").glob("latents_*.pt")
+    latents = LatentSet.load(cache)
+    assert latents.latent_shape == [8, SIZE_2D[0] // 4, SIZE_2D[1] // 4]
+    expected = 1.0 / latents.latents.double().std().item()
+    for path in (out / "models" / "model.pt", out / "models" / "checkpoint_epoch=1.pt"):
+        state = safe_load(path)
+        state = state.get("model", state) if "model" in state and isinstance(state["model"], dict) else state
+        assert float(state["scale_factor"]) == pytest.approx(expected, rel=1e-6)
+        assert state["latent_shape"].tolist() == latents.latent_shape
+        assert state["image_size"].tolist() == SIZE_2D
+
+
+def test_inference_2d_writes_png_samples(trained_2d, brain_2d, tmp_path):
+    out, _ = trained_2d
+    _, ckpt, _ = brain_2d
+    result = tmp_path / "result"
+    run_bundle(
+        BUNDLE,
+        ["inference.json"],
+        {**TINY, "ckpt_path": out / "models" / "model.pt", "autoencoder_ckpt": ckpt, "output_dir": result, "n_samples": 3},
+    )
+    files = sorted((result / "inference").glob("sample_*.png"))
+    assert len(files) == 3
+    for f in files:
+        img = Image.open(f)
+        assert img.size == (SIZE_2D[1], SIZE_2D[0]) and img.mode == "L"
+    assert Image.open(result / "inference" / "samples.png").size[0] > 100
+    info = json.loads((result / "inference" / "sampling.json").read_text())
+    assert info["num_inference_steps"] == 4 and info["scheduler"] == "DDIMScheduler"
+    assert info["seconds_per_sample"] > 0 and info["latent_shape"] == [8, 24, 20]
+
+
+def test_evaluate_2d_writes_diversity_and_mmd(trained_2d, brain_2d):
+    out, _ = trained_2d
+    _, _, common = brain_2d
+    run_bundle(BUNDLE, ["train.json", "evaluate.json"], {**common, **TRAIN, "output_dir": out, "n_samples": 4})
+    metrics = read_metrics(out)
+    assert metrics["n_samples"] == 4 and metrics["n_real"] >= 2
+    for key in ("ms_ssim_diversity_samples", "ms_ssim_diversity_real"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert np.isfinite(metrics["mmd"])
+    assert metrics["ms_ssim_kernel_size"] == 5  # fitted to the 96 x 80 images
+    assert (out / "eval" / "samples_vs_real.png").is_file()
+
+
+def test_model_zoo_verify_net_in_out(tmp_path):
+    args = ["network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
+    overrides = {
+        **TINY,
+        "extra_forward_args": {"timesteps": 10},
+        "_meta_#network_data_format#inputs#image#num_channels": 8,
+        "_meta_#network_data_format#outputs#pred#num_channels": 8,
+    }
+    proc = monai_bundle(BUNDLE, "verify_net_in_out", args, overrides)
+    assert "verified with no error" in proc.stdout + proc.stderr
+
+
+def test_vqvae_frozen_bit_identical_and_resume(brain_2d, tmp_path):
+    """Diffusion training with the encoder running every iteration (no latent cache, augmentation on) leaves the
+    VQ-VAE (codebook included) bit-identical to its checkpoint; a second run resumes with the same scale factor."""
+    _, ckpt, common = brain_2d
+    overrides = {**common, **TRAIN, "output_dir": tmp_path, "cache_latents": False, "augment": True, "sample_interval": 0}
+    reference = state_fingerprint(load_autoencoder(VQVAE(2, 1, channels=(8, 16), num_res_units=1, res_channels=(8, 8), num_embeddings=16, embedding_dim=8), ckpt).autoencoder)
+    parser = _parse(["train.json"], overrides)
+    autoencoder = parser.get_parsed_content("autoencoder")
+    assert state_fingerprint(autoencoder.autoencoder) == reference
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.run()
+    assert trainer.state.iteration >= 2
+    assert state_fingerprint(autoencoder.autoencoder) == reference
+    assert not any(m.training for m in autoencoder.modules())
+    assert not any(p.requires_grad for p in autoencoder.parameters())
+    scale = float(parser.get_parsed_content("network_def").scale_factor)
+
+    parser = _parse(["train.json"], {**overrides, "max_epochs": 2})
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.run()
+    resume = next(h for h in parser.get_parsed_content("train#handlers") if type(h).__name__ == "ResumeFromCheckpoint")
+    assert resume.loaded_from is not None and resume.loaded_from.name == "checkpoint_epoch=1.pt"
+    assert trainer.state.epoch == 2 and (tmp_path / "models" / "checkpoint_epoch=2.pt").is_file()
+    assert float(parser.get_parsed_content("network_def").scale_factor) == pytest.approx(scale, rel=1e-7)
+    assert parser.get_parsed_content("train#ema").num_updates == trainer.state.iteration
+    assert state_fingerprint(parser.get_parsed_content("autoencoder").autoencoder) == reference
+
+
+def test_class_conditioned_training_and_sampling(brain_dir, brain_2d, tmp_path):
+    """AD/NC-style class folders -> labels -> the UNet's class embedding; samples are drawn per class."""
+    _, ckpt, common = brain_2d
+    root = tmp_path / "AD_NC"
+    for split, offset in (("train", 0), ("test", 6)):
+        for cls, folder in (("AD", "MildDemented"), ("NC", "NonDemented")):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((brain_dir / "Test" / folder).glob("*.jpg"))[offset : offset + 6]:
+                shutil.copy(f, root / split / cls / f.name.replace(" ", "_"))
+    overrides = {**common, **TRAIN, "dataset_dir": root, "data_layout": "class", "num_class_embeds": 2, "output_dir": tmp_path / "out", "sample_interval": 0}
+    parser = _parse(["train.json"], overrides)
+    latents = parser.get_parsed_content("latents")
+    assert latents.labels is not None and set(latents.labels.tolist()) == {0, 1}
+    parser.get_parsed_content("train#trainer").run()
+    images, labels = parser.get_parsed_content("sampler").sample(4, seed=0)
+    assert labels.tolist() == [0, 1, 0, 1] and list(images.shape) == [4, 1, *SIZE_2D]
+    images, labels = parser.get_parsed_content("sampler").sample(2, class_label=1, seed=0)
+    assert labels.tolist() == [1, 1]
+
+
+@pytest.fixture(scope="module")
+def ixi_3d(tmp_path_factory, ixi_dir):
+    """7 IXI volumes and a tiny 3D VQ-VAE trained on four of them in this process (any 3D VQ-VAE checkpoint fits)."""
+    data = tmp_path_factory.mktemp("ixi")
+    files = sorted((ixi_dir / "t1").glob("*.nii.gz"))[:7]
+    for f in files:
+        shutil.copy(f, data / f.name)
+    transform = volume_transforms_3d(spatial_size=SIZE_3D)
+    volumes = torch.stack([transform({"image": str(f)})["image"].as_tensor() for f in files[:4]])
+    torch.manual_seed(0)
+    model = VQVAE(3, 1, channels=(8, 16), num_res_units=1, res_channels=(8, 8), num_embeddings=16, embedding_dim=8)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    for _ in range(3):
+        out = model(volumes)
+        loss = (out.reconstruction - volumes).abs().mean() + out.quantizer_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt = atomic_save(ReconstructionNetwork(model).state_dict(), data.parent / "vqvae3d.pt")
+    common = {**TINY, "dataset_dir": data, "spatial_size": SIZE_3D, "autoencoder_ckpt": ckpt}
+    return data, ckpt, common
+
+
+def test_3d_train_inference_evaluate(ixi_3d, tmp_path):
+    _, ckpt, common = ixi_3d
+    out = tmp_path / "out"
+    train = {**common, "batch_size": 2, "max_epochs": 1, "sample_interval": 1, "n_monitor_samples": 1, "val_fraction": 0.15, "test_fraction": 0.3, "output_dir": out}
+    run_bundle(BUNDLE, ["train.json", "3d.json"], train)
+    assert (out / "models" / "model.pt").is_file() and (out / "logs" / "samples_epoch=1.png").is_file()
+    state = safe_load(out / "models" / "model.pt")
+    assert state["latent_shape"].tolist() == [8, 8, 8, 8] and state["image_size"].tolist() == SIZE_3D
+
+    result = tmp_path / "result"
+    run_bundle(
+        BUNDLE,
+        ["inference.json", "3d.json"],
+        {**TINY, "ckpt_path": out / "models" / "model.pt", "autoencoder_ckpt": ckpt, "output_dir": result, "n_samples": 2, "voxel_size": 2.0},
+    )
+    files = sorted((result / "inference").glob("sample_*.nii.gz"))
+    assert len(files) == 2
+    img = nib.load(files[0])
+    assert img.shape == tuple(SIZE_3D) and np.allclose(np.diag(img.affine)[:3], 2.0)
+    assert (result / "inference" / "samples.png").is_file()
+
+    run_bundle(BUNDLE, ["train.json", "3d.json", "evaluate.json"], {**train, "n_samples": 2})
+    metrics = read_metrics(out)
+    assert metrics["n_samples"] == 2 and metrics["n_real"] == 2
+    assert 0.0 <= metrics["ms_ssim_diversity_samples"] <= 1.0 and 0.0 <= metrics["ms_ssim_diversity_real"] <= 1.0
+    assert (metrics["ms_ssim_kernel_size"], len(metrics["ms_ssim_weights"])) == (3, 4)
