@@ -154,7 +154,7 @@ def test_noise_has_the_latent_shape_not_the_image_shape(trained_vqvae):
         assert kwargs["timesteps"].shape == (images.shape[0],) and int(kwargs["timesteps"].max()) < 1000
     # v-prediction target and the class labels of a conditioned model
     scheduler = DDPMScheduler(1000, prediction_type="v_prediction")
-    cond = LatentDiffusionNetwork(tiny_unet(num_class_embeds=2), 2, 0.5, latents.shape[1:], SIZE)
+    cond = LatentDiffusionNetwork(tiny_unet(num_class_embeds=2), 2, 0.5, latents.shape[1:], SIZE, prediction_type="v_prediction")
     prepare = LatentDiffusionPrepareBatch(1000, cond, scheduler=scheduler, prediction_type="v_prediction", label_key="label")
     labels = torch.tensor([0, 1, 0, 1, 0, 1])
     z, target, _, kwargs = prepare({"latent": latents, "label": labels})
@@ -254,3 +254,16 @@ def test_pairwise_ms_ssim_diversity(slices):
     assert 0.0 < diverse < 0.99
     noise = torch.rand(6, 1, *SIZE, generator=torch.Generator().manual_seed(0))
     assert pairwise_ms_ssim(noise, 2) < diverse
+
+
+def test_prediction_type_is_stored_and_checked_at_sampling(trained_vqvae, tmp_path):
+    model, _ = trained_vqvae
+    net = LatentDiffusionNetwork(tiny_unet(), 2, 1.0, (4, 16, 12), (64, 48), prediction_type="v_prediction")
+    path = atomic_save(net.state_dict(), tmp_path / "model.pt")
+    loaded = load_diffusion_network(LatentDiffusionNetwork(tiny_unet(), 2), path)  # built with the default epsilon
+    assert loaded.prediction_type == "v_prediction"
+    sampler = LatentSampler(loaded, FrozenAutoencoder(model), DDIMScheduler(1000, clip_sample=False), num_inference_steps=2)
+    with pytest.raises(ValueError, match="v_prediction"):
+        sampler.sample(1)
+    with pytest.raises(ValueError, match="differs"):
+        LatentDiffusionPrepareBatch(1000, loaded, prediction_type="epsilon")

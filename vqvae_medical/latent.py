@@ -70,6 +70,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+"""What the UNet predicts (MONAI schedulers' ``prediction_type``); stored in the checkpoint as an index."""
+
 LATENT_KINDS: tuple[str, ...] = ("encoder", "quantized")
 """``"encoder"``: continuous encoder output before quantization; ``"quantized"``: its nearest codebook vectors."""
 
@@ -384,7 +387,9 @@ class LatentDiffusionNetwork(nn.Module):
 
     - ``scale_factor``: ``1 / std`` of the training latents (NaN until set);
     - ``latent_shape``: ``[D, *spatial]`` of the latents the model was trained on (zeros until set);
-    - ``image_size``: spatial size of the training images, to crop decoded samples to (zeros until set).
+    - ``image_size``: spatial size of the training images, to crop decoded samples to (zeros until set);
+    - ``prediction_code``: index of ``prediction_type`` in :data:`PREDICTION_TYPES`, checked against the sampling
+      scheduler (a mismatch would turn samples into noise).
 
     Args:
         unet: e.g. ``monai.networks.nets.DiffusionModelUNet``.
@@ -392,6 +397,7 @@ class LatentDiffusionNetwork(nn.Module):
         scale_factor: ``1 / std`` of the training latents, or ``None`` (loaded from a checkpoint).
         latent_shape: ``[D, *spatial]``, or ``None``.
         image_size: spatial size of the images, or ``None``.
+        prediction_type: what the UNet is trained to predict, one of :data:`PREDICTION_TYPES`.
     """
 
     def __init__(
@@ -401,21 +407,29 @@ class LatentDiffusionNetwork(nn.Module):
         scale_factor: float | None = None,
         latent_shape: Sequence[int] | None = None,
         image_size: Sequence[int] | None = None,
+        prediction_type: str = "epsilon",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
         self.unet = unet
         self.spatial_dims = spatial_dims
         self.register_buffer("scale_factor", torch.tensor(float("nan") if scale_factor is None else float(scale_factor)))
         self.register_buffer("latent_shape", torch.zeros(spatial_dims + 1, dtype=torch.long))
         self.register_buffer("image_size", torch.zeros(spatial_dims, dtype=torch.long))
+        self.register_buffer("prediction_code", torch.tensor(PREDICTION_TYPES.index(prediction_type)))
         if latent_shape is not None:
             self.set_latent_shape(latent_shape, image_size)
 
     @property
     def num_class_embeds(self) -> int | None:
         return getattr(self.unet, "num_class_embeds", None)
+
+    @property
+    def prediction_type(self) -> str:
+        return PREDICTION_TYPES[int(self.prediction_code)]
 
     @property
     def levels(self) -> int:
@@ -514,6 +528,10 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}.")
+        if prediction_type != network.prediction_type:
+            raise ValueError(
+                f"prediction_type {prediction_type!r} differs from the network's {network.prediction_type!r}."
+            )
         if prediction_type == "v_prediction" and scheduler is None:
             raise ValueError("prediction_type='v_prediction' needs the scheduler (for get_velocity).")
         self.network = network
@@ -675,6 +693,12 @@ class LatentSampler:
         """``n`` latents (unscaled, before snapping) from noise ``[n, *latent_shape]``."""
         net = self.network
         net.check_ready()
+        scheduler_type = getattr(self.scheduler, "prediction_type", net.prediction_type)
+        if scheduler_type != net.prediction_type:
+            raise ValueError(
+                f"the model was trained with prediction_type {net.prediction_type!r} but the sampling scheduler uses "
+                f"{scheduler_type!r}; set --prediction_type {net.prediction_type}."
+            )
         net.eval()
         device = net.scale_factor.device
         shape = [int(n), *[int(s) for s in net.latent_shape]]

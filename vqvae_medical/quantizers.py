@@ -34,9 +34,10 @@ __all__ = [
     "GradientVectorQuantizer",
 ]
 
-#: default memory cap of one distance chunk, in bytes (fp32 elements * 4); a chunk that stays in the CPU caches
-#: is reused for every block of rows (see ``benchmarks/quantizer.py``)
-DEFAULT_MAX_CHUNK_BYTES = 4 * 1024 * 1024
+#: default memory cap of one distance chunk, in bytes (fp32 elements * 4). The chunk buffer is allocated once per
+#: search and reused; on CPU 2-16 MiB measured within 5% of each other single-threaded, and the largest means the
+#: fewest parallel regions, which matters when the cores are oversubscribed (see ``docs/benchmarks.md``)
+DEFAULT_MAX_CHUNK_BYTES = 16 * 1024 * 1024
 
 #: feature maps with at least this many vectors per sample are searched in place, one sample at a time
 _MIN_MAP_SIZE = 256
