@@ -402,6 +402,7 @@ def save_samples(
     class (``class_label``, or every class when ``None``): ``<prefix>_class<c>.png`` and ``<prefix>_class<c>_codes.pt``,
     plus ``<prefix>.png`` with all classes when there are several. The ``.pt`` files hold ``codes`` (int16
     ``[N, h, w]``), ``class_label``, ``temperature`` and ``seed`` (``torch.load(weights_only=True)`` reads them).
+    Class ``c`` is sampled with seed ``seed + c``, so one class gives the same samples alone or with the others.
 
     Returns:
         the written files.
@@ -423,11 +424,17 @@ def save_samples(
         stem = prefix if c is None else f"{prefix}_class{c}"
         name = "" if c is None else (class_names[c] if class_names and c < len(class_names) else f"class {c}")
         written.append(save_image_grid(out / f"{stem}.png", list(images), ncols=ncols))
-        payload = {"codes": codes.to(torch.int16), "class_label": -1 if c is None else c, "temperature": float(temperature), "seed": int(seed + (c or 0))}
+        payload = {
+            "codes": codes.to(torch.int16),
+            "class_label": -1 if c is None else c,
+            "temperature": float(temperature),
+            "seed": int(seed + (c or 0)),
+        }
         written.append(atomic_save(payload, out / f"{stem}_codes.pt"))
         all_images += list(images)
         titles += [name] + [""] * (len(images) - 1)
-        logger.info(f"sampled {num_samples} code maps {list(codes.shape[1:])}{'' if c is None else f' of {name}'} -> {out / stem}.png")
+        of = "" if c is None else f" of {name}"
+        logger.info(f"sampled {num_samples} code maps {list(codes.shape[1:])}{of} -> {out / stem}.png")
     if len(classes) > 1:
         written.append(save_image_grid(out / f"{prefix}.png", all_images, ncols=max(ncols, 8), titles=titles))
     return written
