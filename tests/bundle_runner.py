@@ -13,7 +13,17 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = REPO_ROOT / "bundles"
 
-__all__ = ["BUNDLES", "REPO_ROOT", "monai_bundle", "run_bundle", "read_metrics"]
+__all__ = ["BUNDLES", "REPO_ROOT", "TINY_VQVAE_2D", "monai_bundle", "run_bundle", "read_metrics"]
+
+#: overrides that make the vqvae_2d bundle tiny enough for tests
+TINY_VQVAE_2D = {
+    "network_def#model#channels": [8, 16],
+    "network_def#model#res_channels": [8, 8],
+    "network_def#model#num_res_units": 1,
+    "num_embeddings": 16,
+    "embedding_dim": 8,
+    "batch_size": 2,
+}
 
 
 def _arg(value: Any) -> str:

@@ -10,18 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bundle_runner import monai_bundle, read_metrics, run_bundle
+from bundle_runner import TINY_VQVAE_2D, monai_bundle, read_metrics, run_bundle
 
 BUNDLE = "vqvae_2d"
-TINY = {
-    "network_def#model#channels": [8, 16],
-    "network_def#model#res_channels": [8, 8],
-    "network_def#model#num_res_units": 1,
-    "num_embeddings": 16,
-    "embedding_dim": 8,
-    "batch_size": 2,
-    "max_epochs": 1,
-}
+TINY = {**TINY_VQVAE_2D, "max_epochs": 1}
 TINY_INFER = {k: v for k, v in TINY.items() if k not in ("batch_size", "max_epochs")}
 
 

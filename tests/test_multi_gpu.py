@@ -10,16 +10,8 @@ import sys
 import pytest
 import torch
 
-from bundle_runner import BUNDLES, run_bundle
+from bundle_runner import BUNDLES, TINY_VQVAE_2D, run_bundle
 
-TINY_2D = {
-    "network_def#model#channels": [8, 16],
-    "network_def#model#res_channels": [8, 8],
-    "network_def#model#num_res_units": 1,
-    "num_embeddings": 16,
-    "embedding_dim": 8,
-    "batch_size": 2,
-}
 DUMP = "$torch.save(@network_def.state_dict(), os.path.join(@output_dir, f'rank{torch.distributed.get_rank()}.pt'))"
 DESTROY = "$torch.distributed.destroy_process_group()"
 
@@ -31,7 +23,7 @@ def test_vqvae_2d_two_processes(brain_dir, tmp_path):
     for i, f in enumerate(sorted((brain_dir / "Test" / "NonDemented").glob("*.jpg"))[:12]):
         shutil.copy(f, data / f"slice_{i:02d}.jpg")
     out = tmp_path / "out"
-    overrides = {**TINY_2D, "dataset_dir": data, "output_dir": out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2, "max_epochs": 2}
+    overrides = {**TINY_VQVAE_2D, "dataset_dir": data, "output_dir": out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2, "max_epochs": 2}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517",
         "-m", "monai.bundle", "run",

@@ -21,22 +21,12 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from bundle_runner import BUNDLES, run_bundle
+from bundle_runner import BUNDLES, TINY_VQVAE_2D, run_bundle
 from vqvae_medical.engines import NonFiniteLossError
 from vqvae_medical.handlers import CodebookMonitor
 
 BUNDLE_DIR = BUNDLES / "vqvae_2d"
-TINY = {
-    "network_def#model#channels": [8, 16],
-    "network_def#model#res_channels": [8, 8],
-    "network_def#model#num_res_units": 1,
-    "num_embeddings": 16,
-    "embedding_dim": 8,
-    "batch_size": 2,
-    "data_layout": "folder",
-    "val_fraction": 0.2,
-    "test_fraction": 0.2,
-}
+TINY = {**TINY_VQVAE_2D, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2}
 
 
 @pytest.fixture()
