@@ -295,6 +295,25 @@ def test_dead_codes_are_restarted_and_usage_rises() -> None:
     assert perplexity[1.0] > 4 * perplexity[0.0]
 
 
+def test_abandoned_code_with_large_cluster_size_is_restarted_after_the_usage_window() -> None:
+    """A code the encoder stops choosing keeps a large EMA cluster size for hundreds of steps; it is restarted as
+    soon as it has gone unused for ``usage_window`` batches, and not before."""
+    torch.manual_seed(3)
+    window = 5
+    q = EMAVectorQuantizer(2, 8, 4, init="random", dead_code_threshold=1.0, usage_window=window).train()
+    z = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        q.codebook[7] = 100.0  # far from every vector: never chosen
+        q.cluster_size.fill_(1e4)  # but with a huge EMA size, as if it had been popular
+        q.embed_sum.copy_(q.codebook * q.cluster_size[:, None])
+    for step in range(window):
+        q(z)
+        assert float(q.codebook[7, 0]) == 100.0, f"restarted too early, at step {step}"
+    q(z)
+    assert float(q.codebook[7].abs().max()) < 10.0, "an unused code was not restarted after the window"
+    assert float(q.cluster_size[7]) == 1.0
+
+
 # ---------------------------------------------------------------------------------------------- no state change
 @pytest.mark.parametrize("kind", ["ema", "gradient"])
 def test_lookups_and_eval_leave_state_bit_identical(kind: str) -> None:

@@ -277,7 +277,7 @@ class _VectorQuantizerBase(nn.Module):
         self.commitment_cost = float(commitment_cost)
         self.max_chunk_bytes = int(max_chunk_bytes)
         self.usage_window = usage_window
-        # ring buffer of the codes used by the last `usage_window` training batches (reporting only)
+        # ring buffer of the codes used by the last `usage_window` training batches (usage and dead-code restarts)
         self.register_buffer("recent_usage", torch.zeros(usage_window, num_embeddings, dtype=torch.bool), False)
         self.register_buffer("usage_step", torch.zeros((), dtype=torch.long), False)
 
@@ -355,9 +355,13 @@ class EMAVectorQuantizer(_VectorQuantizerBase):
         init: codebook initialisation: ``"data"`` (random encoder outputs of the first training batch),
             ``"kmeans"`` (a few Lloyd iterations on the first batch) or ``"random"`` (unit normal, no data).
         kmeans_iters: Lloyd iterations for ``init="kmeans"``.
-        dead_code_threshold: codes whose EMA cluster size falls below this (in encoder vectors per batch) are
-            re-seeded from current encoder outputs; ``0`` disables restarts.
-        usage_window: number of recent training batches over which the fraction of used codes is reported.
+        dead_code_threshold: codes whose EMA cluster size falls below this (in encoder vectors per batch), or
+            that no vector chose in the last ``usage_window`` training batches, are re-seeded from current
+            encoder outputs; ``0`` disables restarts. (The second test matters early in training: a code the
+            drifting encoder abandons keeps its large EMA cluster size for ``ln(size / threshold) / (1 - decay)``
+            steps, about 280 at decay 0.99, while it is already dead.)
+        usage_window: number of recent training batches over which the fraction of used codes is reported and
+            unused codes are restarted.
         ddp_sync: all-reduce the statistics (and broadcast initialisation and restarts) under ``torch.distributed``
             so that every rank holds the same codebook.
         max_chunk_bytes: memory cap of one block of the nearest-code search.
@@ -474,17 +478,21 @@ class EMAVectorQuantizer(_VectorQuantizerBase):
         smoothed = (self.cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
         if self.dead_code_threshold > 0:
-            self._restart_dead_codes(z3, indices)
+            self._restart_dead_codes(z3, indices, counts)
         return counts
 
-    def _restart_dead_codes(self, z3: torch.Tensor, indices: torch.Tensor) -> None:
-        """Re-seed codes whose EMA cluster size fell below ``dead_code_threshold`` from current encoder outputs.
+    def _restart_dead_codes(self, z3: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        """Re-seed dead codes from current encoder outputs: those whose EMA cluster size fell below
+        ``dead_code_threshold``, and, once ``usage_window`` batches have been seen, those unused in all of them and
+        in this batch (``counts`` are the all-reduced counts, so every DDP rank picks the same codes).
 
         The new codes are drawn k-means++-style (Arthur and Vassilvitskii 2007): each vector with probability
         proportional to its squared distance to its code. Uniform draws mostly land in the densest region (the
         background of medical images), where the new codes duplicate a live one and die again at once.
         """
         dead = self.cluster_size < self.dead_code_threshold
+        if int(self.usage_step.item()) >= self.usage_window:
+            dead |= ~(self.recent_usage.any(0) | (counts > 0))
         n_dead = int(dead.sum().item())
         if n_dead == 0:
             return

@@ -21,6 +21,7 @@ methods take and return ``(top, bottom)`` pairs, and ``reconstruct`` is TorchScr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -179,11 +180,10 @@ class VQVAE2(nn.Module):
             decoder.append(get_act_layer(output_act))
         self.decoder = CheckpointedSequential(decoder, use_checkpointing)
 
-        self.quantizer_top = make_quantizer(
+        quantizer_for = functools.partial(
+            make_quantizer,
             quantizer,
             spatial_dims,
-            num_embeddings[0],
-            d_top,
             commitment_cost=commitment_cost,
             decay=decay,
             epsilon=epsilon,
@@ -191,18 +191,8 @@ class VQVAE2(nn.Module):
             dead_code_threshold=dead_code_threshold,
             ddp_sync=ddp_sync,
         )
-        self.quantizer_bottom = make_quantizer(
-            quantizer,
-            spatial_dims,
-            num_embeddings[1],
-            d_bottom,
-            commitment_cost=commitment_cost,
-            decay=decay,
-            epsilon=epsilon,
-            codebook_init=codebook_init,
-            dead_code_threshold=dead_code_threshold,
-            ddp_sync=ddp_sync,
-        )
+        self.quantizer_top = quantizer_for(num_embeddings[0], d_top)
+        self.quantizer_bottom = quantizer_for(num_embeddings[1], d_bottom)
 
     # ------------------------------------------------------------------ pieces
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
