@@ -2,10 +2,13 @@
 
 A step is the train-mode forward pass of a ``[batch, 1, 128, 128, 128]`` volume, the loss
 ``L1(reconstruction, x) + quantizer loss``, the backward pass and one ``torch.optim.Adam`` step (its state is
-created in that step). Both networks have the same layout: two levels of ``(64, 128)`` channels (downsampling
-factor 4), two residual units per level with ``(32, 64)`` hidden channels, a codebook of 256 codes of dimension 32.
-Ours runs with ``use_checkpointing=True`` (each level's activations are recomputed in the backward pass); MONAI's
-runs with its defaults (``use_checkpointing=False``), or with its own checkpointing under ``--monai_checkpointing``.
+created in that step). Ours is the 3D bundle's default network, read from ``bundles/vqvae_3d/configs/train.json``
+(``network_def#model``: two levels of ``(32, 64)`` channels, downsampling factor 4, two residual units per level
+with ``(16, 32)`` hidden channels, 512 codes of dimension 32, EMA quantizer, sub-pixel upsampling), run with
+``use_checkpointing=True`` (the bundle's switch for large volumes; segments cut at the lowest resolutions and after
+every residual unit of the highest-resolution stages, see ``vqvae_medical.networks.vqvae``). MONAI's has the same
+layout and codebook size and its defaults otherwise (``use_checkpointing=False``, or its own checkpointing under
+``--monai_checkpointing``). ``--reference`` adds ours without checkpointing.
 
 Every measurement runs in a fresh subprocess per model, so that one model's allocations never count for the other:
 
@@ -14,7 +17,9 @@ Every measurement runs in a fresh subprocess per model, so that one model's allo
 - on the CPU (``rss``, the headline figures): the increase of the process's peak resident set size during the step,
   ``getrusage(RUSAGE_SELF).ru_maxrss`` after the step minus the resident size just before it (``/proc/self/statm``),
   i.e. what the step adds to the memory the machine must have; a warm-up step on a ``16^3`` input first loads the
-  lazily loaded kernels and creates the Adam state;
+  lazily loaded kernels and creates the Adam state. It includes the C allocator's slack: glibc serves tensors under
+  its (dynamic, up to 32 MiB) mmap threshold from the heap, which fragments and is not given back, so this figure
+  varies by some tens of MiB from run to run (``--repeats`` reports the median of fresh processes);
 - on the CPU (``tensor``, with ``--method both``): the high-water mark of tensor bytes allocated during a second
   step, from ``torch.profiler`` (see ``benchmarks/quantizer.py``): tensor storage only, no allocator slack.
 
@@ -22,7 +27,7 @@ Usage::
 
     python benchmarks/memory_3d.py                 # table on stderr, JSON on stdout
     python benchmarks/memory_3d.py --json          # exactly one JSON object on stdout
-    python benchmarks/memory_3d.py --size 64 --method both
+    python benchmarks/memory_3d.py --size 64 --method both --reference --repeats 3
 """
 
 from __future__ import annotations
@@ -40,44 +45,47 @@ import torch
 __all__ = ["build_model", "training_step", "measure", "main"]
 
 MIB = 1024.0 * 1024.0
-CHANNELS = (64, 128)
-RES_CHANNELS = (32, 64)
-NUM_RES_UNITS = 2
-NUM_EMBEDDINGS = 256
-EMBEDDING_DIM = 32
+ROOT = Path(__file__).resolve().parents[1]
+#: the 3D bundle's training config, whose default network is the one measured
+BUNDLE_CONFIG = ROOT / "bundles" / "vqvae_3d" / "configs" / "train.json"
+
+
+def bundle_model_args(config_file: str | os.PathLike = BUNDLE_CONFIG) -> dict:
+    """Resolved keyword arguments of the bundle's default network (``network_def#model``, without ``_target_``)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    keys = [k for k in parser["network_def#model"] if k != "_target_"]
+    return {k: parser.get_parsed_content(f"network_def#model#{k}") for k in keys}
 
 
 def build_model(name: str, monai_checkpointing: bool = False) -> torch.nn.Module:
-    """``"ours"``: :class:`vqvae_medical.networks.VQVAE` with checkpointing; ``"monai"``: MONAI's ``VQVAE``;
-    ``"ours_nockpt"``: ours without checkpointing (reference)."""
+    """``"ours"``: the 3D bundle's default :class:`vqvae_medical.networks.VQVAE` with ``use_checkpointing=True``;
+    ``"ours_nockpt"``: the same without checkpointing (reference); ``"monai"``: MONAI's ``VQVAE`` with its defaults
+    except the layout (channels, residual units and channels, codebook size and dimension) taken from the bundle."""
+    args = bundle_model_args()
     if name in ("ours", "ours_nockpt"):
         from vqvae_medical.networks import VQVAE
 
-        return VQVAE(
-            spatial_dims=3,
-            in_channels=1,
-            channels=CHANNELS,
-            num_res_units=NUM_RES_UNITS,
-            res_channels=RES_CHANNELS,
-            num_embeddings=NUM_EMBEDDINGS,
-            embedding_dim=EMBEDDING_DIM,
-            upsample_mode="subpixel",
-            use_checkpointing=name == "ours",
-        )
+        return VQVAE(**{**args, "use_checkpointing": name == "ours"})
     if name == "monai":
         from monai.networks.nets import VQVAE as MonaiVQVAE
 
+        levels = len(args["channels"])
+        res_channels = args.get("res_channels") or args["channels"]
         return MonaiVQVAE(
-            spatial_dims=3,
-            in_channels=1,
-            out_channels=1,
-            channels=CHANNELS,
-            num_res_layers=NUM_RES_UNITS,
-            num_res_channels=RES_CHANNELS,
-            downsample_parameters=((2, 4, 1, 1),) * len(CHANNELS),
-            upsample_parameters=((2, 4, 1, 1, 0),) * len(CHANNELS),
-            num_embeddings=NUM_EMBEDDINGS,
-            embedding_dim=EMBEDDING_DIM,
+            spatial_dims=args["spatial_dims"],
+            in_channels=args["in_channels"],
+            out_channels=args.get("out_channels") or args["in_channels"],
+            channels=tuple(args["channels"]),
+            num_res_layers=args["num_res_units"],
+            num_res_channels=tuple(res_channels) if isinstance(res_channels, (list, tuple)) else res_channels,
+            # MONAI's default strided convolutions, one per level (its default tuples have three levels)
+            downsample_parameters=((2, 4, 1, 1),) * levels,
+            upsample_parameters=((2, 4, 1, 1, 0),) * levels,
+            num_embeddings=args["num_embeddings"],
+            embedding_dim=args["embedding_dim"],
             use_checkpointing=monai_checkpointing,
         )
     raise ValueError(f"unknown model {name!r}.")
@@ -91,7 +99,7 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     loss = torch.nn.functional.l1_loss(recon, x) + q_loss
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _rss_bytes() -> int:
@@ -148,12 +156,19 @@ def _in_subprocess(name: str, args: argparse.Namespace, method: str) -> dict:
     ]
     if args.monai_checkpointing:
         cmd.append("--monai_checkpointing")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _median_of_runs(name: str, args: argparse.Namespace, method: str) -> dict:
+    runs = [_in_subprocess(name, args, method) for _ in range(max(1, args.repeats))]
+    peaks = sorted(r["peak_mb"] for r in runs)
+    mid = len(peaks) // 2
+    median = peaks[mid] if len(peaks) % 2 else 0.5 * (peaks[mid - 1] + peaks[mid])
+    return {**runs[0], "peak_mb": median, "runs_mb": [round(r["peak_mb"], 1) for r in runs]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -166,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--monai_checkpointing", action="store_true", help="run MONAI's VQVAE with its checkpointing")
     parser.add_argument("--reference", action="store_true", help="also measure ours without checkpointing")
+    parser.add_argument("--repeats", type=int, default=1, help="fresh processes per model; the median is reported")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_method", default="rss", help=argparse.SUPPRESS)
@@ -179,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = torch.device(args.device).type == "cuda"
     primary = "rss" if args.method in ("rss", "both") or cuda else "tensor"
     names = ["ours", "monai"] + (["ours_nockpt"] if args.reference else [])
-    results = {name: _in_subprocess(name, args, primary) for name in names}
+    results = {name: _median_of_runs(name, args, primary) for name in names}
     for name, r in results.items():
         print(f"{name}: {r['peak_mb']:.1f} MiB ({r['method']}, {r['params']} parameters)", file=sys.stderr)
     ours, monai = results["ours"]["peak_mb"], results["monai"]["peak_mb"]
@@ -192,10 +208,12 @@ def main(argv: list[str] | None = None) -> dict:
         "input_shape": [args.batch, 1, args.size, args.size, args.size],
         "monai_checkpointing": bool(args.monai_checkpointing),
     }
+    if args.repeats > 1:
+        report["runs_mb"] = {name: r["runs_mb"] for name, r in results.items()}
     if args.reference:
         report["ours_no_checkpointing_peak_mb"] = round(results["ours_nockpt"]["peak_mb"], 1)
     if args.method == "both" and not cuda:
-        tensor = {name: _in_subprocess(name, args, "tensor") for name in ("ours", "monai")}
+        tensor = {name: _in_subprocess(name, args, "tensor") for name in ("ours", "monai")}  # deterministic
         for name, r in tensor.items():
             print(f"{name}: {r['peak_mb']:.1f} MiB ({r['method']})", file=sys.stderr)
         report["tensor_ours_peak_mb"] = round(tensor["ours"]["peak_mb"], 1)

@@ -8,7 +8,8 @@ with residual units. Differences from ``monai.networks.nets.VQVAE``, each for a 
   fp32, chunked search) or the gradient-trained one, instead of MONAI's ``EMAQuantizer`` that collapses;
 - upsampling is selectable (``"subpixel"`` ICNR by default, free of checkerboards at initialisation);
 - inputs whose size is not a multiple of ``2 ** levels`` are padded and the reconstruction cropped back;
-- activation checkpointing is per level (memory of one level instead of the whole encoder at once);
+- activation checkpointing in segments cut at the lowest resolutions, finer in the highest-resolution stages
+  (see :class:`CheckpointedSequential` and ``VQVAE.__init__``);
 - index look-ups (:meth:`VQVAE.encode_to_indices`) never change the codebook, in any mode.
 """
 
@@ -25,7 +26,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vqvae_medical.blocks import UPSAMPLE_MODES, ResidualUnit, make_downsample, make_upsample
+from vqvae_medical.blocks import UPSAMPLE_MODES, ResidualUnit, inplace_act, make_downsample, make_upsample
 from vqvae_medical.quantizers import EMAVectorQuantizer, GradientVectorQuantizer, QuantizerOutput
 
 __all__ = ["VQOutput", "VQVAE", "CheckpointedSequential", "make_quantizer", "pad_to_multiple", "crop_to"]
@@ -86,28 +87,72 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def crop_to(x: torch.Tensor, size: list[int]) -> torch.Tensor:
-    """Crop the spatial dims of ``x`` to ``size`` (from the start)."""
+    """Crop the spatial dims of ``x`` to ``size`` (from the start); dims already of that size are left alone (a
+    ``narrow`` to the full size would still cost a full-size copy in the backward pass)."""
     for dim, s in enumerate(size):
-        x = x.narrow(dim + 2, 0, s)
+        if x.shape[dim + 2] != s:
+            x = x.narrow(dim + 2, 0, s)
+    return x
+
+
+def _run_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def _run_checkpointed(pieces: Sequence[Sequence[nn.Module]], x: torch.Tensor) -> torch.Tensor:
+    for layers in pieces:
+        x = checkpoint(_run_layers, layers, x, use_reentrant=False)
     return x
 
 
 class CheckpointedSequential(nn.Module):
-    """Layers run in order; with ``use_checkpointing`` each layer's activations are recomputed in the backward
-    pass (``torch.utils.checkpoint``) instead of being stored.
+    """Layers run in order; with ``use_checkpointing`` the activations of each segment of layers are recomputed in
+    the backward pass (``torch.utils.checkpoint``, non-reentrant) instead of being stored.
+
+    Only a segment's input is kept through the forward pass; when the backward pass reaches a segment, its layers
+    run again and their activations exist for that segment's backward only. A segment can itself be cut into
+    nested checkpointed pieces: then nothing inside it is kept through the forward pass, and while it is
+    recomputed only the pieces' inputs are kept, each piece's activations existing for that piece's backward only
+    (at the price of running the segment's layers once more).
 
     Args:
-        layers: the layers (one per level, typically).
-        use_checkpointing: checkpoint each layer while training.
+        layers: the layers (one per level, typically; a ``nn.Sequential`` contributes its children to the flat layer
+            list that ``segment_ends`` and ``nested_ends`` index).
+        use_checkpointing: checkpoint the segments while training.
+        segment_ends: positions in the flat layer list where segments end (exclusive); the last segment always ends
+            with the last layer. ``None``: one segment per entry of ``layers``.
+        nested_ends: positions, inside segments, where nested pieces end.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], use_checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        use_checkpointing: bool = False,
+        segment_ends: Sequence[int] | None = None,
+        nested_ends: Sequence[int] = (),
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.use_checkpointing = use_checkpointing
+        n = len(self._flat_layers())
+        if segment_ends is None:
+            segment_ends, stop = [], 0
+            for layer in self.layers:
+                stop += len(layer) if isinstance(layer, nn.Sequential) else 1
+                segment_ends.append(stop)
+        self.segment_ends = sorted({int(e) for e in segment_ends if 0 < int(e) < n} | {n})
+        self.nested_ends = sorted({int(e) for e in nested_ends if 0 < int(e) < n} - set(self.segment_ends))
+
+    def _flat_layers(self) -> list[nn.Module]:
+        flat: list[nn.Module] = []
+        for layer in self.layers:
+            flat.extend(layer.children() if isinstance(layer, nn.Sequential) else [layer])
+        return flat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpointing and self.training:
+        if self.use_checkpointing and self.training and torch.is_grad_enabled():
             return self._forward_checkpointed(x)
         for layer in self.layers:
             x = layer(x)
@@ -115,8 +160,16 @@ class CheckpointedSequential(nn.Module):
 
     @torch.jit.unused
     def _forward_checkpointed(self, x):  # untyped: TorchScript reads unused signatures without the future import
-        for layer in self.layers:
-            x = checkpoint(layer, x, use_reentrant=False)
+        flat = self._flat_layers()
+        start = 0
+        for stop in self.segment_ends:
+            cuts = [start] + [e for e in self.nested_ends if start < e < stop] + [stop]
+            if len(cuts) > 2:
+                pieces = [flat[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+                x = checkpoint(_run_checkpointed, pieces, x, use_reentrant=False)
+            else:
+                x = checkpoint(_run_layers, flat[start:stop], x, use_reentrant=False)
+            start = stop
         return x
 
 
@@ -143,7 +196,8 @@ class VQVAE(nn.Module):
         upsample_mode: ``"subpixel"`` (ICNR), ``"resize_conv"`` or ``"transposed"``.
         blur: blur after sub-pixel upsampling.
         output_act: activation of the reconstruction (e.g. ``"sigmoid"``), ``None`` for linear.
-        use_checkpointing: recompute each level's activations in the backward pass to save memory.
+        use_checkpointing: recompute the activations in the backward pass, segment by segment, to save memory
+            (gradients and outputs are the same as without it).
         ddp_sync: all-reduce codebook statistics under ``torch.distributed``.
         channels_last: keep weights and activations in channels-last memory format, which oneDNN (CPU) and
             cuDNN (CUDA, AMP) convolutions run faster on (measured: about 1.2x per training step on a 2-core CPU).
@@ -195,30 +249,53 @@ class VQVAE(nn.Module):
         def residuals(ch: int, rch: int) -> list[nn.Module]:
             return [ResidualUnit(spatial_dims, ch, rch, act=act, norm=norm) for _ in range(num_res_units)]
 
+        # ReLU-type activations after a downsampling convolution run in place (nothing saves its output)
+        level_act = inplace_act(act)
+        # Checkpoint segments (CheckpointedSequential) end where the feature maps are smallest, right after a
+        # downsampling and right before an upsampling, so that the full-resolution activations are never kept
+        # through the forward pass. Measured at 128^3: the largest remaining costs are the activations of the
+        # highest-resolution stages while they are recomputed, so those stages are cut after every residual unit
+        # (a residual unit's backward then holds its own activations and one input per earlier unit only): in the
+        # decoder directly, since its backward runs first and the cut points are freed at once; in the encoder as
+        # pieces nested in the segment, so that none of them is kept through the whole step.
         encoder: list[nn.Module] = []
+        encoder_ends: list[int] = []
+        encoder_nested: list[int] = []
         prev = in_channels
-        for ch, rch in zip(channels, res_channels):
+        for level, (ch, rch) in enumerate(zip(channels, res_channels)):
+            start = sum(len(stage) for stage in encoder)
+            if level > 0:  # after the downsampling into this level (and its activation)
+                encoder_ends.append(start + 2)
+            else:  # the first stage: after every residual unit but the last
+                encoder_nested += [start + 3 + i for i in range(num_res_units - 1)]
             encoder.append(
-                nn.Sequential(make_downsample(spatial_dims, prev, ch), get_act_layer(act), *residuals(ch, rch))
+                nn.Sequential(make_downsample(spatial_dims, prev, ch), get_act_layer(level_act), *residuals(ch, rch))
             )
             prev = ch
         encoder.append(Conv[Conv.CONV, spatial_dims](prev, embedding_dim, kernel_size=3, padding=1))
-        self.encoder = CheckpointedSequential(encoder, use_checkpointing)
+        self.encoder = CheckpointedSequential(encoder, use_checkpointing, encoder_ends, encoder_nested)
 
         rev = list(channels)[::-1]
         rev_res = list(res_channels)[::-1]
         decoder: list[nn.Module] = [Conv[Conv.CONV, spatial_dims](embedding_dim, rev[0], kernel_size=3, padding=1)]
+        decoder_ends: list[int] = []
         for i, (ch, rch) in enumerate(zip(rev, rev_res)):
             last = i + 1 == len(rev)
+            start = sum(len(stage) if isinstance(stage, nn.Sequential) else 1 for stage in decoder)
             # the last upsampling layer outputs the image directly, as in MONAI's VQVAE (a full-resolution
             # feature stage would cost more than the rest of the decoder)
             layers = [*residuals(ch, rch), make_upsample(upsample_mode, spatial_dims, ch, out_channels if last else rev[i + 1], 2, blur=blur)]
             if not last:
+                # not in place: a sub-pixel upsampling's output is a (channels-last) view, and an in-place
+                # operation on a view is recorded by autograd as full-size copies in the backward pass
                 layers.append(get_act_layer(act))
+                decoder_ends.append(start + num_res_units)  # before the upsampling
+            else:  # the last (highest-resolution) stage: after every residual unit but the last
+                decoder_ends += [start + 1 + j for j in range(num_res_units - 1)]
             decoder.append(nn.Sequential(*layers))
         if output_act is not None:
             decoder.append(get_act_layer(output_act))
-        self.decoder = CheckpointedSequential(decoder, use_checkpointing)
+        self.decoder = CheckpointedSequential(decoder, use_checkpointing, decoder_ends)
 
         self.quantizer = make_quantizer(
             quantizer,
