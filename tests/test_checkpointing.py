@@ -7,7 +7,8 @@ it, bit for bit (it recomputes the same operations in the backward pass). The ch
 
 from __future__ import annotations
 
-import io
+from scripting import assert_scripted_equals_eager
+
 
 import pytest
 import torch
@@ -141,16 +142,7 @@ def test_scripted_reconstruction_network_with_checkpointing() -> None:
     with torch.no_grad():
         model(x)  # data-initialised codebook
     wrapper = ReconstructionNetwork(model).eval()
-    scripted = torch.jit.script(wrapper)
-    buffer = io.BytesIO()
-    torch.jit.save(scripted, buffer)
-    buffer.seek(0)
-    loaded = torch.jit.load(buffer)
-    with torch.no_grad():
-        eager = wrapper(x)
-        assert eager.shape == x.shape
-        assert torch.equal(scripted(x), eager)
-        assert torch.equal(loaded(x), eager)
+    assert_scripted_equals_eager(wrapper, x)
 
 
 def test_default_segments_are_one_per_layer() -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import io
+from scripting import assert_scripted_equals_eager
+
 import math
 
 import numpy as np
@@ -156,16 +157,7 @@ def test_loss_is_sum_and_gradients_reach_every_part(quantizer: str) -> None:
 def test_torchscript_export_equals_eager(spatial_dims: int, shape: tuple[int, ...]) -> None:
     model, x = _trained(spatial_dims, shape)
     wrapper = ReconstructionNetwork(model).eval()
-    scripted = torch.jit.script(wrapper)
-    buffer = io.BytesIO()
-    torch.jit.save(scripted, buffer)
-    buffer.seek(0)
-    loaded = torch.jit.load(buffer)
-    with torch.no_grad():
-        eager = wrapper(x)
-        assert eager.shape == x.shape
-        assert torch.equal(scripted(x), eager)
-        assert torch.equal(loaded(x), eager)
+    assert_scripted_equals_eager(wrapper, x)
 
 
 def test_activation_checkpointing_same_loss_and_grads() -> None:
