@@ -13,7 +13,16 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = REPO_ROOT / "bundles"
 
-__all__ = ["BUNDLES", "REPO_ROOT", "TINY_VQVAE_2D", "monai_bundle", "run_bundle", "read_metrics"]
+__all__ = [
+    "BUNDLES",
+    "REPO_ROOT",
+    "TINY_VQVAE_2D",
+    "monai_bundle",
+    "run_bundle",
+    "torchrun_bundle",
+    "bundle_network",
+    "read_metrics",
+]
 
 #: overrides that make the vqvae_2d bundle tiny enough for tests
 TINY_VQVAE_2D = {
@@ -26,11 +35,26 @@ TINY_VQVAE_2D = {
 }
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with paths turned into strings, inside lists, tuples and dicts too."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def _arg(value: Any) -> str:
-    """Format an override so that python-fire parses it back to the same value."""
+    """Format an override so that python-fire parses it back to the same value.
+
+    Non-strings are written as Python literals: fire reads ``False``/``None`` as ``False``/``None`` but JSON's
+    ``false``/``null`` as the (truthy) strings ``"false"``/``"null"``.
+    """
     if isinstance(value, (Path, str)):
         return str(value)
-    return json.dumps(value)
+    return repr(_plain(value))
 
 
 def monai_bundle(
@@ -70,6 +94,47 @@ def run_bundle(
     return monai_bundle(
         bundle, "run", ["--config_file", config_arg], {"bundle_root": ".", **(overrides or {})}, timeout, expect_ok=expect_ok
     )
+
+
+def torchrun_bundle(
+    bundle: str,
+    configs: Sequence[str],
+    overrides: Mapping[str, Any] | None = None,
+    nproc: int = 2,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node <nproc> -m monai.bundle run`` with one or more config files, one
+    CPU thread per process (gloo without a GPU). Raises ``AssertionError`` with the output tail when it fails."""
+    files = [f"configs/{c}" for c in configs]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "monai.bundle", "run", "--config_file", json.dumps(files).replace('"', "'"), "--bundle_root", "."]
+    for key, value in (overrides or {}).items():
+        cmd += [f"--{key}", _arg(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run(cmd, cwd=BUNDLES / bundle, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+    return proc
+
+
+def bundle_network(
+    bundle: str,
+    overrides: Mapping[str, Any] | None = None,
+    ckpt: str | os.PathLike | None = None,
+    config: str = "inference.json",
+    net_id: str = "network_def",
+) -> Any:
+    """``net_id`` of a bundle's config built in this process as ``monai.bundle`` builds it (with ``overrides``),
+    with ``ckpt`` loaded (``weights_only``) and in eval mode: the eager reference for exported networks."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / bundle / "configs" / config))
+    parser.update({k: _plain(v) for k, v in (overrides or {}).items()})
+    net = parser.get_parsed_content(net_id)
+    if ckpt is not None:
+        net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    return net.eval()
 
 
 def read_metrics(output_dir: str | os.PathLike) -> dict[str, float]:

@@ -8,14 +8,16 @@ import json
 import shutil
 from pathlib import Path
 
+import monai.bundle
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.networks.nets import DiffusionModelUNet
 from PIL import Image
 
-from bundle_runner import BUNDLES, monai_bundle, read_metrics, run_bundle
+from bundle_runner import BUNDLES, bundle_network, monai_bundle, read_metrics, run_bundle
 from vqvae_medical.checkpoints import atomic_save, safe_load
 from vqvae_medical.data import volume_transforms_3d
 from vqvae_medical.latent import LatentSet, load_autoencoder, state_fingerprint
@@ -151,6 +153,27 @@ def test_model_zoo_verify_net_in_out(tmp_path):
     }
     proc = monai_bundle(BUNDLE, "verify_net_in_out", args, overrides)
     assert "verified with no error" in proc.stdout + proc.stderr
+
+
+def test_model_zoo_ckpt_export_torchscript_equals_eager(trained_2d, tmp_path):
+    """``ckpt_export`` compiles the trained ``network_def`` in TorchScript script mode; the exported module predicts
+    what the eager network does (timesteps as a tensor or an int) and carries the buffers sampling needs."""
+    out, _ = trained_2d
+    ckpt = out / "models" / "model.pt"
+    configs = BUNDLES / BUNDLE / "configs"
+    files = {"meta_file": str(configs / "metadata.json"), "config_file": str(configs / "inference.json")}
+    ts = tmp_path / "model.ts"
+    monai.bundle.ckpt_export("network_def", filepath=str(ts), ckpt_file=str(ckpt), **files, **TINY)
+    exported = torch.jit.load(str(ts))
+    eager = bundle_network(BUNDLE, TINY, ckpt)
+    torch.jit.script(eager)
+    assert type(eager.unet) is DiffusionModelUNet  # scripting compiles a copy; the eager network stays as it is
+    x = torch.randn(2, 8, SIZE_2D[0] // 4, SIZE_2D[1] // 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in (torch.tensor([0, 700]), 10):
+            torch.testing.assert_close(exported(x, t), eager(x, t))
+    for name in ("scale_factor", "latent_shape", "image_size", "prediction_code"):
+        assert torch.equal(getattr(exported, name), getattr(eager, name)), name
 
 
 def test_vqvae_frozen_bit_identical_and_resume(brain_2d, tmp_path):

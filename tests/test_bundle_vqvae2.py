@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bundle_runner import REPO_ROOT, monai_bundle, read_metrics, run_bundle
+from bundle_runner import REPO_ROOT, bundle_network, monai_bundle, read_metrics, run_bundle
 from vqvae_medical.data import build_datalist, image_transforms_2d
 
 BUNDLE = "vqvae2_2d"
@@ -172,3 +172,7 @@ def test_model_zoo_checks(trained, tmp_path):
     exported = torch.jit.load(str(ts))
     x = torch.rand(1, 1, 120, 96)
     assert exported(x).shape == x.shape
+    # the TorchScript (script mode) module reconstructs exactly as the eager network
+    eager = bundle_network(BUNDLE, TINY_NET, out / "models" / "model.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), eager(x))

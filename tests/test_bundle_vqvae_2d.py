@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from bundle_runner import TINY_VQVAE_2D, monai_bundle, read_metrics, run_bundle
+from bundle_runner import TINY_VQVAE_2D, bundle_network, monai_bundle, read_metrics, run_bundle
 
 BUNDLE = "vqvae_2d"
 TINY = {**TINY_VQVAE_2D, "max_epochs": 1}
@@ -93,10 +94,15 @@ def test_model_zoo_checks(trained, tmp_path):
     args = ["--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
     monai_bundle(BUNDLE, "verify_net_in_out", ["network_def", *args], TINY_INFER)
     ts = tmp_path / "model.ts"
-    monai_bundle(
-        BUNDLE, "ckpt_export", ["network_def", "--filepath", str(ts), "--ckpt_file", str(out / "models" / "model.pt"), *args], TINY_INFER
-    )
+    ckpt = out / "models" / "model.pt"
+    monai_bundle(BUNDLE, "ckpt_export", ["network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt), *args], TINY_INFER)
     assert ts.is_file() and ts.stat().st_size > 0
+    # the TorchScript (script mode) module reconstructs exactly as the eager network
+    exported = torch.jit.load(str(ts))
+    eager = bundle_network(BUNDLE, TINY_INFER, ckpt)
+    x = torch.rand(2, 1, 52, 44, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), eager(x))
 
 
 def test_resume_continues_from_last_checkpoint(trained, tmp_path):

@@ -13,13 +13,14 @@ import json
 import os
 from pathlib import Path
 
+import monai.bundle
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from tests.bundle_runner import BUNDLES, read_metrics, run_bundle
+from tests.bundle_runner import BUNDLES, bundle_network, read_metrics, run_bundle
 from vqvae_medical.data import DataError
 from vqvae_medical.inference import SlidingWindowReconstructionStep, make_inferer
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
@@ -57,15 +58,22 @@ def _world_box(img: nib.Nifti1Image) -> np.ndarray:
     return np.stack([world.min(0), world.max(0)])
 
 
-@pytest.mark.slow
-def test_train_evaluate_infer(tmp_path, ixi_dir):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ixi_dir):
+    """4 IXI volumes split by subject -> 2 training, 1 validation, 1 test; trained two iterations of one 32^3 patch
+    each (tiny channels)."""
     files = _ixi_files(ixi_dir, 4)
-    data = _link_folder(files, tmp_path / "ixi4")
-    out = tmp_path / "out"
+    root = tmp_path_factory.mktemp("vqvae3d")
+    data = _link_folder(files, root / "ixi4")
+    out = root / "out"
     common = {"dataset_dir": data, "output_dir": out, "val_fraction": 0.25, "test_fraction": 0.25, **TINY}
-
-    # 4 volumes split by subject -> 2 training, 1 validation, 1 test; two iterations of one 32^3 patch each
     run_bundle(BUNDLE, ["train.json"], {**common, "patch_size": [32, 32, 32], "batch_size": 1, "max_epochs": 1})
+    return files, out, common
+
+
+@pytest.mark.slow
+def test_train_evaluate_infer(trained, tmp_path):
+    files, out, common = trained
     assert (out / "models" / "model.pt").is_file()
     history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
     train = [h for h in history if h["phase"] == "train"]
@@ -103,6 +111,26 @@ def test_train_evaluate_infer(tmp_path, ixi_dir):
     codes_values = np.asarray(codes.dataobj)
     assert codes_values.min() >= 0 and codes_values.max() < TINY["num_embeddings"]
     np.testing.assert_allclose(_world_box(codes), _world_box(ref), atol=1e-3)
+
+
+def test_model_zoo_checks(trained, tmp_path):
+    """``verify_net_in_out`` and a script-mode ``ckpt_export`` of the trained checkpoint; the TorchScript module
+    reconstructs a volume exactly as the eager network does."""
+    _, out, _ = trained
+    tiny = {k: v for k, v in TINY.items() if k != "spatial_size"}
+    configs = BUNDLES / BUNDLE / "configs"
+    files = {"meta_file": str(configs / "metadata.json"), "config_file": str(configs / "inference.json")}
+    monai.bundle.verify_net_in_out("network_def", **files, **tiny)
+    ts = tmp_path / "model.ts"
+    ckpt = out / "models" / "model.pt"
+    monai.bundle.ckpt_export("network_def", filepath=str(ts), ckpt_file=str(ckpt), **files, **tiny)
+    exported = torch.jit.load(str(ts))
+    eager = bundle_network(BUNDLE, tiny, ckpt)
+    x = torch.rand(1, 1, 24, 20, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = eager(x)
+        assert expected.shape == x.shape
+        torch.testing.assert_close(exported(x), expected)
 
 
 def test_subpixel_decoder_has_no_checkerboard_at_init():

@@ -193,6 +193,33 @@ def test_scale_factor_and_shapes_are_saved_and_restored(tmp_path):
     assert load_diffusion_network(LatentDiffusionNetwork(tiny_unet(), 2), ckpt).scale_factor.item() == pytest.approx(0.731)
 
 
+@pytest.mark.parametrize("spatial_dims, num_class_embeds", [(2, 3), (3, None)])
+def test_torchscript_equals_eager_with_attention(spatial_dims, num_class_embeds):
+    """``torch.jit.script`` (what ``ckpt_export`` runs) compiles the network, attention blocks and class embedding
+    included, into a module that predicts exactly what the eager one does; the eager network is not modified."""
+    torch.manual_seed(0)
+    unet = DiffusionModelUNet(
+        spatial_dims=spatial_dims,
+        in_channels=4,
+        out_channels=4,
+        channels=(16, 32),
+        attention_levels=(False, True),
+        num_res_blocks=1,
+        norm_num_groups=8,
+        num_head_channels=8,
+        num_class_embeds=num_class_embeds,
+    )
+    net = LatentDiffusionNetwork(unet, spatial_dims, scale_factor=0.5, latent_shape=(4, *[8] * spatial_dims)).eval()
+    scripted = torch.jit.script(net)
+    assert type(net.unet) is DiffusionModelUNet
+    x = torch.randn(2, 4, *[8] * spatial_dims)
+    kwargs = {"class_labels": torch.tensor([0, 2])} if num_class_embeds else {}
+    with torch.no_grad():
+        for t in (torch.tensor([3, 900]), torch.tensor(5), 17):
+            torch.testing.assert_close(scripted(x, t, **kwargs), net(x, t, **kwargs), rtol=0, atol=0)
+    assert torch.equal(scripted.scale_factor, net.scale_factor)
+
+
 def test_latent_shape_must_fit_the_unet():
     with pytest.raises(ValueError, match="multiple of 2"):
         LatentDiffusionNetwork(tiny_unet(), 2, 1.0, latent_shape=(4, 13, 12))

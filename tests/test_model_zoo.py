@@ -10,16 +10,14 @@ import pytest
 
 from bundle_runner import BUNDLES
 
-# bundles whose Model Zoo packaging is finished; the others (3D, VQ-VAE-2, prior, diffusion) are still being
-# completed under issue 8 and join this list as they land
-ZOO_READY = ("vqvae_2d",)
-BUNDLE_NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file() and p.name in ZOO_READY)
+STAGES = ("latent_diffusion", "pixelcnn_prior", "vqvae2_2d", "vqvae_2d", "vqvae_3d")
+BUNDLE_NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
 SCHEMA = json.loads(resources.files("vqvae_medical").joinpath("schemas/metadata_schema.json").read_text())
 README_SECTIONS = ("overview", "data", "training", "performance", "run", "limitations", "references")
 
 
 def test_all_stages_are_bundles():
-    assert {"vqvae_2d"} <= set(BUNDLE_NAMES)
+    assert set(STAGES) <= set(BUNDLE_NAMES)
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
@@ -53,8 +51,19 @@ def test_bundle_files(bundle):
     assert "executable code" in readme or "arbitrary code" in readme, "README must warn that configs are code"
 
 
-@pytest.mark.parametrize("bundle", [b for b in ("vqvae_2d", "vqvae_3d", "vqvae2_2d") if b in BUNDLE_NAMES])
-def test_inference_network_matches_training_network(bundle):
+@pytest.mark.parametrize(
+    "bundle, net_id",
+    [
+        ("vqvae_2d", "network_def"),
+        ("vqvae_3d", "network_def"),
+        ("vqvae2_2d", "network_def"),
+        ("pixelcnn_prior", "network_def"),
+        # the diffusion network_def needs the training latents (scale factor); its UNet and VQ-VAE are compared
+        ("latent_diffusion", "unet_def"),
+        ("latent_diffusion", "autoencoder_def"),
+    ],
+)
+def test_inference_network_matches_training_network(bundle, net_id):
     """train.json and inference.json define the same network, so a trained checkpoint loads for inference."""
     from monai.bundle import ConfigParser
 
@@ -62,6 +71,19 @@ def test_inference_network_matches_training_network(bundle):
     for config in ("train.json", "inference.json"):
         parser = ConfigParser()
         parser.read_config(str(BUNDLES / bundle / "configs" / config))
-        net = parser.get_parsed_content("network_def")
+        net = parser.get_parsed_content(net_id)
         shapes.append({k: tuple(v.shape) for k, v in net.state_dict().items()})
     assert shapes[0] == shapes[1]
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_train_config_amp_on_cuda_only(bundle):
+    """Every train.json has a boolean ``amp`` switch; trainer and evaluator use it through ``amp_enabled`` (AMP on
+    CUDA only), and the multi-GPU config keeps the trainer and evaluator of train.json."""
+    train = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
+    assert isinstance(train.get("amp"), bool), f"{bundle}/configs/train.json lacks a boolean 'amp'"
+    assert train["use_amp"] == "$vqvae_medical.workflows.amp_enabled(@amp, @torch_device)"
+    assert train["train"]["trainer"]["amp"] == "@use_amp"
+    assert train["validate"]["evaluator"]["amp"] == "@use_amp"
+    multi = json.loads((BUNDLES / bundle / "configs" / "multi_gpu_train.json").read_text())
+    assert not any(k in multi for k in ("amp", "use_amp", "train#trainer#amp", "validate#evaluator#amp"))

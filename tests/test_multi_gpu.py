@@ -1,48 +1,222 @@
-"""``torchrun`` with two CPU processes (gloo) on the bundles' ``multi_gpu_train.json``."""
+"""``torchrun`` with two CPU processes (gloo) on every trainable bundle's ``multi_gpu_train.json``.
+
+Each test trains a tiny network for a few iterations on real images, dumps every rank's final weights (a
+``finalize`` override), checks they are identical on both ranks (codebooks included), and loads the checkpoint
+rank 0 wrote in an ordinary single-process run of the bundle.
+"""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from bundle_runner import BUNDLES, TINY_VQVAE_2D, run_bundle
+from bundle_runner import BUNDLES, TINY_VQVAE_2D, bundle_network, read_metrics, run_bundle, torchrun_bundle
+from test_bundle_latent_diffusion import TINY as LDM_TINY
+from test_bundle_latent_diffusion import TINY_AE as LDM_TINY_AE
+from test_bundle_pixelcnn_prior import PRIOR_NET, SPLIT, VQ_TINY
+from test_bundle_vqvae2 import TINY_NET as VQVAE2_TINY
+from test_bundle_vqvae_3d import TINY as VQVAE3D_TINY
+from test_bundle_vqvae_3d import _ixi_files, _link_folder
+from vqvae_medical.checkpoints import atomic_save
+from vqvae_medical.data import image_transforms_2d
 
-DUMP = "$torch.save(@network_def.state_dict(), os.path.join(@output_dir, f'rank{torch.distributed.get_rank()}.pt'))"
+RANK_FILE = "os.path.join(@output_dir, f'rank{torch.distributed.get_rank()}.pt')"
+DUMP = f"$torch.save(@network_def.state_dict(), {RANK_FILE})"
 DESTROY = "$torch.distributed.destroy_process_group()"
 
 
-@pytest.mark.timeout(600)
-def test_vqvae_2d_two_processes(brain_dir, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i, f in enumerate(sorted((brain_dir / "Test" / "NonDemented").glob("*.jpg"))[:12]):
-        shutil.copy(f, data / f"slice_{i:02d}.jpg")
-    out = tmp_path / "out"
-    overrides = {**TINY_VQVAE_2D, "dataset_dir": data, "output_dir": out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2, "max_epochs": 2}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517",
-        "-m", "monai.bundle", "run",
-        "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-        "--bundle_root", ".",
-        "--finalize", repr([DUMP, DESTROY]),
-    ]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v) if not isinstance(v, list) else repr(v)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=BUNDLES / "vqvae_2d", env=env, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+def _copy_images(files, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(files):
+        shutil.copy(f, folder / f"img_{i:02d}{f.suffix}")
+    return folder
 
+
+@pytest.fixture(scope="module")
+def brain_slices(tmp_path_factory, brain_dir):
+    """12 real brain slices (208 x 176 grey JPEG) in one flat folder."""
+    files = sorted((brain_dir / "Test" / "NonDemented").glob("*.jpg"))[:12]
+    return _copy_images(files, tmp_path_factory.mktemp("slices"))
+
+
+def _rank_states(out):
     rank0 = torch.load(out / "rank0.pt", weights_only=True)
     rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    return rank0, rank1
+
+
+def _assert_same(rank0: dict, rank1: dict) -> None:
+    assert rank0.keys() == rank1.keys()
+    differ = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
+    assert not differ, f"differ between ranks: {differ}"
+
+
+def _tiny_vqvae_checkpoint(path, images, overrides: dict):
+    """A tiny vqvae_2d network (built from that bundle's inference.json) whose EMA codebook is initialised from
+    the encodings of ``images`` by one training-mode forward pass: a VQ-VAE checkpoint for the prior and the
+    diffusion bundles without a training run."""
+    torch.manual_seed(0)
+    net = bundle_network("vqvae_2d", overrides)
+    net.model.train()
+    with torch.no_grad():
+        net.model(images)
+    assert bool(net.model.quantizer.initialized)
+    return atomic_save(net.state_dict(), path)
+
+
+@pytest.mark.timeout(300)
+def test_vqvae_2d_two_processes(brain_slices, tmp_path):
+    out = tmp_path / "out"
+    overrides = {**TINY_VQVAE_2D, "dataset_dir": brain_slices, "output_dir": out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2, "max_epochs": 2}
+    torchrun_bundle("vqvae_2d", ["train.json", "multi_gpu_train.json"], {**overrides, "finalize": [DUMP, DESTROY]})
+
+    rank0, rank1 = _rank_states(out)
     for key in ("model.quantizer.codebook", "model.quantizer.cluster_size", "model.quantizer.embed_sum"):
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
+    _assert_same(rank0, rank1)
     assert rank0["model.quantizer.initialized"]
     # only rank 0 wrote checkpoints, and they load in a single-process run
     assert (out / "models" / "checkpoint_epoch=2.pt").is_file()
     run_bundle("vqvae_2d", ["train.json", "evaluate.json"], {**overrides, "max_epochs": 2})
     assert (out / "eval" / "metrics.json").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_vqvae_3d_two_processes(ixi_dir, tmp_path):
+    """7 IXI volumes split by subject: 4 training (two iterations of one volume per rank), 2 validation (one per
+    rank: the validation metrics are all-reduced over both ranks), 1 test."""
+    data = _link_folder(_ixi_files(ixi_dir, 7), tmp_path / "ixi")
+    out = tmp_path / "out"
+    overrides = {
+        **VQVAE3D_TINY,
+        "dataset_dir": data,
+        "output_dir": out,
+        "spatial_size": [32, 32, 32],
+        "val_fraction": 0.3,
+        "test_fraction": 0.15,
+        "batch_size": 1,
+        "max_epochs": 1,
+    }
+    proc = torchrun_bundle("vqvae_3d", ["train.json", "multi_gpu_train.json"], {**overrides, "finalize": [DUMP, DESTROY]})
+
+    rank0, rank1 = _rank_states(out)
+    _assert_same(rank0, rank1)
+    assert rank0["model.quantizer.initialized"]
+    assert "Epoch[1] Metrics" in proc.stdout + proc.stderr
+    run_bundle("vqvae_3d", ["train.json", "evaluate.json"], overrides)
+    assert read_metrics(out)["n_images"] >= 1
+
+
+@pytest.mark.timeout(300)
+def test_vqvae2_2d_two_processes(brain_slices, tmp_path):
+    """VQ-VAE-2: both codebooks (top and bottom) are all-reduced, so every weight and buffer is equal on the ranks."""
+    out = tmp_path / "out"
+    overrides = {
+        **VQVAE2_TINY,
+        "dataset_dir": brain_slices,
+        "output_dir": out,
+        "data_layout": "folder",
+        "spatial_size": [64, 64],
+        "val_fraction": 0.2,
+        "test_fraction": 0.2,
+        "batch_size": 2,
+        "max_epochs": 1,
+    }
+    proc = torchrun_bundle("vqvae2_2d", ["train.json", "multi_gpu_train.json"], {**overrides, "finalize": [DUMP, DESTROY]})
+
+    rank0, rank1 = _rank_states(out)
+    codebooks = [k for k in rank0 if k.endswith("codebook")]
+    assert len(codebooks) == 2, codebooks
+    _assert_same(rank0, rank1)
+    assert all(bool(v) for k, v in rank0.items() if k.endswith("initialized"))
+    # the two ranks logged one history: rank 0's (8 training slices / 2 ranks / batch 2 = 2 iterations)
+    history = (out / "logs" / "history.jsonl").read_text().splitlines()
+    assert sum('"phase": "train"' in line for line in history) == 1, history
+    assert "Epoch[1] Metrics" in proc.stdout + proc.stderr
+    run_bundle("vqvae2_2d", ["train.json", "evaluate.json"], overrides)
+    assert read_metrics(out)["n_images"] >= 1
+
+
+@pytest.mark.timeout(300)
+def test_pixelcnn_prior_two_processes(isic_dir, tmp_path):
+    """The prior trains on the code maps of a frozen VQ-VAE: rank 0 extracts and caches them once, rank 1 reads
+    that cache; the PixelCNN weights are equal on the ranks and the checkpoint evaluates in one process."""
+    data = tmp_path / "isic"
+    photos = sorted((isic_dir / "images").glob("*.jpg"))[:12]
+    for f in photos:
+        for sub, src in (("images", f), ("metadata", isic_dir / "metadata" / f"{f.stem}.json")):
+            (data / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, data / sub / src.name)
+    transform = image_transforms_2d(channels=3, spatial_size=[32, 32])
+    images = torch.stack([transform({"image": str(f)})["image"].as_tensor() for f in photos[:4]])
+    vq_ckpt = _tiny_vqvae_checkpoint(tmp_path / "vqvae.pt", images, VQ_TINY)
+    out = tmp_path / "out"
+    overrides = {
+        **PRIOR_NET,
+        **SPLIT,
+        "vqvae_bundle_dir": BUNDLES / "vqvae_2d",
+        "vqvae_ckpt": vq_ckpt,
+        "vqvae_overrides": VQ_TINY,
+        "dataset_dir": data,
+        "output_dir": out,
+        "spatial_size": [32, 32],
+        "image_size": [32, 32],
+        "batch_size": 2,
+        "max_epochs": 1,
+        "sample_interval": 1,
+    }
+    proc = torchrun_bundle("pixelcnn_prior", ["train.json", "multi_gpu_train.json"], {**overrides, "finalize": [DUMP, DESTROY]})
+    log = proc.stdout + proc.stderr
+    # one extraction per section (by rank 0); rank 1 read rank 0's cache
+    assert log.count("extracted") == 2 and log.count("cached code maps") == 2, log[-4000:]
+
+    rank0, rank1 = _rank_states(out)
+    _assert_same(rank0, rank1)
+    assert (out / "models" / "model.pt").is_file() and (out / "models" / "checkpoint_epoch=1.pt").is_file()
+    assert (out / "logs" / "samples" / "epoch=1" / "samples_class0.png").is_file()
+    run_bundle("pixelcnn_prior", ["train.json", "evaluate.json"], overrides)
+    assert 0.0 < read_metrics(out)["nll_bits_per_code"] < 10.0
+
+
+@pytest.mark.timeout(300)
+def test_latent_diffusion_two_processes(brain_slices, tmp_path):
+    """The UNet is DDP-wrapped, the frozen VQ-VAE is not; rank 0 encodes and caches the latents, rank 1 reads them,
+    so both build the network with the same scale factor. The raw and the averaged (EMA) weights are equal on the
+    ranks, only rank 0 writes them, and the averaged weights sample in a single-process inference run."""
+    transform = image_transforms_2d(channels=1, spatial_size=[32, 32])
+    files = sorted(brain_slices.glob("*.jpg"))
+    images = torch.stack([transform({"image": str(f)})["image"].as_tensor() for f in files[:4]])
+    vq = {k.replace("autoencoder_def#", "network_def#model#"): v for k, v in LDM_TINY_AE.items()}
+    vq_ckpt = _tiny_vqvae_checkpoint(tmp_path / "vqvae.pt", images, vq)
+    out = tmp_path / "out"
+    common = {**LDM_TINY, "autoencoder_ckpt": vq_ckpt, "num_inference_steps": 2}
+    overrides = {
+        **common,
+        "dataset_dir": brain_slices,
+        "data_layout": "folder",
+        "spatial_size": [32, 32],
+        "output_dir": out,
+        "val_fraction": 0.2,
+        "test_fraction": 0.2,
+        "batch_size": 2,
+        "max_epochs": 1,
+        "sample_interval": 1,
+        "n_monitor_samples": 1,
+    }
+    dump = f"$torch.save({{'net': @network_def.state_dict(), 'ema': @train#ema.ema.state_dict()}}, {RANK_FILE})"
+    proc = torchrun_bundle("latent_diffusion", ["train.json", "multi_gpu_train.json"], {**overrides, "finalize": [dump, DESTROY]})
+    log = proc.stdout + proc.stderr
+    assert log.count("encoded") == 2 and log.count("cached latents") == 2, log[-4000:]
+
+    rank0, rank1 = _rank_states(out)
+    _assert_same(rank0["net"], rank1["net"])
+    _assert_same(rank0["ema"], rank1["ema"])
+    assert torch.isfinite(rank0["net"]["scale_factor"])
+    saved = torch.load(out / "models" / "model.pt", weights_only=True)
+    _assert_same(saved, rank0["ema"])
+    assert (out / "logs" / "samples_epoch=1.png").is_file()
+    result = tmp_path / "result"
+    run_bundle("latent_diffusion", ["inference.json"], {**common, "ckpt_path": out / "models" / "model.pt", "output_dir": result, "n_samples": 1})
+    assert len(list((result / "inference").glob("sample_*.png"))) == 1

@@ -216,6 +216,10 @@ class ResumeFromCheckpoint:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
+        # a process killed while writing a checkpoint leaves its temporary file (never a truncated checkpoint)
+        for stale in self.save_dir.glob(f".{self.prefix}_*.tmp"):
+            stale.unlink(missing_ok=True)
+            logger.info(f"removed {stale}, left by an interrupted checkpoint write")
         if not self.enabled:
             return
         path = latest_checkpoint(self.save_dir, self.prefix)

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from vqvae_medical.checkpoints import atomic_save, safe_load
 from vqvae_medical.data import image_transforms_2d
+from vqvae_medical.workflows import rank_zero_first
 
 __all__ = [
     "CACHE_VERSION",
@@ -345,5 +346,7 @@ def code_map_dataset(
     channels = int(vqvae.in_channels)
     transform = image_transforms_2d(channels=channels, spatial_size=spatial_size)
     settings = {"channels": channels, "spatial_size": spatial_size, "transform": "image_transforms_2d"}
-    maps = cached_code_maps(cache_path, vqvae, vqvae_ckpt, items, transform, settings, batch_size)
+    # under torch.distributed, rank 0 extracts and caches the maps first; the other ranks then read that cache
+    with rank_zero_first():
+        maps = cached_code_maps(cache_path, vqvae, vqvae_ckpt, items, transform, settings, batch_size)
     return CodeMapDataset(maps.codes, maps.labels, int(num_embeddings), num_classes)

@@ -19,6 +19,8 @@ from monai.utils import CommonKeys
 
 __all__ = [
     "NonFiniteLossError",
+    "check_finite_loss",
+    "FiniteLossGuard",
     "unwrap",
     "reconstruction_loss",
     "VQTrainStep",
@@ -29,6 +31,42 @@ __all__ = [
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a training loss is NaN or infinite; the step stops before the optimizer changes any weight."""
+
+
+def check_finite_loss(engine: Any, loss: torch.Tensor, what: str = "training loss", details: str = "") -> None:
+    """Raise :class:`NonFiniteLossError` naming the epoch and iteration when ``loss`` is NaN or infinite.
+
+    Call it after the forward pass and before ``backward``/``optimizer.step``, so that no weight is updated and
+    the checkpoints on disk (written at epoch ends) stay those of the last good epoch. Every bundle's training
+    step uses it: :class:`VQTrainStep`, :class:`~vqvae_medical.prior.PriorTrainStep` and, for MONAI's default
+    iteration (the diffusion bundle), :class:`FiniteLossGuard`.
+
+    Args:
+        engine: the trainer (its ``state.epoch`` and ``state.iteration`` are reported).
+        loss: the loss of this iteration.
+        what: name of the loss in the message.
+        details: extra text after the value (e.g. the loss terms).
+    """
+    if bool(torch.isfinite(loss.detach()).all()):
+        return
+    value = loss.detach().float().mean().item()
+    raise NonFiniteLossError(
+        f"non-finite {what} ({value}) at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        f"{': ' + details if details else ''}. No weights were updated and the last checkpoint is intact; check "
+        "the input data for NaN/Inf, lower the learning rate, or disable AMP."
+    )
+
+
+class FiniteLossGuard:
+    """Ignite handler for trainers that run MONAI's own ``SupervisedTrainer`` iteration (no custom step): checks
+    ``engine.state.output["loss"]`` with :func:`check_finite_loss` on ``IterationEvents.LOSS_COMPLETED``, i.e.
+    after the loss is computed and before ``backward`` and the optimizer step."""
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        check_finite_loss(engine, engine.state.output[CommonKeys.LOSS])
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -85,13 +123,9 @@ class VQTrainStep:
             loss = recon_loss + self.quantizer_weight * out.quantizer_loss
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at epoch {engine.state.epoch}, iteration "
-                f"{engine.state.iteration}: reconstruction loss {recon_loss.item()}, quantizer loss "
-                f"{out.quantizer_loss.item()}. No weights were updated and the last checkpoint is intact; check the "
-                "input data for NaN/Inf, lower the learning rate, or disable AMP."
-            )
+        check_finite_loss(
+            engine, loss, details=f"reconstruction loss {recon_loss.item()}, quantizer loss {out.quantizer_loss.item()}"
+        )
         if use_amp and engine.scaler is not None:
             engine.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)

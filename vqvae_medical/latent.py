@@ -42,10 +42,13 @@ from monai.data import DataLoader, Dataset
 from monai.engines import DiffusionPrepareBatch
 from monai.inferers import DiffusionInferer
 from monai.metrics import MMDMetric, MultiScaleSSIMMetric
+from monai.networks.blocks.spatialattention import SpatialAttentionBlock
+from monai.networks.nets import diffusion_model_unet as _dmu
 from torch import nn
 
 from vqvae_medical.checkpoints import atomic_save, safe_load
 from vqvae_medical.figures import save_image_grid
+from vqvae_medical.workflows import rank_zero_first
 
 __all__ = [
     "LATENT_KINDS",
@@ -342,11 +345,33 @@ def extract_latents(
     }
     fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
     path = Path(cache_dir) / f"{name}_{fingerprint[:16]}.pt" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        cached = LatentSet.load(path)
-        if cached.fingerprint == fingerprint:
-            logger.info(f"read {len(cached)} cached latents {cached.latent_shape} from {path}")
-            return cached
+    label_key = label_key if has_labels else None
+    if path is None:
+        return _encode(autoencoder, data, transform, fingerprint, batch_size, image_key, label_key, num_workers)
+    # under torch.distributed, rank 0 encodes and writes the cache first; the other ranks then read that file, so
+    # every rank trains on the same latents (and the same scale factor) without encoding them again
+    with rank_zero_first():
+        if path.is_file():
+            cached = LatentSet.load(path)
+            if cached.fingerprint == fingerprint:
+                logger.info(f"read {len(cached)} cached latents {cached.latent_shape} from {path}")
+                return cached
+        out = _encode(autoencoder, data, transform, fingerprint, batch_size, image_key, label_key, num_workers)
+        out.save(path)
+        return out
+
+
+def _encode(
+    autoencoder: FrozenAutoencoder,
+    data: Sequence[Mapping[str, Any]],
+    transform: Any,
+    fingerprint: str,
+    batch_size: int,
+    image_key: str,
+    label_key: str | None,
+    num_workers: int,
+) -> LatentSet:
+    """The latents of ``data`` (labels from ``label_key`` unless ``None``), encoded in batches."""
     device = autoencoder.device
     loader = DataLoader(Dataset(list(data), transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     latents, labels, image_size = [], [], None
@@ -358,22 +383,84 @@ def extract_latents(
             raise ValueError(f"images of different sizes ({image_size} and {size}); set spatial_size in the config.")
         image_size = size
         latents.append(autoencoder.encode(images.to(device)).cpu())
-        if has_labels:
+        if label_key is not None:
             labels.append(torch.as_tensor(batch[label_key]).long().reshape(-1))
     try:
-        out = LatentSet(torch.cat(latents), torch.cat(labels) if has_labels else None, image_size or [], fingerprint)
+        out = LatentSet(torch.cat(latents), torch.cat(labels) if label_key is not None else None, image_size or [], fingerprint)
     except RuntimeError as e:
         raise ValueError(f"images of different sizes give latents of different sizes ({e}); set spatial_size.") from e
     logger.info(
         f"encoded {len(out)} images {image_size} -> latents {out.latent_shape} in {time.perf_counter() - start:.1f} s "
         f"(mean {out.mean:.4f}, std {out.std:.4f}, scale factor {out.scale_factor:.4f})"
     )
-    if path is not None:
-        out.save(path)
     return out
 
 
 # --------------------------------------------------------------------------------------------------------- network
+class _ScriptableSpatialAttentionBlock(SpatialAttentionBlock):
+    """MONAI's ``SpatialAttentionBlock`` with the same computation written so TorchScript compiles it (MONAI's
+    ``reshape(*shape[:2], -1)`` unpacks a size of unknown length)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x
+        shape = x.shape
+        x = self.norm(x)
+        x = x.reshape(shape[0], shape[1], -1).transpose(1, 2)  # "b c h w d -> b (h w d) c"
+        x = self.attn(x)
+        x = x.transpose(1, 2).reshape(shape)  # "b (h w d) c -> b c h w d"
+        return x + residual
+
+
+class _ScriptableWrappedUpsample(_dmu.WrappedUpsample):
+    """MONAI's ``WrappedUpsample`` (an ``nn.Sequential``) without the ``super().forward`` TorchScript rejects."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+class _ScriptableDiffusionModelUNet(_dmu.DiffusionModelUNet):
+    """MONAI's ``DiffusionModelUNet.forward`` without the ControlNet residual arguments, whose
+    ``tuple[torch.Tensor]`` zip TorchScript cannot compile; otherwise the same operations in the same order."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        emb = self.time_embed(_dmu.get_timestep_embedding(timesteps, self.block_out_channels[0]).to(dtype=x.dtype))
+        if self.num_class_embeds is not None:
+            if class_labels is None:
+                raise ValueError("class_labels should be provided when num_class_embeds > 0")
+            emb = emb + self.class_embedding(class_labels).to(dtype=x.dtype)
+        h = self.conv_in(x)
+        if context is not None and self.with_conditioning is False:
+            raise ValueError("model should have with_conditioning = True if context is provided")
+        down_block_res_samples: list[torch.Tensor] = [h]
+        for downsample_block in self.down_blocks:
+            h, res_samples = downsample_block(hidden_states=h, temb=emb, context=context)
+            for residual in res_samples:
+                down_block_res_samples.append(residual)
+        h = self.middle_block(hidden_states=h, temb=emb, context=context)
+        for upsample_block in self.up_blocks:
+            idx: int = -len(upsample_block.resnets)
+            res_samples = down_block_res_samples[idx:]
+            down_block_res_samples = down_block_res_samples[:idx]
+            h = upsample_block(hidden_states=h, res_hidden_states_list=res_samples, temb=emb, context=context)
+        return self.out(h)
+
+
+#: MONAI classes whose ``forward`` TorchScript cannot compile -> subclasses with the same computation that it can
+_SCRIPTABLE = {
+    _dmu.DiffusionModelUNet: _ScriptableDiffusionModelUNet,
+    _dmu.WrappedUpsample: _ScriptableWrappedUpsample,
+    SpatialAttentionBlock: _ScriptableSpatialAttentionBlock,
+}
+
+
 class LatentDiffusionNetwork(nn.Module):
     """The bundle's ``network_def``: a noise-prediction UNet on scaled latents plus what sampling needs.
 
@@ -391,6 +478,10 @@ class LatentDiffusionNetwork(nn.Module):
     - ``prediction_code``: index of ``prediction_type`` in :data:`PREDICTION_TYPES`, checked against the sampling
       scheduler (a mismatch would turn samples into noise).
 
+    ``torch.jit.script`` compiles it (see :meth:`__prepare_scriptable__`), so ``monai.bundle ckpt_export`` exports
+    it in script mode; the TorchScript module takes ``timesteps`` as a tensor or an int like the eager one. UNets
+    with cross-attention (``with_conditioning``) and ControlNet residuals are not covered.
+
     Args:
         unet: e.g. ``monai.networks.nets.DiffusionModelUNet``.
         spatial_dims: 2 or 3.
@@ -399,6 +490,9 @@ class LatentDiffusionNetwork(nn.Module):
         image_size: spatial size of the images, or ``None``.
         prediction_type: what the UNet is trained to predict, one of :data:`PREDICTION_TYPES`.
     """
+
+    # sampling-side helpers, not part of the exported (TorchScript) network
+    __jit_unused_properties__ = ["num_class_embeds", "prediction_type", "levels"]
 
     def __init__(
         self,
@@ -461,6 +555,16 @@ class LatentDiffusionNetwork(nn.Module):
                 "the diffusion network has no scale factor or latent shape: load a trained checkpoint "
                 "(models/model.pt of this bundle) before sampling."
             )
+
+    def __prepare_scriptable__(self) -> LatentDiffusionNetwork:
+        """What ``torch.jit.script`` (and ``monai.bundle ckpt_export``) compiles: a copy of this network in which
+        the MONAI UNet modules that TorchScript cannot compile are replaced by subclasses with the same
+        parameters and the same computation; this network itself is left as it is."""
+        scriptable = copy.deepcopy(self)
+        for module in scriptable.modules():
+            if type(module) in _SCRIPTABLE:
+                module.__class__ = _SCRIPTABLE[type(module)]
+        return scriptable
 
     def forward(
         self,

@@ -37,7 +37,7 @@ from torch import nn  # noqa: E402
 
 from vqvae_medical.checkpoints import atomic_save, safe_load  # noqa: E402
 from vqvae_medical.codes import model_state_dict  # noqa: E402
-from vqvae_medical.engines import NonFiniteLossError, unwrap  # noqa: E402
+from vqvae_medical.engines import check_finite_loss, unwrap  # noqa: E402
 from vqvae_medical.figures import plot_training_curves, save_image_grid  # noqa: E402
 from vqvae_medical.handlers import read_history  # noqa: E402
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN, prior_cross_entropy  # noqa: E402
@@ -148,11 +148,7 @@ class PriorTrainStep:
             loss = prior_cross_entropy(logits, codes)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite prior loss ({loss.item()}) at epoch {engine.state.epoch}, iteration "
-                f"{engine.state.iteration}. No weights were updated; lower the learning rate or disable AMP."
-            )
+        check_finite_loss(engine, loss, what="prior loss")
         if use_amp and engine.scaler is not None:
             engine.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)

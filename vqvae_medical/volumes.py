@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,12 +60,34 @@ def _check_multi_file(files: Sequence[str], channels: int) -> str | None:
     return None
 
 
+def _item_size(item: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    path = item[key][0] if isinstance(item[key], (list, tuple)) else item[key]
+    return inspect_image(os.fspath(path)).squeezed_shape(3)
+
+
+def _other_sizes(good: dict[int, Mapping[str, Any]], key: str) -> list[str]:
+    """Remove from ``good`` the items whose size is not the most common one; one message per removed item."""
+    sizes = {i: _item_size(item, key) for i, item in good.items()}
+    counts = Counter(sizes.values())
+    reference = max(counts, key=lambda s: (counts[s], s))
+    messages = []
+    for i, size in sizes.items():
+        if size != reference:
+            messages.append(
+                f"{good.pop(i)[key]}: has size {size}, unlike the most common size {reference} ({counts[reference]} "
+                f"of {len(sizes)} items). Set spatial_size in the config to resize every volume to one size, or "
+                "remove it"
+            )
+    return messages
+
+
 def check_volume_datalist(
     items: Sequence[Mapping[str, Any]],
     channels: int = 1,
     skip_bad: bool = False,
     key: str = "image",
     source: str | os.PathLike | None = None,
+    require_same_size: bool = False,
 ) -> CheckReport:
     """:func:`~vqvae_medical.data.check_datalist` for 3D volumes that also accepts a list of channel files per item.
 
@@ -74,6 +97,8 @@ def check_volume_datalist(
         skip_bad: drop unusable items with a warning instead of raising one error listing them.
         key: item key of the image path(s).
         source: where the items came from, for messages.
+        require_same_size: every usable item must have the most common spatial size (needed when volumes are
+            batched without being resized or cropped); the others are unusable.
 
     Raises:
         DataError: no items, or unusable items without ``skip_bad``, or no usable item at all.
@@ -82,7 +107,10 @@ def check_volume_datalist(
     single = [(i, item) for i, item in enumerate(items) if not isinstance(item.get(key), (list, tuple))]
     multi = [(i, item) for i, item in enumerate(items) if isinstance(item.get(key), (list, tuple))]
     if not multi:
-        return check_datalist(list(items), spatial_dims=3, channels=channels, skip_bad=skip_bad, key=key, source=source)
+        return check_datalist(
+            list(items), spatial_dims=3, channels=channels, skip_bad=skip_bad, key=key, source=source,
+            require_same_size=require_same_size,
+        )
     good: dict[int, Mapping[str, Any]] = {}
     skipped: list[str] = []
     if single:
@@ -105,10 +133,12 @@ def check_volume_datalist(
             good[i] = item
         else:
             bad.append(f"{[os.fspath(f) for f in item[key]]}: {problem}")
+    if require_same_size and good:
+        bad += _other_sizes(good, key)
     if bad and not skip_bad:
         shown = "\n".join(f"  {b}." for b in bad[:20])
         raise DataError(
-            f"{len(bad)} of {len(items)} multi-channel items in {where} are unusable:\n{shown}\n"
+            f"{len(bad)} of {len(items)} items in {where} are unusable:\n{shown}\n"
             "Fix or remove them, or set skip_bad=true to skip them."
         )
     for message in bad:
@@ -124,6 +154,7 @@ def volume_training_datalist(
     cache_dir: str | os.PathLike,
     channels: int = 1,
     skip_bad: bool = False,
+    require_same_size: bool = False,
     **kwargs: Any,
 ) -> dict[str, list[dict]]:
     """:func:`~vqvae_medical.workflows.training_datalist` for 3D volumes, with multi-file channel items allowed.
@@ -133,11 +164,21 @@ def volume_training_datalist(
         cache_dir: where the embedded default data is written.
         channels: channels the network expects.
         skip_bad: skip unusable items with a warning instead of stopping with one error listing them.
+        require_same_size: within each section, volumes of a size other than the most common one are unusable
+            (set it when volumes are batched at their own size, i.e. neither ``spatial_size`` nor ``patch_size``).
         kwargs: passed to ``training_datalist`` (``layout``, ``val_fraction``, ``test_fraction``, ``seed``, ...).
     """
     datalist = training_datalist(dataset_dir, cache_dir, spatial_dims=3, channels=channels, check=False, **kwargs)
     return {
-        name: list(check_volume_datalist(items, channels, skip_bad, source=f"{dataset_dir or cache_dir} ({name})").items)
+        name: list(
+            check_volume_datalist(
+                items,
+                channels,
+                skip_bad,
+                source=f"{dataset_dir or cache_dir} ({name})",
+                require_same_size=require_same_size,
+            ).items
+        )
         for name, items in datalist.items()
     }
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "section",
     "init_distributed",
     "rank_zero_handlers",
+    "rank_zero_first",
     "install_error_hook",
 ]
 
@@ -110,18 +112,42 @@ _WRITER_HANDLERS = (
     "ProgressBar",
     "EvaluationReport",
     "ReconstructionWriter",
+    "PriorSampleWriter",
+    "SampleGrid",
 )
 
 
 def rank_zero_handlers(handlers: Sequence[Any]) -> list[Any]:
     """The handler list for this rank: all handlers on rank 0; on other ranks, all but those that write files or
-    logs (checkpoints, TensorBoard, history, progress bars), so that every rank keeps resuming, validating (with
-    metrics reduced across ranks) and stopping on the same time budget."""
+    logs (checkpoints, TensorBoard, history, progress bars, sample grids), so that every rank keeps resuming,
+    validating (with metrics reduced across ranks), averaging weights and stopping on the same time budget."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         return list(handlers)
     return [h for h in handlers if type(h).__name__ not in _WRITER_HANDLERS]
+
+
+@contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Under ``torch.distributed`` (more than one process): rank 0 runs the block first while the other ranks wait
+    at a barrier, then the other ranks run it. Wrap a cached computation in it (code maps, latents): rank 0
+    computes and writes the cache once, every other rank then reads the same file, so all ranks hold identical
+    data and the work is not repeated. Without a process group it is a no-op.
+
+    The block must not itself use collectives (it runs on the ranks at different times). Rank 0 reaches its
+    barrier even when the block raises, so the other ranks do not hang; they then run the block themselves.
+    """
+    import torch.distributed as dist
+
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if active and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if active and dist.get_rank() == 0:
+            dist.barrier()
 
 
 def amp_enabled(amp: bool, device: torch.device) -> bool:
@@ -138,6 +164,7 @@ def training_datalist(
     expected_size: Sequence[int] | None = None,
     skip_bad: bool = False,
     check: bool = True,
+    require_same_size: bool = False,
     **kwargs: Any,
 ) -> dict[str, list[dict]]:
     """Datalist with ``training``, ``validation`` and ``test`` sections, checked file by file.
@@ -155,13 +182,17 @@ def training_datalist(
         expected_size: required image size, if the config needs one.
         skip_bad: skip unusable files with a warning instead of stopping with one error listing them.
         check: open every file once to report bad input before training starts.
+        require_same_size: within each section, images of a size other than the most common one are unusable (set
+            it when the config batches images at their own size, i.e. ``spatial_size`` is null: a batch of mixed
+            sizes would otherwise fail in the data loader, without naming any file).
         kwargs: passed to the datalist builder (e.g. ``val_fraction``, ``test_fraction``, ``seed``).
     """
     if dataset_dir in (None, "", "None"):
-        if spatial_dims == 2:
-            datalist = mni152_slices(Path(cache_dir) / "mni152_slices")
-        else:
-            datalist = mni152_volumes(Path(cache_dir) / "mni152_volumes")
+        with rank_zero_first():  # under torchrun, rank 0 writes the files and the other ranks find them
+            if spatial_dims == 2:
+                datalist = mni152_slices(Path(cache_dir) / "mni152_slices")
+            else:
+                datalist = mni152_volumes(Path(cache_dir) / "mni152_volumes")
         logger.info("no dataset_dir given: using the embedded MNI152 template data under %s", cache_dir)
     else:
         datalist = build_datalist(dataset_dir, layout=layout, **kwargs)
@@ -183,6 +214,7 @@ def training_datalist(
                 channels=channels,
                 expected_size=expected_size,
                 skip_bad=skip_bad,
+                require_same_size=require_same_size,
                 source=f"{dataset_dir or cache_dir} ({name})",
             )
             datalist[name] = list(report.items)
