@@ -124,6 +124,11 @@ class TimeBudget:
         self._start = self._now()
 
     @property
+    def fraction_spent(self) -> float:
+        """Share of the budget used so far (0 without a budget)."""
+        return self.spent_s / (float(self.minutes) * 60.0) if self.minutes else 0.0
+
+    @property
     def spent(self) -> bool:
         return bool(self.minutes) and self.spent_s >= float(self.minutes) * 60.0
 

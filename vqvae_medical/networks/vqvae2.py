@@ -9,7 +9,8 @@ Razavi, van den Oord and Vinyals, "Generating Diverse High-Fidelity Images with 
 - top decoder: upsamples the quantized top by 2 (back to ``f = 4``); its output is concatenated with ``h`` and a
   1x1 convolution (as in the paper's reference code) maps it to the bottom latent, quantized with the bottom
   codebook, so the bottom codes only have to carry what the top codes miss;
-- decoder: the quantized top, upsampled by 2, concatenated with the quantized bottom and upsampled by 4 to the image.
+- decoder: the quantized top, upsampled by 2, concatenated with the quantized bottom and upsampled by 4 to the image
+  (the last upsampling outputs the image channels directly).
 
 So top codes lie at ``1/8`` and bottom codes at ``1/4`` of the (padded) image size. The two codebooks are separate
 quantizer modules (``quantizer_top``, ``quantizer_bottom``) built by
@@ -76,6 +77,8 @@ class VQVAE2(nn.Module):
         use_checkpointing: recompute each block's activations in the backward pass to save memory (the
             quantizers are never recomputed, so EMA updates happen once per step).
         ddp_sync: all-reduce codebook statistics under ``torch.distributed``.
+        channels_last: keep weights and activations in channels-last memory format (faster convolutions on
+            oneDNN and on tensor cores, as in :class:`~vqvae_medical.networks.vqvae.VQVAE`).
 
     Attributes:
         downsample_factor: 8, the multiple the input is padded to (top codes at ``1/8``).
@@ -107,6 +110,7 @@ class VQVAE2(nn.Module):
         output_act: tuple | str | None = None,
         use_checkpointing: bool = False,
         ddp_sync: bool = True,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -170,11 +174,13 @@ class VQVAE2(nn.Module):
         # quantized top 1/8 -> 1/4 for the image decoder
         self.upsample_top = make_upsample(upsample_mode, spatial_dims, d_top, d_top, 2, blur=blur)
         # [upsampled quantized top, quantized bottom] at 1/4 -> image
+        # the last upsampling outputs the image directly, as in the paper's reference decoder and in VQVAE: a
+        # full-resolution feature stage (c1 channels at the image size) would cost about as much as the rest
+        # of the network (measured: 1.9x the single-level VQ-VAE's step time with it)
         decoder: list[nn.Module] = [
             conv(d_top + d_bottom, c2, kernel_size=3, padding=1),
             up(c2, c1, r2),
-            up(c1, c1, r1),
-            conv(c1, out_channels, kernel_size=3, padding=1),
+            nn.Sequential(*residuals(c1, r1), make_upsample(upsample_mode, spatial_dims, c1, out_channels, 2, blur=blur)),
         ]
         if output_act is not None:
             decoder.append(get_act_layer(output_act))
@@ -193,6 +199,9 @@ class VQVAE2(nn.Module):
         )
         self.quantizer_top = quantizer_for(num_embeddings[0], d_top)
         self.quantizer_bottom = quantizer_for(num_embeddings[1], d_bottom)
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
 
     # ------------------------------------------------------------------ pieces
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +215,10 @@ class VQVAE2(nn.Module):
                 f"expected a [B, {self.in_channels}, ...] image with {self.spatial_dims} spatial dims, "
                 f"got shape {list(x.shape)}."
             )
-        features = self.encoder_bottom(pad_to_multiple(x, self.downsample_factor))
+        x = pad_to_multiple(x, self.downsample_factor)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d)
+        features = self.encoder_bottom(x)
         return self.encoder_top(features), features
 
     def bottom_latent(self, features: torch.Tensor, quantized_top: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,70 @@
+"""Benchmark: ``vqvae_medical.losses.SeparableSSIMLoss`` against MONAI's ``SSIMLoss``, same process, same inputs.
+
+One call is the loss's forward and backward pass on a batch like the training steps' (3D: ``2 x 1 x 64^3`` patches
+of the 3D bundle; 2D: ``8 x 3 x 256^2`` ISIC-sized photos). Real data is not needed for a timing: the images are
+uniform noise and a noisy copy of it, both in [0, 1]. Calls alternate between the two losses so that machine noise
+hits both alike; the median CPU time per call is reported with the two loss values (which must agree).
+
+    OMP_NUM_THREADS=1 python benchmarks/ssim_loss.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from monai.losses import SSIMLoss
+
+from vqvae_medical.losses import SeparableSSIMLoss
+
+CASES = {"3d": (3, (2, 1, 64, 64, 64)), "2d": (2, (8, 3, 256, 256))}
+
+
+def time_loss(loss: torch.nn.Module, prediction: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """CPU seconds of one forward + backward pass, and the loss value."""
+    x = prediction.clone().requires_grad_()
+    start = time.process_time()
+    value = loss(x, target)
+    value.backward()
+    return time.process_time() - start, float(value.detach())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    result = {}
+    for name, (spatial_dims, shape) in CASES.items():
+        target = torch.rand(shape)
+        prediction = (target + 0.1 * torch.randn(shape)).clamp(0, 1)
+        losses = {"ours": SeparableSSIMLoss(spatial_dims), "monai": SSIMLoss(spatial_dims, data_range=1.0)}
+        times: dict[str, list[float]] = {"ours": [], "monai": []}
+        values: dict[str, float] = {}
+        for _ in range(args.repeats):
+            for which, loss in losses.items():
+                seconds, values[which] = time_loss(loss, prediction, target)
+                times[which].append(seconds)
+        ours, monai = statistics.median(times["ours"]), statistics.median(times["monai"])
+        result[name] = {
+            "shape": list(shape),
+            "ours_s": round(ours, 4),
+            "monai_s": round(monai, 4),
+            "speedup": round(monai / ours, 2),
+            "ours_loss": values["ours"],
+            "monai_loss": values["monai"],
+        }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{torch.get_num_threads()} threads, median of {args.repeats} forward + backward passes (CPU s)")
+        for name, r in result.items():
+            print(f"{name}: {r}")
+
+
+if __name__ == "__main__":
+    main()

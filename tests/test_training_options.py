@@ -1,0 +1,95 @@
+"""Training options of the autoencoder bundles: the SSIM loss term and the cosine learning-rate decay."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedTrainer
+from monai.losses import SSIMLoss
+
+from vqvae_medical.data import build_datalist, image_transforms_2d
+from vqvae_medical.engines import VQTrainStep
+from vqvae_medical.handlers import TimeBudget
+from vqvae_medical.networks import VQVAE
+from vqvae_medical.schedules import cosine_decay
+
+
+def test_cosine_decay_over_epochs():
+    factor = cosine_decay(10, final_factor=0.01)
+    values = [factor(e) for e in range(11)]
+    assert values[0] == pytest.approx(1.0)
+    assert values[5] == pytest.approx(0.505)
+    assert values[10] == pytest.approx(0.01)
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert factor(50) == pytest.approx(0.01)  # epochs past the end (a resumed run with more epochs) stay at the end
+    assert cosine_decay(10, final_factor=1.0)(7) == 1.0
+
+
+def test_cosine_decay_follows_the_time_budget():
+    budget = TimeBudget(minutes=2.0)
+    factor = cosine_decay(1000, time_budget=budget, final_factor=0.0)
+    assert factor(1) == pytest.approx(0.5 * (1 + math.cos(math.pi / 1000)))
+    budget.spent_s = 60.0  # half of the budget, far ahead of 1 epoch of 1000
+    assert budget.fraction_spent == pytest.approx(0.5)
+    assert factor(1) == pytest.approx(0.5)
+    budget.spent_s = 130.0
+    assert factor(2) == pytest.approx(0.0)
+    assert TimeBudget(minutes=None).fraction_spent == 0.0
+
+
+@pytest.mark.parametrize("kwargs", [{"max_epochs": 0}, {"max_epochs": 5, "final_factor": 1.5}])
+def test_cosine_decay_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        cosine_decay(**kwargs)
+
+
+def test_cosine_scheduler_state_loads_weights_only():
+    """The scheduler's state goes into the bundles' checkpoints, which load with ``weights_only=True``."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_decay(4, TimeBudget(minutes=1.0)))
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    buffer = io.BytesIO()
+    torch.save(scheduler.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    fresh = torch.optim.lr_scheduler.LambdaLR(torch.optim.Adam([param], lr=1e-3), cosine_decay(4))
+    fresh.load_state_dict(state)
+    assert fresh.last_epoch == 2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.505e-3)
+
+
+def test_ssim_weight_must_not_be_negative():
+    with pytest.raises(ValueError, match="ssim_weight"):
+        VQTrainStep(ssim_weight=-1.0)
+
+
+def test_ssim_term_is_added_to_the_training_loss(brain_dir):
+    """One real trainer iteration on brain slices: the loss is recon + quantizer + ssim_weight * (1 - SSIM)."""
+    items = build_datalist(brain_dir, layout="folder", val_fraction=0.0, test_fraction=0.0)["training"][:4]
+    dataset = Dataset(items, transform=image_transforms_2d(channels=1, spatial_size=(64, 64), resize_mode="resize"))
+    torch.manual_seed(0)
+    network = VQVAE(2, 1, 1, channels=(8, 16), num_res_units=1, res_channels=(8, 8), num_embeddings=16, embedding_dim=8)
+    step = VQTrainStep(ssim_weight=0.5)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=DataLoader(dataset, batch_size=4),
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), lr=1e-3),
+        loss_function=torch.nn.L1Loss(),
+        iteration_update=step,
+        decollate=False,
+    )
+    trainer.run()
+    out = trainer.state.output
+    ssim_term = SSIMLoss(spatial_dims=2, data_range=1.0)(out["pred"].float(), out["image"].float())
+    assert 0.0 < ssim_term.item() <= 1.0
+    expected = out["recon_loss"] + out["quantizer_loss"] + 0.5 * ssim_term
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
