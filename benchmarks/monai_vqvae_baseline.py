@@ -1,7 +1,9 @@
 """MONAI's ``VQVAE`` trained the same way as the 2D bundle's default recipe, for comparison.
 
-Same data split (``vqvae_medical.workflows.training_datalist``), same transforms, batch size, Adam learning rate,
-L1 + quantizer loss and the same time budget (process CPU time, like the bundle's ``TimeBudget`` handler); the network
+Same data split (``vqvae_medical.workflows.training_datalist``), same transforms, batch size, Adam learning rate
+with the bundle's cosine decay over the time budget (``vqvae_medical.schedules.cosine_decay``), L1 + ``ssim_weight``
+x (1 - SSIM) + quantizer loss (``--ssim_weight 0 --final_lr_factor 1`` gives the 0.1.0 recipe: L1, constant
+rate) and the same time budget (process CPU time, like the bundle's ``TimeBudget`` handler); the network
 is ``monai.networks.nets.VQVAE`` with the same channels, residual units, codebook size and dimension, and its own
 EMA quantizer (``decay`` as given). Evaluated on the test split with MONAI's ``SSIMMetric``/``PSNRMetric`` and the
 same codebook-usage definition as the bundle.
@@ -23,7 +25,10 @@ from monai.networks.nets import VQVAE as MonaiVQVAE
 from monai.utils import set_determinism
 
 from vqvae_medical.data import image_transforms_2d
+from vqvae_medical.handlers import TimeBudget
+from vqvae_medical.losses import SeparableSSIMLoss
 from vqvae_medical.metrics import code_histogram_stats
+from vqvae_medical.schedules import cosine_decay
 from vqvae_medical.workflows import training_datalist
 
 
@@ -42,6 +47,8 @@ def main() -> None:
     parser.add_argument("--decay", type=float, default=0.99)
     parser.add_argument("--num_embeddings", type=int, default=256)
     parser.add_argument("--embedding_dim", type=int, default=32)
+    parser.add_argument("--ssim_weight", type=float, default=1.0)
+    parser.add_argument("--final_lr_factor", type=float, default=0.01)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -60,6 +67,9 @@ def main() -> None:
         embedding_dim=args.embedding_dim, decay=args.decay,
     )
     opt = torch.optim.Adam(net.parameters(), args.learning_rate)
+    budget = TimeBudget(args.minutes, clock="process")
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine_decay(10**6, budget, args.final_lr_factor))
+    ssim_loss = SeparableSSIMLoss(2)
     start, iterations, epochs = time.process_time(), 0, 0
     wall = time.perf_counter()
     while time.process_time() - start < args.minutes * 60:
@@ -68,12 +78,16 @@ def main() -> None:
             x = batch["image"].as_tensor()
             recon, q_loss = net(x)
             loss = F.l1_loss(recon, x) + q_loss
+            if args.ssim_weight > 0:
+                loss = loss + args.ssim_weight * ssim_loss(recon, x)
             opt.zero_grad()
             loss.backward()
             opt.step()
             iterations += 1
             if time.process_time() - start >= args.minutes * 60:
                 break
+        budget.spent_s = time.process_time() - start
+        schedule.step()
     wall = time.perf_counter() - wall
     net.eval()
     ssim, psnr = SSIMMetric(spatial_dims=2, data_range=1.0), PSNRMetric(max_val=1.0)
@@ -91,6 +105,8 @@ def main() -> None:
     result = {
         "model": "monai.networks.nets.VQVAE",
         "decay": args.decay,
+        "ssim_weight": args.ssim_weight,
+        "final_lr_factor": args.final_lr_factor,
         "ssim": float(ssim.aggregate()),
         "psnr": float(psnr.aggregate()),
         "codebook_usage": usage,

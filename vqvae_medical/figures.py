@@ -51,8 +51,14 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
                 continue
             series.setdefault(key, {}).setdefault(str(rec.get("phase", "")), []).append((rec["epoch"], value))
     keys = sorted(series)
-    cols = min(4, max(len(keys), 1))
-    rows = -(-max(len(keys), 1) // cols)
+    n = max(len(keys), 1)
+    cols = min(4, n)
+    if ax is not None:  # as many columns as suit the shape of the area the panels fill
+        box = ax.get_position()
+        width, height = ax.figure.get_size_inches()
+        aspect = (box.width * width) / max(box.height * height, 1e-6)
+        cols = max(1, min(4, n, round((n * aspect) ** 0.5)))
+    rows = -(-n // cols)
     own = ax is None
     if own:
         fig = plt.figure(figsize=(2.6 * cols, 1.9 * rows + 0.4))
@@ -131,7 +137,9 @@ def save_evaluation_report(
             row += [(f"reconstruction", to_display(recon), "gray"), ("|error|", np.abs(to_display(image) - to_display(recon)), "magma")]
             rows.append(row)
     n_cols = max((len(r) for r in rows), default=3)
-    n_rows = len(rows) + 1
+    # with three columns (3D, or 2D without code maps) the curves get a full-width row of their own
+    curves_row = n_cols <= 3
+    n_rows = len(rows) + 1 + int(curves_row)
     fig = plt.figure(figsize=(2.6 * max(n_cols, 3), 2.6 * n_rows + 0.6))
     grid = fig.add_gridspec(n_rows, max(n_cols, 3))
     for r, row in enumerate(rows):
@@ -144,10 +152,11 @@ def save_evaluation_report(
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     ncol = max(n_cols, 3)
-    ax = fig.add_subplot(grid[-1, 0])
+    stats_row = n_rows - 2 if curves_row else n_rows - 1
+    ax = fig.add_subplot(grid[stats_row, 0])
     ax.hist(np.asarray(ssim_values, dtype=float), bins=20, color="tab:blue")
     ax.set_title(f"per-image SSIM (n={len(ssim_values)})", fontsize=8)
-    ax = fig.add_subplot(grid[-1, 1])
+    ax = fig.add_subplot(grid[stats_row, 1])
     for name, counts in zip(level_names, code_counts):
         counts = np.sort(np.asarray(counts, dtype=float))[::-1]
         used = int((counts > 0).sum())
@@ -155,7 +164,7 @@ def save_evaluation_report(
     ax.set_title("codebook usage (codes sorted by frequency)", fontsize=8)
     ax.set_yscale("log")
     ax.legend(fontsize=6)
-    ax = fig.add_subplot(grid[-1, 2:ncol] if ncol > 3 else grid[-1, 2])
+    ax = fig.add_subplot(grid[-1, :] if curves_row else grid[-1, 2:ncol])
     plot_training_curves(history, ax=ax)
     fig.tight_layout()
     path = Path(path)
