@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from monai.engines import SupervisedTrainer
 from monai.losses import SSIMLoss
 
 from vqvae_medical.data import build_datalist, image_transforms_2d
-from vqvae_medical.engines import VQTrainStep
+from vqvae_medical.engines import VQTrainStep, training_scalars
 from vqvae_medical.handlers import TimeBudget
 from vqvae_medical.networks import VQVAE
 from vqvae_medical.schedules import cosine_decay
@@ -93,3 +94,12 @@ def test_ssim_term_is_added_to_the_training_loss(brain_dir):
     assert 0.0 < ssim_term.item() <= 1.0
     expected = out["recon_loss"] + out["quantizer_loss"] + 0.5 * ssim_term
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_training_scalars_keeps_scalars_without_autograd_warnings():
+    weight = torch.ones(1, requires_grad=True)
+    output = {"loss": (weight * 2).sum(), "usage": torch.tensor(0.5), "image": torch.rand(2, 1, 4, 4), "name": "x"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scalars = training_scalars(output)
+    assert scalars == {"loss": 2.0, "usage": 0.5}

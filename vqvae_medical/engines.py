@@ -212,4 +212,4 @@ class VQEvalStep:
 
 def training_scalars(output: dict[str, Any]) -> dict[str, float]:
     """The scalar entries of a step's output (loss terms, perplexity, usage) for ``TensorBoardStatsHandler``."""
-    return {k: float(v) for k, v in output.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
+    return {k: float(v.detach()) for k, v in output.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
