@@ -20,7 +20,9 @@ def cosine_decay(max_epochs: int, time_budget: Any = None, final_factor: float =
     as a ``lr_lambda`` for ``LambdaLR`` stepped once per epoch (MONAI's ``LrScheduleHandler``).
 
     The progress after ``epoch`` epochs is ``max(epoch / max_epochs, time spent / time budget)``, so a run that
-    ends on its time budget still finishes at the low learning rate. A plain function is returned (not a callable
+    ends on its time budget still finishes at the low learning rate (the rate then depends on measured time, so
+    such runs are not bit-identical between machines or reruns; without a budget it depends on the epoch only).
+    A plain function is returned (not a callable
     object), so ``LambdaLR.state_dict()`` stays tensors-and-numbers only and checkpoints load with
     ``weights_only=True``.
 
