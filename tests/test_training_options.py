@@ -103,3 +103,14 @@ def test_training_scalars_keeps_scalars_without_autograd_warnings():
         warnings.simplefilter("error")
         scalars = training_scalars(output)
     assert scalars == {"loss": 2.0, "usage": 0.5}
+
+
+def test_ssim_term_uses_the_configured_window(brain_dir):
+    """The 3D bundle gives the training term the evaluation metric's window (``ssim_win_size``)."""
+    path = sorted(brain_dir.rglob("*.jpg"))[0]
+    image = image_transforms_2d(channels=1)({"image": str(path)})["image"].as_tensor()[None]
+    blurred = torch.nn.functional.avg_pool2d(image, 3, stride=1, padding=1)
+    step = VQTrainStep(ssim_weight=1.0, ssim_win_size=7)
+    expected = SSIMLoss(spatial_dims=2, data_range=1.0, win_size=7)(blurred, image)
+    assert step._ssim_loss(blurred, image).item() == pytest.approx(expected.item(), abs=1e-5)
+    assert step._ssim_loss(blurred, image).item() != pytest.approx(VQTrainStep(ssim_weight=1.0)._ssim_loss(blurred, image).item(), abs=1e-5)

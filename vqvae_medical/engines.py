@@ -110,6 +110,7 @@ class VQTrainStep:
         recon_loss: ``"l1"`` or ``"mse"``.
         quantizer_weight: weight of the quantizer loss (commitment, plus codebook loss for gradient codebooks).
         ssim_weight: weight of the ``1 - SSIM`` term; 0 turns it off.
+        ssim_win_size: Gaussian window of the SSIM term (give it the evaluation metric's window).
         image_key: key of the images in the batch dict.
     """
 
@@ -118,6 +119,7 @@ class VQTrainStep:
         recon_loss: str = "l1",
         quantizer_weight: float = 1.0,
         ssim_weight: float = 0.0,
+        ssim_win_size: int = 11,
         image_key: str = CommonKeys.IMAGE,
     ):
         if ssim_weight < 0:
@@ -125,13 +127,14 @@ class VQTrainStep:
         self.recon = reconstruction_loss(recon_loss)
         self.quantizer_weight = float(quantizer_weight)
         self.ssim_weight = float(ssim_weight)
+        self.ssim_win_size = int(ssim_win_size)
         self._ssim_losses: dict[int, SeparableSSIMLoss] = {}
         self.image_key = image_key
 
     def _ssim_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         spatial_dims = target.ndim - 2
         if spatial_dims not in self._ssim_losses:
-            self._ssim_losses[spatial_dims] = SeparableSSIMLoss(spatial_dims, data_range=1.0).to(target.device)
+            self._ssim_losses[spatial_dims] = SeparableSSIMLoss(spatial_dims, data_range=1.0, win_size=self.ssim_win_size)
         return self._ssim_losses[spatial_dims](prediction, target)
 
     def __call__(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
