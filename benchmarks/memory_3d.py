@@ -17,9 +17,12 @@ Every measurement runs in a fresh subprocess per model, so that one model's allo
 - on the CPU (``rss``, the headline figures): the increase of the process's peak resident set size during the step,
   ``getrusage(RUSAGE_SELF).ru_maxrss`` after the step minus the resident size just before it (``/proc/self/statm``),
   i.e. what the step adds to the memory the machine must have; a warm-up step on a ``16^3`` input first loads the
-  lazily loaded kernels and creates the Adam state. It includes the C allocator's slack: glibc serves tensors under
-  its (dynamic, up to 32 MiB) mmap threshold from the heap, which fragments and is not given back, so this figure
-  varies by some tens of MiB from run to run (``--repeats`` reports the median of fresh processes);
+  lazily loaded kernels and creates the Adam state. The workers run with glibc's mmap threshold fixed at
+  ``--malloc_mmap_threshold`` bytes (128 KiB, glibc's initial value; the environment variable
+  ``MALLOC_MMAP_THRESHOLD_``), the same for both models: by default glibc raises that threshold as large blocks are
+  freed (up to 32 MiB), after which tensors come from a heap that fragments and is not given back, and the RSS
+  then measures the allocator's slack as much as the step (tens of MiB, varying from run to run). ``0`` keeps
+  glibc's dynamic default, to see that effect (``--repeats`` reports the median of fresh processes);
 - on the CPU (``tensor``, with ``--method both``): the high-water mark of tensor bytes allocated during a second
   step, from ``torch.profiler`` (see ``benchmarks/quantizer.py``): tensor storage only, no allocator slack.
 
@@ -157,6 +160,10 @@ def _in_subprocess(name: str, args: argparse.Namespace, method: str) -> dict:
     if args.monai_checkpointing:
         cmd.append("--monai_checkpointing")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if args.malloc_mmap_threshold > 0:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
@@ -181,6 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--monai_checkpointing", action="store_true", help="run MONAI's VQVAE with its checkpointing")
     parser.add_argument("--reference", action="store_true", help="also measure ours without checkpointing")
+    parser.add_argument(
+        "--malloc_mmap_threshold",
+        type=int,
+        default=128 * 1024,
+        help="glibc mmap threshold of the worker processes in bytes (MALLOC_MMAP_THRESHOLD_); 0: glibc's dynamic default",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="fresh processes per model; the median is reported")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -207,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": args.device,
         "input_shape": [args.batch, 1, args.size, args.size, args.size],
         "monai_checkpointing": bool(args.monai_checkpointing),
+        "malloc_mmap_threshold": args.malloc_mmap_threshold or "glibc default (dynamic)",
     }
     if args.repeats > 1:
         report["runs_mb"] = {name: r["runs_mb"] for name, r in results.items()}

@@ -114,3 +114,35 @@ def test_ssim_term_uses_the_configured_window(brain_dir):
     expected = SSIMLoss(spatial_dims=2, data_range=1.0, win_size=7)(blurred, image)
     assert step._ssim_loss(blurred, image).item() == pytest.approx(expected.item(), abs=1e-5)
     assert step._ssim_loss(blurred, image).item() != pytest.approx(VQTrainStep(ssim_weight=1.0)._ssim_loss(blurred, image).item(), abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bf16 support")
+def test_cpu_bf16_runs_the_network_in_bf16_and_the_losses_in_fp32(brain_dir):
+    """``cpu_bf16``: convolutions see bf16 under CPU autocast, the quantizer and the loss stay fp32, weights update."""
+    items = build_datalist(brain_dir, layout="folder", val_fraction=0.0, test_fraction=0.0)["training"][:4]
+    dataset = Dataset(items, transform=image_transforms_2d(channels=1, spatial_size=(64, 64), resize_mode="resize"))
+    torch.manual_seed(0)
+    network = VQVAE(2, 1, 1, channels=(8, 16), num_res_units=1, res_channels=(8, 8), num_embeddings=16, embedding_dim=8)
+    conv_dtypes, quantizer_dtypes = set(), set()
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, i, o: conv_dtypes.add(o.dtype))
+    network.quantizer.register_forward_hook(lambda m, i, o: quantizer_dtypes.add((o[0] if isinstance(o, tuple) else o).dtype))
+    before = [p.detach().clone() for p in network.parameters()]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=DataLoader(dataset, batch_size=4),
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), lr=1e-3),
+        loss_function=torch.nn.L1Loss(),
+        iteration_update=VQTrainStep(ssim_weight=1.0, cpu_bf16=True),
+        decollate=False,
+    )
+    trainer.run()
+    out = trainer.state.output
+    assert conv_dtypes == {torch.bfloat16}
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    assert quantizer_dtypes == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in network.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, network.parameters()))

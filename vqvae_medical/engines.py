@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from monai.engines.utils import IterationEvents
@@ -111,6 +113,11 @@ class VQTrainStep:
         quantizer_weight: weight of the quantizer loss (commitment, plus codebook loss for gradient codebooks).
         ssim_weight: weight of the ``1 - SSIM`` term; 0 turns it off.
         ssim_win_size: Gaussian window of the SSIM term (give it the evaluation metric's window).
+        cpu_bf16: on the CPU, run the network under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (the quantizer
+            and the losses stay fp32). MONAI's ``amp`` is CUDA-only; on CPUs with AVX512-BF16 or AMX instructions
+            bf16 convolutions are much faster (a 3D step of the ``vqvae_3d`` network at 64³, batch 2: 0.43 vs
+            0.74 CPU-s, one thread, with the SSIM term). Off by default: without those instructions it is slower,
+            and activations keep 8 bits of mantissa. Ignored on CUDA (``engine.amp`` decides there).
         image_key: key of the images in the batch dict.
     """
 
@@ -120,6 +127,7 @@ class VQTrainStep:
         quantizer_weight: float = 1.0,
         ssim_weight: float = 0.0,
         ssim_win_size: int = 11,
+        cpu_bf16: bool = False,
         image_key: str = CommonKeys.IMAGE,
     ):
         if ssim_weight < 0:
@@ -128,6 +136,9 @@ class VQTrainStep:
         self.quantizer_weight = float(quantizer_weight)
         self.ssim_weight = float(ssim_weight)
         self.ssim_win_size = int(ssim_win_size)
+        self.cpu_bf16 = bool(cpu_bf16)
+        if self.cpu_bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            warnings.warn("cpu_bf16: this CPU has no native bf16 support (AVX512-BF16/AMX); bf16 will be slower than fp32.")
         self._ssim_losses: dict[int, SeparableSSIMLoss] = {}
         self.image_key = image_key
 
@@ -144,9 +155,15 @@ class VQTrainStep:
         images = images.as_tensor() if hasattr(images, "as_tensor") else images
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        use_amp = bool(engine.amp) and images.device.type == "cuda"
-        with torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {})):
+        on_cuda = images.device.type == "cuda"
+        use_amp = bool(engine.amp) and on_cuda
+        if on_cuda:
+            autocast = torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {}))
+        else:
+            autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.cpu_bf16)
+        with autocast:
             out = engine.network(images)
+        with torch.autocast(images.device.type, enabled=False):
             recon_loss = self.recon(out.reconstruction.float(), images.float())
             loss = recon_loss + self.quantizer_weight * out.quantizer_loss
             if self.ssim_weight > 0:
