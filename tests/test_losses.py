@@ -74,3 +74,22 @@ def test_bad_arguments(kwargs, shapes, match):
     with pytest.raises(ValueError, match=match):
         loss = SeparableSSIMLoss(**kwargs)
         loss(torch.rand(shapes[0]), torch.rand(shapes[1]))
+
+
+def test_separable_ssim_metric_matches_monai_per_volume(ixi_dir):
+    """The 3D bundle's validation metric: MONAI's ``SSIMMetric`` values, image by image, on real IXI volumes."""
+    from monai.metrics import SSIMMetric
+
+    from vqvae_medical.metrics import SeparableSSIMMetric
+
+    paths = sorted((ixi_dir / "t1").glob("IXI*_T1.nii.gz"))[:2]
+    target = torch.stack([_scaled(np.asarray(nib.load(p).dataobj, dtype=np.float32)[20:68, 20:68, 20:60])[None] for p in paths])
+    torch.manual_seed(0)
+    prediction = (target + 0.05 * torch.randn_like(target)).clamp(0, 1)
+    ours, monai = SeparableSSIMMetric(3, win_size=7), SSIMMetric(3, data_range=1.0, win_size=7)
+    per_image = ours(prediction, target)
+    assert per_image.shape == (2, 1)
+    torch.testing.assert_close(per_image, monai(prediction, target), rtol=0, atol=2e-5)
+    assert ours.aggregate().item() == pytest.approx(monai.aggregate().item(), abs=2e-5)
+    with pytest.raises(ValueError, match="smaller than the SSIM window"):
+        ours(prediction[..., :5], target[..., :5])

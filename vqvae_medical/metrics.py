@@ -1,4 +1,5 @@
-"""Metrics MONAI does not have: codebook usage and perplexity over a whole evaluation set, and bits per code.
+"""Metrics MONAI does not have: codebook usage and perplexity over a whole evaluation set, and bits per code; and
+MONAI's SSIM metric computed with a separable window (:class:`SeparableSSIMMetric`).
 
 MONAI's ``VectorQuantizer`` computes perplexity of one batch only; here the code histogram is accumulated over the
 evaluation epoch (and summed across ranks under ``torch.distributed``), so ``codebook_usage`` is the fraction of
@@ -14,9 +15,47 @@ import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
+from monai.metrics import SSIMMetric
+
+from vqvae_medical.losses import SeparableSSIMLoss
 from vqvae_medical.networks.pixelcnn import bits_per_code
 
-__all__ = ["CodeHistogram", "CodebookUsage", "CodebookPerplexity", "code_histogram_stats", "bits_per_code"]
+__all__ = [
+    "CodeHistogram",
+    "CodebookUsage",
+    "CodebookPerplexity",
+    "SeparableSSIMMetric",
+    "code_histogram_stats",
+    "bits_per_code",
+]
+
+
+class SeparableSSIMMetric(SSIMMetric):
+    """MONAI's ``SSIMMetric`` (Gaussian window) computed with the separable window of
+    :class:`~vqvae_medical.losses.SeparableSSIMLoss`: the same per-image values to float32 rounding (tested), without
+    the dense ``win_size^3`` convolution that made MONAI's metric most of a 3D validation's time (on a 128³ volume,
+    see ``docs/benchmarks.md``). Arguments as MONAI's; only the Gaussian window is supported.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        data_range: float = 1.0,
+        win_size: int = 11,
+        kernel_sigma: float = 1.5,
+        k1: float = 0.01,
+        k2: float = 0.03,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(spatial_dims, data_range=data_range, win_size=win_size, kernel_sigma=kernel_sigma, k1=k1, k2=k2, **kwargs)
+        self._ssim = SeparableSSIMLoss(spatial_dims, data_range=data_range, win_size=win_size, kernel_sigma=kernel_sigma, k1=k1, k2=k2)
+
+    def _compute_metric(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y_pred.ndim != self.spatial_dims + 2:
+            raise ValueError(f"y_pred must be [B, C] + {self.spatial_dims} spatial dims, got shape {list(y_pred.shape)}.")
+        if min(y_pred.shape[2:]) < self._ssim.win_size:
+            raise ValueError(f"images of shape {list(y_pred.shape[2:])} are smaller than the SSIM window ({self._ssim.win_size}).")
+        return self._ssim.ssim_per_image(y_pred, y)
 
 
 def code_histogram_stats(counts: torch.Tensor) -> tuple[float, float]:
