@@ -4,7 +4,7 @@ A step is the train-mode forward pass of a ``[batch, 1, 128, 128, 128]`` volume,
 ``L1(reconstruction, x) + quantizer loss``, the backward pass and one ``torch.optim.Adam`` step (its state is
 created in that step). Ours is the 3D bundle's default network, read from ``bundles/vqvae_3d/configs/train.json``
 (``network_def#model``: two levels of ``(32, 64)`` channels, downsampling factor 4, two residual units per level
-with ``(16, 32)`` hidden channels, 512 codes of dimension 32, EMA quantizer, sub-pixel upsampling), run with
+with ``(16, 32)`` hidden channels, 2048 codes of dimension 32 (512 before bundle 0.3.0), EMA quantizer, sub-pixel upsampling), run with
 ``use_checkpointing=True`` (the bundle's switch for large volumes; segments cut at the lowest resolutions and after
 every residual unit of the highest-resolution stages, see ``vqvae_medical.networks.vqvae``). MONAI's has the same
 layout and codebook size and its defaults otherwise (``use_checkpointing=False``, or its own checkpointing under
