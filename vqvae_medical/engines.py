@@ -9,10 +9,9 @@ with ``from_engine`` (``image``, ``label``, ``pred``, ``loss``) plus the code st
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
-
-import warnings
 
 import torch
 import torch.nn.functional as F

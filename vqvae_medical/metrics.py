@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
-
 from monai.metrics import SSIMMetric
 
 from vqvae_medical.losses import SeparableSSIMLoss
