@@ -71,13 +71,15 @@ def test_ssim_weight_must_not_be_negative():
         VQTrainStep(ssim_weight=-1.0)
 
 
-def test_ssim_term_is_added_to_the_training_loss(brain_dir):
-    """One real trainer iteration on brain slices: the loss is recon + quantizer + ssim_weight * (1 - SSIM)."""
+def _one_training_iteration(brain_dir, step: VQTrainStep, hooks=None) -> tuple[SupervisedTrainer, VQVAE]:
+    """One real trainer iteration of ``step`` on a batch of 4 brain slices (64 x 64) with a tiny 2D VQ-VAE;
+    ``hooks(network)`` runs before training."""
     items = build_datalist(brain_dir, layout="folder", val_fraction=0.0, test_fraction=0.0)["training"][:4]
     dataset = Dataset(items, transform=image_transforms_2d(channels=1, spatial_size=(64, 64), resize_mode="resize"))
     torch.manual_seed(0)
     network = VQVAE(2, 1, 1, channels=(8, 16), num_res_units=1, res_channels=(8, 8), num_embeddings=16, embedding_dim=8)
-    step = VQTrainStep(ssim_weight=0.5)
+    if hooks is not None:
+        hooks(network)
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=1,
@@ -89,6 +91,12 @@ def test_ssim_term_is_added_to_the_training_loss(brain_dir):
         decollate=False,
     )
     trainer.run()
+    return trainer, network
+
+
+def test_ssim_term_is_added_to_the_training_loss(brain_dir):
+    """One real trainer iteration on brain slices: the loss is recon + quantizer + ssim_weight * (1 - SSIM)."""
+    trainer, _ = _one_training_iteration(brain_dir, VQTrainStep(ssim_weight=0.5))
     out = trainer.state.output
     ssim_term = SSIMLoss(spatial_dims=2, data_range=1.0)(out["pred"].float(), out["image"].float())
     assert 0.0 < ssim_term.item() <= 1.0
@@ -119,27 +127,16 @@ def test_ssim_term_uses_the_configured_window(brain_dir):
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bf16 support")
 def test_cpu_bf16_runs_the_network_in_bf16_and_the_losses_in_fp32(brain_dir):
     """``cpu_bf16``: convolutions see bf16 under CPU autocast, the quantizer and the loss stay fp32, weights update."""
-    items = build_datalist(brain_dir, layout="folder", val_fraction=0.0, test_fraction=0.0)["training"][:4]
-    dataset = Dataset(items, transform=image_transforms_2d(channels=1, spatial_size=(64, 64), resize_mode="resize"))
-    torch.manual_seed(0)
-    network = VQVAE(2, 1, 1, channels=(8, 16), num_res_units=1, res_channels=(8, 8), num_embeddings=16, embedding_dim=8)
-    conv_dtypes, quantizer_dtypes = set(), set()
-    for module in network.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            module.register_forward_hook(lambda m, i, o: conv_dtypes.add(o.dtype))
-    network.quantizer.register_forward_hook(lambda m, i, o: quantizer_dtypes.add((o[0] if isinstance(o, tuple) else o).dtype))
-    before = [p.detach().clone() for p in network.parameters()]
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=1,
-        train_data_loader=DataLoader(dataset, batch_size=4),
-        network=network,
-        optimizer=torch.optim.Adam(network.parameters(), lr=1e-3),
-        loss_function=torch.nn.L1Loss(),
-        iteration_update=VQTrainStep(ssim_weight=1.0, cpu_bf16=True),
-        decollate=False,
-    )
-    trainer.run()
+    conv_dtypes, quantizer_dtypes, before = set(), set(), []
+
+    def hooks(network):
+        for module in network.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.register_forward_hook(lambda m, i, o: conv_dtypes.add(o.dtype))
+        network.quantizer.register_forward_hook(lambda m, i, o: quantizer_dtypes.add((o[0] if isinstance(o, tuple) else o).dtype))
+        before.extend(p.detach().clone() for p in network.parameters())
+
+    trainer, network = _one_training_iteration(brain_dir, VQTrainStep(ssim_weight=1.0, cpu_bf16=True), hooks)
     out = trainer.state.output
     assert conv_dtypes == {torch.bfloat16}
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])

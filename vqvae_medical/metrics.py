@@ -50,8 +50,7 @@ class SeparableSSIMMetric(SSIMMetric):
         self._ssim = SeparableSSIMLoss(spatial_dims, data_range=data_range, win_size=win_size, kernel_sigma=kernel_sigma, k1=k1, k2=k2)
 
     def _compute_metric(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if y_pred.ndim != self.spatial_dims + 2:
-            raise ValueError(f"y_pred must be [B, C] + {self.spatial_dims} spatial dims, got shape {list(y_pred.shape)}.")
+        # shapes and dims are checked by ssim_per_image; unlike the loss, the metric never shrinks its window
         if min(y_pred.shape[2:]) < self._ssim.win_size:
             raise ValueError(f"images of shape {list(y_pred.shape[2:])} are smaller than the SSIM window ({self._ssim.win_size}).")
         return self._ssim.ssim_per_image(y_pred, y)
