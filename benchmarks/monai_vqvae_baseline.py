@@ -1,7 +1,7 @@
 """MONAI's ``VQVAE`` trained the same way as the 2D bundle's default recipe, for comparison.
 
-Same data split (``vqvae_medical.workflows.training_datalist``), same transforms, batch size, Adam learning rate
-with the bundle's cosine decay over the time budget (``vqvae_medical.schedules.cosine_decay``), L1 + ``ssim_weight``
+Same data split (``vqvae_medical.data.lists.training_datalist``), same transforms, batch size, Adam learning rate
+with the bundle's cosine decay over the time budget (``vqvae_medical.training.schedules.cosine_decay``), L1 + ``ssim_weight``
 x (1 - SSIM) + quantizer loss (``--ssim_weight 0 --final_lr_factor 1`` gives the 0.1.0 recipe: L1, constant
 rate) and the same time budget (process CPU time, like the bundle's ``TimeBudget`` handler); the network
 is ``monai.networks.nets.VQVAE`` with the same channels, residual units, codebook size and dimension, and its own
@@ -25,11 +25,11 @@ from monai.networks.nets import VQVAE as MonaiVQVAE
 from monai.utils import set_determinism
 
 from vqvae_medical.data import image_transforms_2d
-from vqvae_medical.handlers import TimeBudget
-from vqvae_medical.losses import SeparableSSIMLoss
-from vqvae_medical.metrics import code_histogram_stats
-from vqvae_medical.schedules import cosine_decay
-from vqvae_medical.workflows import training_datalist
+from vqvae_medical.data.lists import training_datalist
+from vqvae_medical.evaluation.losses import SeparableSSIMLoss
+from vqvae_medical.evaluation.metrics import code_histogram_stats
+from vqvae_medical.training.handlers import TimeBudget
+from vqvae_medical.training.schedules import cosine_decay
 
 
 def main() -> None:

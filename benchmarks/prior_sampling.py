@@ -25,7 +25,7 @@ import time
 import torch
 
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN
-from vqvae_medical.sampling import sample
+from vqvae_medical.stages.prior.sampling import sample
 
 __all__ = ["bench", "main"]
 

@@ -1,4 +1,4 @@
-"""Benchmark: one training step of :class:`~vqvae_medical.quantizers.EMAVectorQuantizer` vs MONAI's ``EMAQuantizer``.
+"""Benchmark: one training step of :class:`~vqvae_medical.networks.quantizers.EMAVectorQuantizer` vs MONAI's ``EMAQuantizer``.
 
 A step is the train-mode forward pass (nearest-code search and EMA codebook update) followed by the backward pass of
 ``quantized.sum() + loss`` (straight-through estimator and commitment loss), on ``z`` of shape ``[16, 64, 64, 64]``:
@@ -41,7 +41,7 @@ from torch import nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from vqvae_medical.quantizers import EMAVectorQuantizer
+from vqvae_medical.networks.quantizers import EMAVectorQuantizer
 
 __all__ = ["peak_allocated_bytes", "bench_one", "main"]
 

@@ -1,5 +1,5 @@
-"""Benchmark: ``vqvae_medical.losses.SeparableSSIMLoss`` against MONAI's ``SSIMLoss``, same process, same inputs;
-and the validation metric ``vqvae_medical.metrics.SeparableSSIMMetric`` against MONAI's ``SSIMMetric``.
+"""Benchmark: ``vqvae_medical.evaluation.losses.SeparableSSIMLoss`` against MONAI's ``SSIMLoss``, same process, same inputs;
+and the validation metric ``vqvae_medical.evaluation.metrics.SeparableSSIMMetric`` against MONAI's ``SSIMMetric``.
 
 One call is the loss's forward and backward pass on a batch like the training steps' (3D: ``2 x 1 x 64^3`` patches
 of the 3D bundle; 2D: ``8 x 3 x 256^2`` ISIC-sized photos). Real data is not needed for a timing: the images are
@@ -19,11 +19,10 @@ import time
 
 import torch
 from monai.losses import SSIMLoss
-
 from monai.metrics import SSIMMetric
 
-from vqvae_medical.losses import SeparableSSIMLoss
-from vqvae_medical.metrics import SeparableSSIMMetric
+from vqvae_medical.evaluation.losses import SeparableSSIMLoss
+from vqvae_medical.evaluation.metrics import SeparableSSIMMetric
 
 CASES = {"3d": (3, (2, 1, 64, 64, 64)), "2d": (2, (8, 3, 256, 256)), "3d_metric": (3, (1, 1, 128, 128, 128))}
 

@@ -3,7 +3,7 @@
 Both bundles are run as a user runs them (``python -m monai.bundle run``, one after the other, never at the same
 time) on the same 2D NIfTI slices (``benchmarks/make_ixi_slices.py``: axial IXI T1 slices, 120 x 96, split by
 subject), with the same seed, network width, batch size, learning rate and time budget
-(``time_budget_minutes`` / ``time_budget_clock`` of :class:`vqvae_medical.handlers.TimeBudget`), then each is
+(``time_budget_minutes`` / ``time_budget_clock`` of :class:`vqvae_medical.training.handlers.TimeBudget`), then each is
 evaluated on the test subjects (``train.json`` + ``evaluate.json``).
 
 Code budget: both models spend the same number of bits per image. With ``H x W`` divisible by 8, the VQ-VAE-2 has

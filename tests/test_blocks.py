@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from monai.networks.utils import icnr_init
 from torch import nn
 
-from vqvae_medical.blocks import (
+from vqvae_medical.networks.blocks import (
     UPSAMPLE_MODES,
     ResidualUnit,
     ResizeConvUpsample,

@@ -13,15 +13,22 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_runner import (
+    BUNDLES,
+    bundle_network,
+    monai_bundle,
+    read_metrics,
+    run_bundle,
+)
 from monai.bundle import ConfigParser
 from monai.networks.nets import DiffusionModelUNet
 from PIL import Image
 
-from bundle_runner import BUNDLES, bundle_network, monai_bundle, read_metrics, run_bundle
-from vqvae_medical.checkpoints import atomic_save, safe_load
 from vqvae_medical.data import volume_transforms_3d
-from vqvae_medical.latent import LatentSet, load_autoencoder, state_fingerprint
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
+from vqvae_medical.stages.diffusion.latents import LatentSet
+from vqvae_medical.stages.frozen import load_autoencoder, state_fingerprint
+from vqvae_medical.training.checkpoints import atomic_save, safe_load
 
 BUNDLE = "latent_diffusion"
 SIZE_2D = [96, 80]  # centre crop of the 208 x 176 slices: latents 24 x 20

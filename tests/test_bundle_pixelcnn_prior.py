@@ -11,15 +11,16 @@ from pathlib import Path
 import monai.bundle
 import pytest
 import torch
+from bundle_runner import BUNDLES, read_metrics, run_bundle
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from bundle_runner import BUNDLES, read_metrics, run_bundle
-from vqvae_medical.codes import CodeMapDataset
 from vqvae_medical.networks import GatedPixelCNN, prior_cross_entropy
-from vqvae_medical.prior import PriorNetwork, PriorTrainStep, pack_inputs
+from vqvae_medical.stages.prior.codes import CodeMapDataset
+from vqvae_medical.stages.prior.network import PriorNetwork, pack_inputs
+from vqvae_medical.stages.prior.steps import PriorTrainStep
 
 BUNDLE = "pixelcnn_prior"
 VQ_TINY = {

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_runner import (
+    REPO_ROOT,
+    bundle_network,
+    monai_bundle,
+    read_metrics,
+    run_bundle,
+)
 from PIL import Image
 
-from bundle_runner import REPO_ROOT, bundle_network, monai_bundle, read_metrics, run_bundle
 from vqvae_medical.data import build_datalist, image_transforms_2d
 
 BUNDLE = "vqvae2_2d"

@@ -9,9 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bundle_runner import (
+    TINY_VQVAE_2D,
+    bundle_network,
+    monai_bundle,
+    read_metrics,
+    run_bundle,
+)
 from PIL import Image
-
-from bundle_runner import TINY_VQVAE_2D, bundle_network, monai_bundle, read_metrics, run_bundle
 
 BUNDLE = "vqvae_2d"
 TINY = {**TINY_VQVAE_2D, "max_epochs": 1}

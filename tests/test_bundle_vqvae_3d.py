@@ -22,9 +22,12 @@ from monai.bundle import ConfigParser
 
 from tests.bundle_runner import BUNDLES, bundle_network, read_metrics, run_bundle
 from vqvae_medical.data import DataError
-from vqvae_medical.inference import SlidingWindowReconstructionStep, make_inferer
+from vqvae_medical.data.volumes import check_volume_datalist
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
-from vqvae_medical.volumes import check_volume_datalist
+from vqvae_medical.stages.autoencoder.inference import (
+    SlidingWindowReconstructionStep,
+    make_inferer,
+)
 
 BUNDLE = "vqvae_3d"
 TINY = {

@@ -7,16 +7,14 @@ it, bit for bit (it recomputes the same operations in the backward pass). The ch
 
 from __future__ import annotations
 
-from scripting import assert_scripted_equals_eager
-
-
 import pytest
 import torch
 import torch.nn.functional as F
 from monai.networks.utils import pixelshuffle
+from scripting import assert_scripted_equals_eager
 from torch import nn
 
-from vqvae_medical.blocks import ResidualUnit, inplace_act, pixel_shuffle
+from vqvae_medical.networks.blocks import ResidualUnit, inplace_act, pixel_shuffle
 from vqvae_medical.networks.export import ReconstructionNetwork
 from vqvae_medical.networks.vqvae import VQVAE, CheckpointedSequential
 

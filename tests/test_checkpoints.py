@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from ignite.engine import Engine
 
-from vqvae_medical.checkpoints import CheckpointSaver, ResumeFromCheckpoint
+from vqvae_medical.training.checkpoints import CheckpointSaver, ResumeFromCheckpoint
 
 
 def _trainer(model: torch.nn.Module) -> Engine:

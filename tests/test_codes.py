@@ -10,16 +10,15 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from vqvae_medical.codes import (
+from vqvae_medical.data import build_datalist, image_transforms_2d
+from vqvae_medical.stages.frozen import load_vqvae, state_digest
+from vqvae_medical.stages.prior.codes import (
     NO_LABEL,
     CodeMapDataset,
     cached_code_maps,
     code_map_dataset,
     extract_codes,
-    load_vqvae,
-    state_digest,
 )
-from vqvae_medical.data import build_datalist, image_transforms_2d
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VQ_BUNDLE = REPO_ROOT / "bundles" / "vqvae_2d"

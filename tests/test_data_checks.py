@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vqvae_medical.data import DataError, build_datalist, check_datalist, inspect_image, list_images
+from vqvae_medical.data import (
+    DataError,
+    build_datalist,
+    check_datalist,
+    inspect_image,
+    list_images,
+)
 
 
 @pytest.fixture(scope="module")

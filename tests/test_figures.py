@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 from PIL import Image
 
-from vqvae_medical.figures import plot_training_curves
+from vqvae_medical.evaluation.figures import plot_training_curves
 
 HISTORY = [
     {"phase": "train", "epoch": 1, "iteration": 10, "loss": 0.5, "perplexity": 12.0},

@@ -1,4 +1,4 @@
-"""Latent diffusion pieces (vqvae_medical.latent) on small real brain slices and tiny networks."""
+"""Latent diffusion pieces (vqvae_medical.stages.diffusion) on small real brain slices and tiny networks."""
 
 from __future__ import annotations
 
@@ -10,22 +10,23 @@ from monai.metrics import MultiScaleSSIMMetric
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from vqvae_medical.checkpoints import atomic_save
 from vqvae_medical.data import image_transforms_2d
-from vqvae_medical.latent import (
-    EMAWeights,
-    FrozenAutoencoder,
+from vqvae_medical.evaluation.diversity import ms_ssim_settings, pairwise_ms_ssim
+from vqvae_medical.networks import VQVAE, ReconstructionNetwork
+from vqvae_medical.stages.diffusion.handlers import EMAWeights
+from vqvae_medical.stages.diffusion.latents import extract_latents
+from vqvae_medical.stages.diffusion.network import (
     LatentDiffusionNetwork,
-    LatentDiffusionPrepareBatch,
-    LatentSampler,
-    extract_latents,
-    load_autoencoder,
     load_diffusion_network,
-    ms_ssim_settings,
-    pairwise_ms_ssim,
+)
+from vqvae_medical.stages.diffusion.sampling import LatentSampler
+from vqvae_medical.stages.diffusion.training import LatentDiffusionPrepareBatch
+from vqvae_medical.stages.frozen import (
+    FrozenAutoencoder,
+    load_autoencoder,
     state_fingerprint,
 )
-from vqvae_medical.networks import VQVAE, ReconstructionNetwork
+from vqvae_medical.training.checkpoints import atomic_save
 
 SIZE = (64, 48)  # crop of the brain slices: latents 16 x 12
 
@@ -160,7 +161,7 @@ def test_noise_has_the_latent_shape_not_the_image_shape(trained_vqvae):
     z, target, _, kwargs = prepare({"latent": latents, "label": labels})
     assert torch.allclose(target, scheduler.get_velocity(z, kwargs["noise"], kwargs["timesteps"]))
     assert torch.equal(kwargs["class_labels"], labels)
-    from vqvae_medical.latent import ClassConditionedDiffusionInferer
+    from vqvae_medical.stages.diffusion.sampling import ClassConditionedDiffusionInferer
 
     pred = ClassConditionedDiffusionInferer(scheduler)(z, cond, **kwargs)
     assert pred.shape == z.shape

@@ -9,7 +9,7 @@ import torch
 from monai.losses import SSIMLoss
 from PIL import Image
 
-from vqvae_medical.losses import SeparableSSIMLoss
+from vqvae_medical.evaluation.losses import SeparableSSIMLoss
 
 
 def _scaled(array: np.ndarray) -> torch.Tensor:
@@ -80,7 +80,7 @@ def test_separable_ssim_metric_matches_monai_per_volume(ixi_dir):
     """The 3D bundle's validation metric: MONAI's ``SSIMMetric`` values, image by image, on real IXI volumes."""
     from monai.metrics import SSIMMetric
 
-    from vqvae_medical.metrics import SeparableSSIMMetric
+    from vqvae_medical.evaluation.metrics import SeparableSSIMMetric
 
     paths = sorted((ixi_dir / "t1").glob("IXI*_T1.nii.gz"))[:2]
     target = torch.stack([_scaled(np.asarray(nib.load(p).dataobj, dtype=np.float32)[20:68, 20:68, 20:60])[None] for p in paths])

@@ -7,7 +7,6 @@ from importlib import resources
 
 import jsonschema
 import pytest
-
 from bundle_runner import BUNDLES
 
 STAGES = ("latent_diffusion", "pixelcnn_prior", "vqvae2_2d", "vqvae_2d", "vqvae_3d")
@@ -82,7 +81,7 @@ def test_train_config_amp_on_cuda_only(bundle):
     CUDA only), and the multi-GPU config keeps the trainer and evaluator of train.json."""
     train = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
     assert isinstance(train.get("amp"), bool), f"{bundle}/configs/train.json lacks a boolean 'amp'"
-    assert train["use_amp"] == "$vqvae_medical.workflows.amp_enabled(@amp, @torch_device)"
+    assert train["use_amp"] == "$vqvae_medical.training.runtime.amp_enabled(@amp, @torch_device)"
     assert train["train"]["trainer"]["amp"] == "@use_amp"
     assert train["validate"]["evaluator"]["amp"] == "@use_amp"
     multi = json.loads((BUNDLES / bundle / "configs" / "multi_gpu_train.json").read_text())

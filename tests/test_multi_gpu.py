@@ -11,16 +11,23 @@ import shutil
 
 import pytest
 import torch
-
-from bundle_runner import BUNDLES, TINY_VQVAE_2D, bundle_network, read_metrics, run_bundle, torchrun_bundle
+from bundle_runner import (
+    BUNDLES,
+    TINY_VQVAE_2D,
+    bundle_network,
+    read_metrics,
+    run_bundle,
+    torchrun_bundle,
+)
 from test_bundle_latent_diffusion import TINY as LDM_TINY
 from test_bundle_latent_diffusion import TINY_AE as LDM_TINY_AE
 from test_bundle_pixelcnn_prior import PRIOR_NET, SPLIT, VQ_TINY
 from test_bundle_vqvae2 import TINY_NET as VQVAE2_TINY
 from test_bundle_vqvae_3d import TINY as VQVAE3D_TINY
 from test_bundle_vqvae_3d import _ixi_files, _link_folder
-from vqvae_medical.checkpoints import atomic_save
+
 from vqvae_medical.data import image_transforms_2d
+from vqvae_medical.training.checkpoints import atomic_save
 
 RANK_FILE = "os.path.join(@output_dir, f'rank{torch.distributed.get_rank()}.pt')"
 DUMP = f"$torch.save(@network_def.state_dict(), {RANK_FILE})"

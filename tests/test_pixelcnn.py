@@ -7,8 +7,13 @@ import math
 import pytest
 import torch
 
-from vqvae_medical.networks.pixelcnn import GatedPixelCNN, PixelCNNCache, bits_per_code, prior_cross_entropy
-from vqvae_medical.sampling import draw_codes, sample
+from vqvae_medical.networks.pixelcnn import (
+    GatedPixelCNN,
+    PixelCNNCache,
+    bits_per_code,
+    prior_cross_entropy,
+)
+from vqvae_medical.stages.prior.sampling import draw_codes, sample
 
 K = 20
 CONFIGS = {

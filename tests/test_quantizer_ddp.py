@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vqvae_medical.quantizers import EMAVectorQuantizer
+from vqvae_medical.networks.quantizers import EMAVectorQuantizer
 
 WORLD = 2
 STEPS = 5

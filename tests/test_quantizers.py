@@ -12,7 +12,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
-from vqvae_medical.quantizers import (
+from vqvae_medical.networks.quantizers import (
     EMAVectorQuantizer,
     GradientVectorQuantizer,
     QuantizerOutput,

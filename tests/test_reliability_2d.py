@@ -17,13 +17,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_runner import BUNDLES, TINY_VQVAE_2D, run_bundle
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from bundle_runner import BUNDLES, TINY_VQVAE_2D, run_bundle
-from vqvae_medical.engines import NonFiniteLossError
-from vqvae_medical.handlers import CodebookMonitor
+from vqvae_medical.training.handlers import CodebookMonitor
+from vqvae_medical.training.steps import NonFiniteLossError
 
 BUNDLE_DIR = BUNDLES / "vqvae_2d"
 TINY = {**TINY_VQVAE_2D, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2}

@@ -1,8 +1,8 @@
 """Reliability of the bundles other than vqvae_2d (which ``test_reliability_2d.py`` covers in full).
 
 The mechanisms are shared (input checks of :mod:`vqvae_medical.data.checks`, the error hook of
-:func:`vqvae_medical.workflows.install_error_hook`, the finite-loss guard of :mod:`vqvae_medical.engines`, the
-checkpoints of :mod:`vqvae_medical.checkpoints`), so the tests are parametrised over the bundles and check that every
+:func:`vqvae_medical.training.runtime.install_error_hook`, the finite-loss guard of :mod:`vqvae_medical.training.steps`, the
+checkpoints of :mod:`vqvae_medical.training.checkpoints`), so the tests are parametrised over the bundles and check that every
 bundle is wired to them:
 
 - bad input: corrupt/truncated NIfTI, NaN voxels, a 2D image in the 3D bundle, a two-channel volume for a
@@ -41,13 +41,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_runner import BUNDLES, TINY_VQVAE_2D, run_bundle
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from bundle_runner import BUNDLES, TINY_VQVAE_2D, run_bundle
-from vqvae_medical.checkpoints import atomic_save, safe_load
 from vqvae_medical.data import DataError
-from vqvae_medical.engines import NonFiniteLossError
+from vqvae_medical.training.checkpoints import atomic_save, safe_load
+from vqvae_medical.training.steps import NonFiniteLossError
 
 VQ_NET = {k: v for k, v in TINY_VQVAE_2D.items() if k != "batch_size"}
 TINY = {
@@ -424,7 +424,7 @@ def test_mixed_sizes_without_resizing_give_one_clear_error(bundle, request, tmp_
 
 
 def test_mixed_sizes_of_multi_file_volumes_are_found(volumes, tmp_path):
-    from vqvae_medical.volumes import check_volume_datalist
+    from vqvae_medical.data.volumes import check_volume_datalist
 
     img = nib.load(volumes[0])
     data = img.get_fdata(dtype=np.float32)[:32, :32, :32]

@@ -13,10 +13,10 @@ from monai.engines import SupervisedTrainer
 from monai.losses import SSIMLoss
 
 from vqvae_medical.data import build_datalist, image_transforms_2d
-from vqvae_medical.engines import VQTrainStep, training_scalars
-from vqvae_medical.handlers import TimeBudget
 from vqvae_medical.networks import VQVAE
-from vqvae_medical.schedules import cosine_decay
+from vqvae_medical.stages.autoencoder.steps import VQTrainStep, training_scalars
+from vqvae_medical.training.handlers import TimeBudget
+from vqvae_medical.training.schedules import cosine_decay
 
 
 def test_cosine_decay_over_epochs():

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from scripting import assert_scripted_equals_eager
-
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scripting import assert_scripted_equals_eager
 
 from vqvae_medical.networks.export import ReconstructionNetwork
 from vqvae_medical.networks.vqvae import VQOutput

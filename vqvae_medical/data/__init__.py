@@ -28,7 +28,12 @@ from vqvae_medical.data.datalists import (
     split_folder_datalist,
     subject_id,
 )
-from vqvae_medical.data.embedded import MNI152_T1_FILE, mni152_slices, mni152_volume_path, mni152_volumes
+from vqvae_medical.data.embedded import (
+    MNI152_T1_FILE,
+    mni152_slices,
+    mni152_volume_path,
+    mni152_volumes,
+)
 from vqvae_medical.data.transforms import (
     AdaptChannelsd,
     SqueezeSpatialDimsd,

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 from vqvae_medical.networks.export import ReconstructionNetwork
-from vqvae_medical.networks.vqvae import VQVAE, CheckpointedSequential, VQOutput, crop_to, make_quantizer, pad_to_multiple
-from vqvae_medical.networks.pixelcnn import GatedPixelCNN, PixelCNNCache, bits_per_code, prior_cross_entropy
+from vqvae_medical.networks.pixelcnn import (
+    GatedPixelCNN,
+    PixelCNNCache,
+    bits_per_code,
+    prior_cross_entropy,
+)
+from vqvae_medical.networks.vqvae import (
+    VQVAE,
+    CheckpointedSequential,
+    VQOutput,
+    crop_to,
+    make_quantizer,
+    pad_to_multiple,
+)
 from vqvae_medical.networks.vqvae2 import VQVAE2
 
 __all__ = [

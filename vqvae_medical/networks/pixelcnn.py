@@ -14,7 +14,7 @@ weight is ever multiplied by a mask and no work is spent on masked-out taps. Wit
 ``c - L p .. c + L p`` and on row ``r``, columns ``c - L p .. c - 1`` (clipped to the map), and on nothing else.
 
 :class:`PixelCNNCache` evaluates the same network one position at a time for raster-order sampling: the vertical
-stack once per row, the horizontal stack one column per layer and position (see :mod:`vqvae_medical.sampling`).
+stack once per row, the horizontal stack one column per layer and position (see :mod:`vqvae_medical.stages.prior.sampling`).
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ class PixelCNNCache:
     - the horizontal stack is computed for one column per layer and position, from a per-layer buffer of the
       current row's inputs.
 
-    Use :meth:`next_logits` then :meth:`append` for each position (see :func:`vqvae_medical.sampling.sample`).
+    Use :meth:`next_logits` then :meth:`append` for each position (see :func:`vqvae_medical.stages.prior.sampling.sample`).
 
     Args:
         model: the prior.

@@ -4,7 +4,7 @@ van den Oord et al., "Neural Discrete Representation Learning", NeurIPS 2017 (ar
 decoder laid out as MONAI's ``VQVAE`` (Tudosiu et al. 2022, arXiv 2209.03177): strided convolutions alternating
 with residual units. Differences from ``monai.networks.nets.VQVAE``, each for a measured reason:
 
-- the quantizer is :class:`~vqvae_medical.quantizers.EMAVectorQuantizer` (data initialisation, dead-code restart,
+- the quantizer is :class:`~vqvae_medical.networks.quantizers.EMAVectorQuantizer` (data initialisation, dead-code restart,
   fp32, chunked search) or the gradient-trained one, instead of MONAI's ``EMAQuantizer`` that collapses;
 - upsampling is selectable (``"subpixel"`` ICNR by default, free of checkerboards at initialisation);
 - inputs whose size is not a multiple of ``2 ** levels`` are padded and the reconstruction cropped back;
@@ -26,8 +26,18 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vqvae_medical.blocks import UPSAMPLE_MODES, ResidualUnit, inplace_act, make_downsample, make_upsample
-from vqvae_medical.quantizers import EMAVectorQuantizer, GradientVectorQuantizer, QuantizerOutput
+from vqvae_medical.networks.blocks import (
+    UPSAMPLE_MODES,
+    ResidualUnit,
+    inplace_act,
+    make_downsample,
+    make_upsample,
+)
+from vqvae_medical.networks.quantizers import (
+    EMAVectorQuantizer,
+    GradientVectorQuantizer,
+    QuantizerOutput,
+)
 
 __all__ = ["VQOutput", "VQVAE", "CheckpointedSequential", "make_quantizer", "pad_to_multiple", "crop_to"]
 

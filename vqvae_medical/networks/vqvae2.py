@@ -31,8 +31,19 @@ from monai.networks.layers.utils import get_act_layer
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from vqvae_medical.blocks import UPSAMPLE_MODES, ResidualUnit, make_downsample, make_upsample
-from vqvae_medical.networks.vqvae import CheckpointedSequential, VQOutput, crop_to, make_quantizer, pad_to_multiple
+from vqvae_medical.networks.blocks import (
+    UPSAMPLE_MODES,
+    ResidualUnit,
+    make_downsample,
+    make_upsample,
+)
+from vqvae_medical.networks.vqvae import (
+    CheckpointedSequential,
+    VQOutput,
+    crop_to,
+    make_quantizer,
+    pad_to_multiple,
+)
 
 __all__ = ["VQVAE2"]
 
@@ -280,7 +291,7 @@ class VQVAE2(nn.Module):
 
         Returns:
             :class:`VQOutput` with the reconstruction (input size), ``quantizer_loss = top + bottom`` and
-            ``levels = (top, bottom)`` :class:`~vqvae_medical.quantizers.QuantizerOutput`.
+            ``levels = (top, bottom)`` :class:`~vqvae_medical.networks.quantizers.QuantizerOutput`.
         """
         size = list(x.shape[2:])
         z_top, features = self.encode(x)

@@ -1,7 +1,7 @@
 """Learning-rate schedules for the bundles' ``torch.optim.lr_scheduler.LambdaLR``.
 
 PyTorch's ``CosineAnnealingLR`` anneals over a fixed number of steps; a run limited by a time budget
-(``vqvae_medical.handlers.TimeBudget``) does not know in advance how many epochs it will reach, so it would stop
+(``vqvae_medical.training.handlers.TimeBudget``) does not know in advance how many epochs it will reach, so it would stop
 with the learning rate still high. The factor here follows whichever of the two ends comes first, the epoch
 count or the time budget.
 """

@@ -1,6 +1,6 @@
 """Inference of whole volumes through a MONAI inferer (e.g. ``SlidingWindowInferer``) with the code maps.
 
-:class:`~vqvae_medical.engines.VQEvalStep` calls ``engine.network(images)`` once and needs the structured
+:class:`~vqvae_medical.stages.autoencoder.steps.VQEvalStep` calls ``engine.network(images)`` once and needs the structured
 :class:`~vqvae_medical.networks.VQOutput`, so it cannot run window by window. :class:`SlidingWindowReconstructionStep`
 runs ``engine.inferer`` over the single-tensor ``network_def`` (:class:`~vqvae_medical.networks.ReconstructionNetwork`,
 ``forward(image) -> reconstruction``), so volumes larger than the training patch are reconstructed window by window
@@ -46,7 +46,7 @@ class SlidingWindowReconstructionStep:
 
     ``engine.network`` must be a single-tensor wrapper such as
     :class:`~vqvae_medical.networks.ReconstructionNetwork` whose ``model`` attribute has ``encode_to_indices``.
-    The reconstruction is clipped to ``clip`` like :class:`~vqvae_medical.engines.VQEvalStep`'s; under AMP (CUDA
+    The reconstruction is clipped to ``clip`` like :class:`~vqvae_medical.stages.autoencoder.steps.VQEvalStep`'s; under AMP (CUDA
     only) the quantizer still runs in fp32. The output dict has ``image``, ``label`` (the image), ``pred`` and
     ``indices`` (a tuple with one code map per level), the keys ``ReconstructionWriter`` reads.
 

@@ -37,7 +37,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     quantities of different scales (SSIM, PSNR in dB, perplexity) each stay readable.
 
     Args:
-        history: records as written by :class:`~vqvae_medical.handlers.MetricsHistory`.
+        history: records as written by :class:`~vqvae_medical.training.handlers.MetricsHistory`.
         path: PNG to write when the figure is ours (``ax`` is ``None``).
         ax: an axes whose area the panels replace (inside a larger figure).
 
@@ -134,7 +134,7 @@ def save_evaluation_report(
         else:
             row = [(f"#{i} input", to_display(image), "gray")]
             row += [(name, np.asarray(c), "nipy_spectral") for name, c in zip(level_names, s["codes"])]
-            row += [(f"reconstruction", to_display(recon), "gray"), ("|error|", np.abs(to_display(image) - to_display(recon)), "magma")]
+            row += [("reconstruction", to_display(recon), "gray"), ("|error|", np.abs(to_display(image) - to_display(recon)), "magma")]
             rows.append(row)
     n_cols = max((len(r) for r in rows), default=3)
     # with three columns (3D, or 2D without code maps) the curves get a full-width row of their own

@@ -1,12 +1,4 @@
-"""VQ code maps of a trained VQ-VAE bundle: loading the autoencoder, extraction, an on-disk cache and a dataset.
-
-A prior over discrete latents (van den Oord et al., "Neural Discrete Representation Learning", NeurIPS 2017,
-arXiv 1711.00937) is trained on the code maps of a frozen VQ-VAE. The maps are computed once, in eval mode with
-:meth:`~vqvae_medical.networks.VQVAE.encode_to_indices` (which never updates the codebook), and cached on disk as
-int16 tensors with the labels and a fingerprint of the checkpoint file, the datalist and the preprocessing: a run
-with the same inputs reads the cache, a changed checkpoint or datalist re-extracts. The cache is read with
-``torch.load(weights_only=True)``.
-"""
+"""VQ code maps for the prior: extraction through the frozen autoencoder, on-disk cache, dataset."""
 
 from __future__ import annotations
 
@@ -19,33 +11,25 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from monai.bundle import ConfigParser
 from torch import nn
 from torch.utils.data import Dataset
 
-from vqvae_medical.checkpoints import atomic_save, safe_load
 from vqvae_medical.data import image_transforms_2d
-from vqvae_medical.workflows import rank_zero_first
+from vqvae_medical.stages.frozen import file_sha256, state_digest
+from vqvae_medical.training.checkpoints import atomic_save, safe_load
+from vqvae_medical.training.distributed import rank_zero_first
 
-__all__ = [
-    "CACHE_VERSION",
-    "NO_LABEL",
-    "CodeMaps",
-    "CodeMapDataset",
-    "model_state_dict",
-    "load_vqvae",
-    "file_sha256",
-    "state_digest",
-    "codes_fingerprint",
-    "extract_codes",
-    "cached_code_maps",
-    "code_map_dataset",
-]
+__all__ = ["CACHE_VERSION", "NO_LABEL", "CodeMaps", "codes_fingerprint", "extract_codes", "cached_code_maps", "CodeMapDataset", "code_map_dataset"]
 
 logger = logging.getLogger(__name__)
 
+
 CACHE_VERSION = 1
+
+
 NO_LABEL = -1
+
+
 _INT16_MAX_CODES = 32768
 
 
@@ -65,89 +49,6 @@ class CodeMaps(NamedTuple):
     paths: list[str]
     fingerprint: str
     extracted: bool
-
-
-def model_state_dict(state: Any) -> Mapping[str, torch.Tensor]:
-    """The network state dict of a ``model.pt`` (a state dict) or of a training checkpoint (``{"model": ...}``)."""
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        return state["model"]
-    if not isinstance(state, Mapping):
-        raise ValueError("the VQ-VAE checkpoint must hold a state dict or a {'model': state dict} checkpoint.")
-    return state
-
-
-def load_vqvae(
-    bundle_dir: str | os.PathLike,
-    ckpt_path: str | os.PathLike | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    config_file: str = "inference.json",
-    net_id: str = "network_def",
-    device: str | torch.device = "cpu",
-) -> nn.Module:
-    """The trained autoencoder of a VQ-VAE bundle, in eval mode, with gradients off.
-
-    The network definition is read from the bundle's own config with :class:`monai.bundle.ConfigParser`, so the
-    architecture is not repeated in the prior's config; ``overrides`` change it as on that bundle's command line
-    (e.g. ``{"in_channels": 3, "network_def#model#channels": [32, 64]}``). The weights are loaded with
-    ``weights_only=True``. Relative paths resolve against the working directory.
-
-    Args:
-        bundle_dir: the VQ-VAE bundle folder (with ``configs/<config_file>``).
-        ckpt_path: its checkpoint (default ``<bundle_dir>/models/model.pt``): the state dict of ``net_id`` or a
-            training checkpoint ``{"model": state dict, ...}``.
-        overrides: config id -> value, applied before the network is built.
-        config_file: config file of the bundle holding the network definition.
-        net_id: id of the network definition.
-        device: device of the returned module.
-
-    Returns:
-        the autoencoder (the ``model`` inside a :class:`~vqvae_medical.networks.ReconstructionNetwork`).
-    """
-    bundle_dir = Path(bundle_dir).absolute()
-    config = bundle_dir / "configs" / config_file
-    if not config.is_file():
-        raise ValueError(f"{config} does not exist: vqvae_bundle_dir must be a VQ-VAE bundle folder.")
-    ckpt = Path(ckpt_path) if ckpt_path is not None else bundle_dir / "models" / "model.pt"
-    if not ckpt.is_file():
-        raise ValueError(f"VQ-VAE checkpoint {ckpt} does not exist. Train the VQ-VAE bundle first or set vqvae_ckpt.")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    parser["bundle_root"] = str(bundle_dir)
-    for key, value in (overrides or {}).items():
-        parser[key] = value
-    net = parser.get_parsed_content(net_id, instantiate=True)
-    try:
-        net.load_state_dict(model_state_dict(safe_load(ckpt)))
-    except RuntimeError as e:
-        raise ValueError(
-            f"{ckpt} does not fit the network of {config} with overrides {dict(overrides or {})}: pass the "
-            f"overrides the VQ-VAE was trained with (vqvae_overrides). {e}"
-        ) from e
-    model = getattr(net, "model", net)
-    if not hasattr(model, "encode_to_indices") or not hasattr(model, "decode_from_indices"):
-        raise ValueError(f"{net_id} of {config} is not a VQ-VAE (no encode_to_indices/decode_from_indices).")
-    model = model.to(device).eval()
-    model.requires_grad_(False)
-    return model
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def state_digest(module: nn.Module) -> str:
-    """SHA-256 of every tensor of ``module.state_dict()`` (names, dtypes, shapes and bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def codes_fingerprint(

@@ -1,11 +1,4 @@
-"""Ignite iteration steps for the autoencoders, used as ``iteration_update`` of MONAI's workflows.
-
-MONAI's ``SupervisedTrainer._iteration`` computes ``loss_function(network(x), y)`` and keeps only the network output;
-a VQ-VAE's training loss needs the quantizer loss from the same forward pass, and the handlers need the code
-indices, perplexity and usage. These steps run one forward pass, add the losses, keep MONAI's AMP conventions
-(``engine.amp``, ``engine.scaler``; the quantizer itself stays in fp32) and return a dict that MONAI handlers read
-with ``from_engine`` (``image``, ``label``, ``pred``, ``loss``) plus the code statistics.
-"""
+"""The autoencoder stage's Ignite iteration steps (loss, AMP, codebook statistics)."""
 
 from __future__ import annotations
 
@@ -18,65 +11,10 @@ import torch.nn.functional as F
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
-from vqvae_medical.losses import SeparableSSIMLoss
+from vqvae_medical.evaluation.losses import SeparableSSIMLoss
+from vqvae_medical.training.steps import check_finite_loss
 
-__all__ = [
-    "NonFiniteLossError",
-    "check_finite_loss",
-    "FiniteLossGuard",
-    "unwrap",
-    "reconstruction_loss",
-    "VQTrainStep",
-    "VQEvalStep",
-    "training_scalars",
-]
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when a training loss is NaN or infinite; the step stops before the optimizer changes any weight."""
-
-
-def check_finite_loss(engine: Any, loss: torch.Tensor, what: str = "training loss", details: str = "") -> None:
-    """Raise :class:`NonFiniteLossError` naming the epoch and iteration when ``loss`` is NaN or infinite.
-
-    Call it after the forward pass and before ``backward``/``optimizer.step``, so that no weight is updated and
-    the checkpoints on disk (written at epoch ends) stay those of the last good epoch. Every bundle's training
-    step uses it: :class:`VQTrainStep`, :class:`~vqvae_medical.prior.PriorTrainStep` and, for MONAI's default
-    iteration (the diffusion bundle), :class:`FiniteLossGuard`.
-
-    Args:
-        engine: the trainer (its ``state.epoch`` and ``state.iteration`` are reported).
-        loss: the loss of this iteration.
-        what: name of the loss in the message.
-        details: extra text after the value (e.g. the loss terms).
-    """
-    if bool(torch.isfinite(loss.detach()).all()):
-        return
-    value = loss.detach().float().mean().item()
-    raise NonFiniteLossError(
-        f"non-finite {what} ({value}) at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
-        f"{': ' + details if details else ''}. No weights were updated and the last checkpoint is intact; check "
-        "the input data for NaN/Inf, lower the learning rate, or disable AMP."
-    )
-
-
-class FiniteLossGuard:
-    """Ignite handler for trainers that run MONAI's own ``SupervisedTrainer`` iteration (no custom step): checks
-    ``engine.state.output["loss"]`` with :func:`check_finite_loss` on ``IterationEvents.LOSS_COMPLETED``, i.e.
-    after the loss is computed and before ``backward`` and the optimizer step."""
-
-    def attach(self, engine: Any) -> None:
-        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
-
-    def __call__(self, engine: Any) -> None:
-        check_finite_loss(engine, engine.state.output[CommonKeys.LOSS])
-
-
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The module inside ``DistributedDataParallel``/``DataParallel`` wrappers."""
-    while isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        network = network.module
-    return network
+__all__ = ["reconstruction_loss", "VQTrainStep", "VQEvalStep", "training_scalars"]
 
 
 def reconstruction_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -104,7 +42,7 @@ class VQTrainStep:
 
     The optional SSIM term (Wang et al. 2004; as a training loss: Zhao et al., "Loss Functions for Image
     Restoration with Neural Networks", IEEE TCI 2017) weights local contrast and structure that an L1 or MSE loss
-    averages away; it assumes images scaled to [0, 1]. It is :class:`~vqvae_medical.losses.SeparableSSIMLoss`, the
+    averages away; it assumes images scaled to [0, 1]. It is :class:`~vqvae_medical.evaluation.losses.SeparableSSIMLoss`, the
     value of MONAI's ``SSIMLoss`` at a fraction of its cost in 3D.
 
     Args:

@@ -16,7 +16,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.metrics import SSIMMetric
 
-from vqvae_medical.losses import SeparableSSIMLoss
+from vqvae_medical.evaluation.losses import SeparableSSIMLoss
 from vqvae_medical.networks.pixelcnn import bits_per_code
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
 
 class SeparableSSIMMetric(SSIMMetric):
     """MONAI's ``SSIMMetric`` (Gaussian window) computed with the separable window of
-    :class:`~vqvae_medical.losses.SeparableSSIMLoss`: the same per-image values to float32 rounding (tested), without
+    :class:`~vqvae_medical.evaluation.losses.SeparableSSIMLoss`: the same per-image values to float32 rounding (tested), without
     the dense ``win_size^3`` convolution that made MONAI's metric most of a 3D validation's time (on a 128³ volume,
     see ``docs/benchmarks.md``). Arguments as MONAI's; only the Gaussian window is supported.
     """

@@ -22,9 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from vqvae_medical.data import CheckReport, DataError, build_datalist, check_datalist, image_extension, inspect_image
+from vqvae_medical.data import (
+    CheckReport,
+    DataError,
+    build_datalist,
+    check_datalist,
+    image_extension,
+    inspect_image,
+)
 from vqvae_medical.data.checks import NIFTI_EXTENSIONS
-from vqvae_medical.workflows import inference_datalist, training_datalist
+from vqvae_medical.data.lists import inference_datalist, training_datalist
 
 __all__ = ["check_volume_datalist", "volume_training_datalist", "volume_inference_datalist"]
 
@@ -157,7 +164,7 @@ def volume_training_datalist(
     require_same_size: bool = False,
     **kwargs: Any,
 ) -> dict[str, list[dict]]:
-    """:func:`~vqvae_medical.workflows.training_datalist` for 3D volumes, with multi-file channel items allowed.
+    """:func:`~vqvae_medical.data.lists.training_datalist` for 3D volumes, with multi-file channel items allowed.
 
     Args:
         dataset_dir: data folder, ``dataset.json`` file, or ``None`` for the embedded MNI152 volumes.
@@ -186,7 +193,7 @@ def volume_training_datalist(
 def volume_inference_datalist(
     input_path: str | os.PathLike | Sequence[str], channels: int = 1, skip_bad: bool = False
 ) -> list[dict]:
-    """:func:`~vqvae_medical.workflows.inference_datalist` for 3D volumes; a ``dataset.json`` may list channel files.
+    """:func:`~vqvae_medical.data.lists.inference_datalist` for 3D volumes; a ``dataset.json`` may list channel files.
 
     Args:
         input_path: a folder of volumes, one volume, a list of paths, or a decathlon-style JSON file (its ``test``

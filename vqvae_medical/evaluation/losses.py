@@ -6,7 +6,7 @@ separable, so filtering along each axis in turn gives the same local means with 
 five maps lets one depthwise convolution per axis filter them all. Measured on one CPU thread
 (``benchmarks/ssim_loss.py``): about 19x faster than MONAI's for a ``2 x 1 x 64^3`` batch (forward + backward)
 and 1.7x for ``8 x 3 x 256^2``, with the same value to float32 rounding (tested against MONAI's ``SSIMLoss``).
-The same computation serves as a metric (:class:`vqvae_medical.metrics.SeparableSSIMMetric`, used by the 3D
+The same computation serves as a metric (:class:`vqvae_medical.evaluation.metrics.SeparableSSIMMetric`, used by the 3D
 bundle, where MONAI's ``SSIMMetric`` took most of each validation's time).
 """
 

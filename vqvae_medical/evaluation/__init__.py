@@ -1,0 +1,1 @@
+"""Evaluation and its outputs: losses, metrics, sample diversity and quality, figures, writers."""

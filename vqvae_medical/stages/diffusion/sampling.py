@@ -1,0 +1,241 @@
+"""Sampling latents with MONAI's schedulers and decoding them; sample writers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import DiffusionInferer
+from torch import nn
+
+from vqvae_medical.evaluation.figures import save_image_grid
+from vqvae_medical.stages.diffusion.network import LatentDiffusionNetwork
+from vqvae_medical.stages.frozen import FrozenAutoencoder
+
+__all__ = ["ClassConditionedDiffusionInferer", "LatentSampler", "write_samples", "generate"]
+
+logger = logging.getLogger(__name__)
+
+
+class ClassConditionedDiffusionInferer(DiffusionInferer):
+    """MONAI's ``DiffusionInferer`` that also passes ``class_labels`` to the UNet (its class embedding).
+
+    ``__call__`` (training: noise the input with the scheduler and predict) and ``sample`` are MONAI's; a
+    ``class_labels`` tensor binds to the network's ``class_labels`` argument.
+    """
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        diffusion_model: nn.Module,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        condition: torch.Tensor | None = None,
+        mode: str = "crossattn",
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if noise.shape != inputs.shape:
+            raise ValueError(f"noise {list(noise.shape)} must have the latent's shape {list(inputs.shape)}.")
+        model = diffusion_model if class_labels is None else partial(diffusion_model, class_labels=class_labels)
+        return super().__call__(inputs, model, noise, timesteps, condition=condition, mode=mode)
+
+    @torch.no_grad()
+    def sample(  # type: ignore[override]
+        self,
+        input_noise: torch.Tensor,
+        diffusion_model: nn.Module,
+        scheduler: Any = None,
+        class_labels: torch.Tensor | None = None,
+        verbose: bool = False,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        model = diffusion_model if class_labels is None else partial(diffusion_model, class_labels=class_labels)
+        return super().sample(input_noise, model, scheduler=scheduler, verbose=verbose, **kwargs)
+
+
+class LatentSampler:
+    """Samples images: noise shaped like the latent -> DDIM (or any MONAI scheduler) in latent space ->
+    ``/ scale_factor`` -> snap to the codebook -> VQ-VAE decoder -> crop to the training image size.
+
+    Args:
+        network: the trained :class:`LatentDiffusionNetwork` (its buffers give scale, latent and image size).
+        autoencoder: the frozen VQ-VAE it was trained on.
+        scheduler: the sampling scheduler, e.g. ``DDIMScheduler(clip_sample=False)``.
+        num_inference_steps: sampling steps (50 for DDIM).
+        batch_size: samples generated at once.
+        clip: value range of the images (``None`` to keep the decoder's output as it is).
+    """
+
+    def __init__(
+        self,
+        network: LatentDiffusionNetwork,
+        autoencoder: FrozenAutoencoder,
+        scheduler: Any,
+        num_inference_steps: int = 50,
+        batch_size: int = 8,
+        clip: Sequence[float] | None = (0.0, 1.0),
+    ) -> None:
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
+        self.network = network
+        self.autoencoder = autoencoder
+        self.scheduler = scheduler
+        self.num_inference_steps = int(num_inference_steps)
+        self.batch_size = max(1, int(batch_size))
+        self.clip = clip
+        self.inferer = ClassConditionedDiffusionInferer(scheduler)
+        self.last_seconds_per_sample = float("nan")
+        self.last_cpu_seconds_per_sample = float("nan")
+
+    def class_labels(self, n: int, class_label: int | Sequence[int] | None = None) -> torch.Tensor | None:
+        """``None`` for an unconditional model; else ``class_label`` for all, or classes in turn when ``None``."""
+        k = self.network.num_class_embeds
+        if not k:
+            if class_label is not None:
+                raise ValueError("class_label was given but the model is not class-conditioned (num_class_embeds).")
+            return None
+        if class_label is None:
+            return torch.arange(n) % int(k)
+        labels = torch.as_tensor(class_label).long().reshape(-1)
+        labels = labels.expand(n) if labels.numel() == 1 else labels
+        if labels.numel() != n or int(labels.min()) < 0 or int(labels.max()) >= int(k):
+            raise ValueError(f"class_label must be one class or {n} classes in [0, {int(k) - 1}], got {class_label}.")
+        return labels
+
+    @torch.no_grad()
+    def sample_latents(
+        self, n: int, class_labels: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``n`` latents (unscaled, before snapping) from noise ``[n, *latent_shape]``."""
+        net = self.network
+        net.check_ready()
+        scheduler_type = getattr(self.scheduler, "prediction_type", net.prediction_type)
+        if scheduler_type != net.prediction_type:
+            raise ValueError(
+                f"the model was trained with prediction_type {net.prediction_type!r} but the sampling scheduler uses "
+                f"{scheduler_type!r}; set --prediction_type {net.prediction_type}."
+            )
+        net.eval()
+        device = net.scale_factor.device
+        shape = [int(n), *[int(s) for s in net.latent_shape]]
+        noise = torch.randn(shape, generator=generator).to(device)
+        self.scheduler.set_timesteps(self.num_inference_steps, device=device)
+        labels = None if class_labels is None else class_labels.to(device)
+        z = self.inferer.sample(noise, net, scheduler=self.scheduler, class_labels=labels, verbose=False)
+        return z / net.scale_factor
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, class_label: int | Sequence[int] | None = None, seed: int | None = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``n`` images ``[n, C, *image_size]`` on the CPU and their class labels (``None`` if unconditional)."""
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        labels = self.class_labels(n, class_label)
+        size = [int(s) for s in self.network.image_size] or None
+        out = []
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for i in range(0, n, self.batch_size):
+            m = min(self.batch_size, n - i)
+            z = self.sample_latents(m, None if labels is None else labels[i : i + m], generator)
+            images = self.autoencoder.decode(z, size if size and all(size) else None)
+            if self.clip is not None:
+                images = images.clamp(*self.clip)
+            out.append(images.cpu())
+        self.last_seconds_per_sample = (time.perf_counter() - start) / max(n, 1)
+        self.last_cpu_seconds_per_sample = (time.process_time() - cpu_start) / max(n, 1)
+        logger.info(
+            f"sampled {n} images in {self.last_seconds_per_sample * n:.1f} s ({self.last_seconds_per_sample:.2f} s per "
+            f"sample, {self.last_cpu_seconds_per_sample:.2f} CPU-s of this process per sample, "
+            f"{self.num_inference_steps} {type(self.scheduler).__name__} steps, {torch.get_num_threads()} threads)"
+        )
+        return torch.cat(out), labels
+
+
+def _mid_slices(volume: torch.Tensor) -> list[np.ndarray]:
+    v = np.asarray(volume[0], dtype=np.float32)
+    x, y, z = (s // 2 for s in v.shape)
+    return [np.rot90(v[:, :, z])[None], np.rot90(v[:, y, :])[None], np.rot90(v[x, :, :])[None]]
+
+
+def _save_grid(
+    path: Path,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    ncols: int | None = None,
+    names: Sequence[str] | None = None,
+) -> Path:
+    names = list(names) if names is not None else [f"#{i}" for i in range(len(images))]
+    if labels is not None:
+        names = [f"{name} class {int(c)}" for name, c in zip(names, labels)]
+    if images.ndim == 5:  # 3D: one row of axial, coronal, sagittal mid-slices per sample
+        tiles = [s for img in images for s in _mid_slices(img)]
+        titles = [f"{name} {v}" for name in names for v in ("ax", "cor", "sag")]
+        return save_image_grid(path, tiles, ncols=3, titles=titles)
+    return save_image_grid(path, list(images), ncols=ncols or min(8, max(1, len(images))), titles=names)
+
+
+def write_samples(
+    images: torch.Tensor,
+    output_dir: str | os.PathLike,
+    labels: torch.Tensor | None = None,
+    voxel_size: Sequence[float] | float | None = None,
+    prefix: str = "sample",
+) -> list[Path]:
+    """Write samples: 2D -> ``<prefix>_NNN.png`` (8-bit grey or RGB); 3D -> ``<prefix>_NNN.nii.gz`` (float32,
+    affine ``diag(voxel_size)``); plus ``samples.png``, a grid of all (3D: mid-slices)."""
+    import nibabel as nib
+    from PIL import Image
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for i, img in enumerate(images):
+        arr = img.float().numpy()
+        if images.ndim == 4:
+            pix = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr[:3], 0, -1)
+            path = out / f"{prefix}_{i:03d}.png"
+            Image.fromarray(np.round(np.clip(pix, 0, 1) * 255.0).astype(np.uint8)).save(path)
+        else:
+            vs = [1.0, 1.0, 1.0] if voxel_size is None else list(np.broadcast_to(np.asarray(voxel_size, float), (3,)))
+            data = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
+            path = out / f"{prefix}_{i:03d}.nii.gz"
+            nib.save(nib.Nifti1Image(data.astype(np.float32), np.diag([*vs, 1.0])), path)
+        written.append(path)
+    written.append(_save_grid(out / "samples.png", images, labels))
+    return written
+
+
+def generate(
+    sampler: LatentSampler,
+    n: int,
+    output_dir: str | os.PathLike,
+    class_label: int | Sequence[int] | None = None,
+    seed: int = 0,
+    voxel_size: Sequence[float] | float | None = None,
+) -> dict[str, Any]:
+    """Sample ``n`` images, write them (:func:`write_samples`) and ``sampling.json`` (timing); returns the latter."""
+    images, labels = sampler.sample(n, class_label=class_label, seed=seed)
+    write_samples(images, output_dir, labels, voxel_size)
+    info = {
+        "n_samples": int(n),
+        "seconds_per_sample": sampler.last_seconds_per_sample,
+        "cpu_seconds_per_sample": sampler.last_cpu_seconds_per_sample,
+        "num_inference_steps": sampler.num_inference_steps,
+        "scheduler": type(sampler.scheduler).__name__,
+        "batch_size": sampler.batch_size,
+        "device": str(sampler.network.scale_factor.device),
+        "threads": torch.get_num_threads(),
+        "image_size": [int(s) for s in sampler.network.image_size],
+        "latent_shape": [int(s) for s in sampler.network.latent_shape],
+        "labels": None if labels is None else [int(c) for c in labels],
+    }
+    (Path(output_dir) / "sampling.json").write_text(json.dumps(info, indent=2))
+    return info

@@ -1,0 +1,124 @@
+"""Prepare-batch of the latent diffusion trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines import DiffusionPrepareBatch
+
+from vqvae_medical.stages.diffusion.network import LatentDiffusionNetwork
+from vqvae_medical.stages.frozen import FrozenAutoencoder
+
+__all__ = ["LatentDiffusionPrepareBatch"]
+
+
+class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
+    """``prepare_batch`` for MONAI's ``SupervisedTrainer``/``SupervisedEvaluator`` on latents.
+
+    Returns ``(latents * scale_factor, target, (), {"noise", "timesteps"[, "class_labels"]})``; the noise has the
+    latent's shape. Batches of images (no ``latent_key``) are encoded by the frozen ``autoencoder`` on the fly
+    (e.g. with augmentation); pre-extracted latents skip the encoder.
+
+    Args:
+        num_train_timesteps: timesteps of the training scheduler.
+        network: the :class:`LatentDiffusionNetwork`; its ``scale_factor`` buffer is read at every call, so a
+            value restored from a checkpoint is the one used.
+        autoencoder: the frozen VQ-VAE, needed only for batches of images.
+        scheduler: the training scheduler, needed for ``prediction_type="v_prediction"``.
+        prediction_type: ``"epsilon"`` (target: the noise), ``"v_prediction"`` or ``"sample"``.
+        latent_key: batch key of pre-extracted latents.
+        image_key: batch key of images to encode.
+        label_key: batch key of int class labels for a class-conditioned UNet, or ``None``.
+        seed: draw noise and timesteps from a generator re-seeded at every epoch start (attach this object to
+            the engine as a handler): the same noise every validation, comparable across epochs.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int,
+        network: LatentDiffusionNetwork,
+        autoencoder: FrozenAutoencoder | None = None,
+        scheduler: Any = None,
+        prediction_type: str = "epsilon",
+        latent_key: str = "latent",
+        image_key: str = "image",
+        label_key: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}.")
+        if prediction_type != network.prediction_type:
+            raise ValueError(
+                f"prediction_type {prediction_type!r} differs from the network's {network.prediction_type!r}."
+            )
+        if prediction_type == "v_prediction" and scheduler is None:
+            raise ValueError("prediction_type='v_prediction' needs the scheduler (for get_velocity).")
+        self.network = network
+        self.autoencoder = autoencoder
+        self.scheduler = scheduler
+        self.prediction_type = prediction_type
+        self.latent_key = latent_key
+        self.image_key = image_key
+        self.label_key = label_key
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def attach(self, engine: Engine) -> None:
+        if self.seed is not None:
+            engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        if self.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+    def get_noise(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.randn(images.shape, generator=self.generator, dtype=images.dtype).to(images.device)
+
+    def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        t = torch.randint(0, self.num_train_timesteps, (images.shape[0],), generator=self.generator)
+        return t.long().to(images.device)
+
+    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(images, noise, timesteps)
+        if self.prediction_type == "sample":
+            return images
+        return noise
+
+    def latents(self, batchdata: Mapping[str, Any], device: Any = None, non_blocking: bool = False) -> torch.Tensor:
+        """Unit-variance latents of the batch: pre-extracted, or encoded by the frozen autoencoder."""
+        if self.latent_key in batchdata:
+            z = torch.as_tensor(batchdata[self.latent_key]).to(device, non_blocking=non_blocking).float()
+        elif self.image_key in batchdata and self.autoencoder is not None:
+            images = torch.as_tensor(batchdata[self.image_key]).to(device, non_blocking=non_blocking)
+            z = self.autoencoder.encode(images)
+        else:
+            raise KeyError(
+                f"the batch has neither {self.latent_key!r} (pre-extracted latents) nor {self.image_key!r} with an "
+                f"autoencoder to encode it; it has {sorted(batchdata)}."
+            )
+        scale = self.network.scale_factor
+        if not torch.isfinite(scale):
+            raise RuntimeError("the network's scale_factor is not set; build network_def with the training latents.")
+        return z * scale.to(z.device)
+
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        z = self.latents(batchdata, device, non_blocking)
+        noise = self.get_noise(z)
+        timesteps = self.get_timesteps(z)
+        target = self.get_target(z, noise, timesteps)
+        infer_kwargs: dict[str, Any] = {"noise": noise, "timesteps": timesteps}
+        if self.label_key is not None:
+            if self.label_key not in batchdata:
+                raise KeyError(
+                    f"a class-conditioned model needs {self.label_key!r} labels in every item (e.g. data_layout "
+                    "'class' or 'isic'); the batch has none."
+                )
+            infer_kwargs["class_labels"] = torch.as_tensor(batchdata[self.label_key]).long().reshape(-1).to(device)
+        return z, target, (), infer_kwargs

@@ -1,0 +1,1 @@
+"""Shared training machinery: iteration-step helpers, checkpoints, handlers, schedules, devices and DDP."""
