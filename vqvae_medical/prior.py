@@ -41,7 +41,8 @@ from vqvae_medical.engines import check_finite_loss, unwrap  # noqa: E402
 from vqvae_medical.figures import plot_training_curves, save_image_grid  # noqa: E402
 from vqvae_medical.handlers import read_history  # noqa: E402
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN, prior_cross_entropy  # noqa: E402
-from vqvae_medical.sampling import sample  # noqa: E402
+from vqvae_medical.networks.transformer_prior import TransformerPrior  # noqa: E402
+from vqvae_medical.sampling import prior_device, sample  # noqa: E402
 
 __all__ = [
     "PriorNetwork",
@@ -64,7 +65,7 @@ _LN2 = math.log(2.0)
 
 
 class PriorNetwork(nn.Module):
-    """``forward(x) -> logits``: a :class:`~vqvae_medical.networks.GatedPixelCNN` behind a one-tensor interface.
+    """``forward(x) -> logits``: a gated PixelCNN or transformer prior behind a one-tensor interface.
 
     ``x`` is a float ``[B, C, H, W]`` tensor: channel 0 holds the codes (cast with ``.long()``), and for a
     class-conditioned prior channel 1 holds the class index (read at the top-left position, see
@@ -72,10 +73,11 @@ class PriorNetwork(nn.Module):
     ``model``; the state-dict keys are ``model.*``.
 
     Args:
-        model: the PixelCNN prior (class conditioning allowed, spatial conditioning not).
+        model: the prior, a :class:`~vqvae_medical.networks.GatedPixelCNN` or a
+            :class:`~vqvae_medical.networks.TransformerPrior` (class conditioning allowed, spatial conditioning not).
     """
 
-    def __init__(self, model: GatedPixelCNN) -> None:
+    def __init__(self, model: GatedPixelCNN | TransformerPrior) -> None:
         super().__init__()
         if model.spatially_conditioned:
             raise ValueError("PriorNetwork supports class conditioning only, not a spatially conditioned prior.")
@@ -104,12 +106,15 @@ def pack_inputs(codes: torch.Tensor, class_label: torch.Tensor | None = None) ->
     return torch.cat([x, label], dim=1)
 
 
-def prior_of(network: nn.Module) -> GatedPixelCNN:
-    """The :class:`GatedPixelCNN` inside a :class:`PriorNetwork` (or DDP wrapper), or ``network`` itself."""
+def prior_of(network: nn.Module) -> GatedPixelCNN | TransformerPrior:
+    """The :class:`GatedPixelCNN` or :class:`TransformerPrior` inside a :class:`PriorNetwork` (or DDP wrapper), or
+    ``network`` itself."""
     network = unwrap(network)
     network = getattr(network, "model", network)
-    if not isinstance(network, GatedPixelCNN):
-        raise ValueError(f"expected a GatedPixelCNN or a PriorNetwork, got {type(network).__name__}.")
+    if not isinstance(network, (GatedPixelCNN, TransformerPrior)):
+        raise ValueError(
+            f"expected a GatedPixelCNN, a TransformerPrior or a PriorNetwork, got {type(network).__name__}."
+        )
     return network
 
 
@@ -334,7 +339,8 @@ def sample_and_decode(
     """Draw code maps from the prior (cached ancestral sampling) and decode them with the VQ-VAE.
 
     Args:
-        prior: a :class:`PriorNetwork` or :class:`~vqvae_medical.networks.GatedPixelCNN`.
+        prior: a :class:`PriorNetwork`, :class:`~vqvae_medical.networks.GatedPixelCNN` or
+            :class:`~vqvae_medical.networks.TransformerPrior`.
         vqvae: the autoencoder whose codes the prior models (``decode_from_indices``).
         num_samples: number of samples.
         image_size: decoded image size ``(H, W)``; the code maps are ``ceil(size / f)``.
@@ -360,7 +366,7 @@ def sample_and_decode(
         raise ValueError("this prior has no class conditioning: class_label must be None.")
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
-    device = model.embedding.weight.device
+    device = prior_device(model)
     h, w = code_size(vqvae, image_size)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     old_threads = torch.get_num_threads()
