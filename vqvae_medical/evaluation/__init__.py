@@ -1,0 +1,1 @@
+"""Evaluation of trained models: one sample-quality yardstick shared by every generative bundle."""
