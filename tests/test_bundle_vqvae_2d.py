@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 import torch
 from bundle_runner import (
+    BUNDLES,
     TINY_VQVAE_2D,
     bundle_network,
     monai_bundle,
     read_metrics,
     run_bundle,
 )
+from monai.bundle import ConfigParser
+from monai.metrics import MSEMetric, PSNRMetric, SSIMMetric
 from PIL import Image
 
 BUNDLE = "vqvae_2d"
@@ -53,6 +56,28 @@ def test_train_writes_model_logs_and_checkpoint(trained):
     assert "Epoch[1] Metrics" in proc.stdout + proc.stderr
 
 
+def _recomputed_metrics(data: Path, out: Path) -> dict[str, float]:
+    """SSIM, PSNR and MSE of the saved ``model.pt`` on the bundle's test split, computed here with MONAI's metrics
+    on the clipped reconstructions: what ``eval/metrics.json`` must hold."""
+    configs = BUNDLES / BUNDLE / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "evaluate.json")])
+    overrides = {**TINY, "dataset_dir": str(data), "output_dir": str(out), "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2}
+    parser.update({"bundle_root": str(BUNDLES / BUNDLE), **overrides})
+    dataset = parser.get_parsed_content("validate#dataset")
+    images = torch.stack([dataset[i]["image"].as_tensor() for i in range(len(dataset))])
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True))
+    with torch.no_grad():
+        recon = network.eval().model(images).reconstruction.float().clamp(0.0, 1.0)
+    return {
+        "ssim": SSIMMetric(spatial_dims=2, data_range=1.0)(recon, images).mean().item(),
+        "psnr": PSNRMetric(max_val=1.0)(recon, images).mean().item(),
+        "mse": MSEMetric()(recon, images).mean().item(),
+        "n_images": len(dataset),
+    }
+
+
 def test_evaluate_writes_metrics_and_report(trained):
     data, out, _ = trained
     run_bundle(
@@ -63,8 +88,10 @@ def test_evaluate_writes_metrics_and_report(trained):
     metrics = read_metrics(out)
     assert set(metrics) >= {"ssim", "psnr", "mse", "codebook_usage", "perplexity", "n_images"}
     assert metrics["n_images"] >= 2
-    assert -1.0 <= metrics["ssim"] <= 1.0
-    assert 0.0 <= metrics["mse"] <= 1.0 and metrics["psnr"] > 0
+    recomputed = _recomputed_metrics(data, out)
+    for key in ("ssim", "psnr", "mse"):
+        assert metrics[key] == pytest.approx(recomputed[key], rel=1e-4), key
+    assert metrics["n_images"] == recomputed["n_images"]
     assert 0.0 < metrics["codebook_usage"] <= 1.0
     assert 1.0 <= metrics["perplexity"] <= 16.0
     report = Image.open(out / "eval" / "report.png")

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from bundle_runner import (
     BUNDLES,
     TINY_VQVAE_2D,
@@ -32,6 +33,55 @@ from vqvae_medical.training.checkpoints import atomic_save
 RANK_FILE = "os.path.join(@output_dir, f'rank{torch.distributed.get_rank()}.pt')"
 DUMP = f"$torch.save(@network_def.state_dict(), {RANK_FILE})"
 DESTROY = "$torch.distributed.destroy_process_group()"
+
+
+#: handlers that write files or logs: rank 0 only
+WRITERS = {
+    "CheckpointSaver",
+    "BestModelSaver",
+    "StatsHandler",
+    "TensorBoardStatsHandler",
+    "TensorBoardImageHandler",
+    "MetricsHistory",
+    "ProgressBar",
+    "PriorSampleWriter",
+    "SampleGrid",
+}
+#: handlers every rank must run (same resume point, validation with reduced metrics, same schedule and stop)
+EVERY_RANK = {
+    "ResumeFromCheckpoint",
+    "LrScheduleHandler",
+    "ValidationHandler",
+    "CodebookMonitor",
+    "TimeBudget",
+    "FiniteLossGuard",
+    "EMAWeights",
+    "EMAHandler",
+    "LatentDiffusionPrepareBatch",
+}
+
+
+def _handler_type(parser: ConfigParser, item) -> str:
+    """Class name of a handler entry of a config (``{"_target_": ...}`` or a reference ``"@id"`` to one)."""
+    while isinstance(item, str) and item.startswith("@"):
+        item = parser.get(item[1:])
+    return item["_target_"].split(".")[-1]
+
+
+@pytest.mark.parametrize("bundle", ["vqvae_2d", "vqvae_3d", "vqvae2_2d", "pixelcnn_prior", "latent_diffusion"])
+def test_ranks_other_than_zero_run_every_handler_but_the_writers(bundle):
+    """``multi_gpu_train.json`` names the handlers of ranks > 0 by their place in ``train.json``'s lists; this test
+    fails when a list of ``train.json`` changes and the selection no longer is "all but the writers"."""
+    configs = BUNDLES / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([configs / "train.json", configs / "multi_gpu_train.json"])
+    for section, engine_key in (("train", "train#trainer#train_handlers"), ("validate", "validate#evaluator#val_handlers")):
+        handlers = [_handler_type(parser, h) for h in parser.get(f"{section}#handlers")]
+        unknown = set(handlers) - WRITERS - EVERY_RANK
+        assert not unknown, f"{bundle}: say in this test whether {unknown} write files (rank 0 only) or not"
+        every_rank = [_handler_type(parser, h) for h in parser.get(f"{section}#every_rank_handlers")]
+        assert every_rank == [h for h in handlers if h not in WRITERS], f"{bundle} {section}"
+        assert parser.get(engine_key) == f"$@{section}#handlers if @rank == 0 else @{section}#every_rank_handlers"
 
 
 def _copy_images(files, folder):

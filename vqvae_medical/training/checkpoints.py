@@ -4,6 +4,20 @@ Why not MONAI's ``CheckpointSaver``/``CheckpointLoader`` alone: MONAI's saver wr
 mid-write leaves a truncated latest checkpoint), it needs the path of the checkpoint to resume from to be known when
 the config is parsed, and it does not save RNG states. The files written here have the same layout as MONAI's and
 Ignite's (``{name: state_dict}``), so ``monai.handlers.CheckpointLoader`` reads them too.
+
+Why not Ignite's ``Checkpoint`` with ``DiskSaver(atomic=True)`` (checked against pytorch-ignite 0.5):
+
+- ``DiskSaver``'s atomic write renames a ``tempfile.NamedTemporaryFile`` (``tmpXXXXXXXX``) without ``fsync``: after
+  a power loss the renamed file may be empty, and a killed process leaves a temporary file that nothing can tell
+  from a user's file. :func:`atomic_save` fsyncs before the rename and names its temporary ``.<name>.*.tmp``, which
+  :class:`ResumeFromCheckpoint` removes.
+- ``Checkpoint`` keeps ``n_saved`` files by its in-memory list of what this process saved: after a resume (a new
+  process) the previous run's checkpoints are never deleted, so every restart leaves ``n_saved`` more files.
+  :class:`CheckpointSaver` keeps the ``n_saved`` newest files of the folder, whoever wrote them.
+- For the best model, ``Checkpoint`` names files by score (``model_0.8123.pt``); with the fixed Model Zoo name
+  ``models/model.pt`` it first deletes the old file, then writes the new one, so a crash in between leaves no model.
+  Its best score also lives in memory only: a resumed run would overwrite a better ``model.pt`` with the first
+  validation's. :class:`BestModelSaver` replaces the file in one rename and keeps the score next to it.
 """
 
 from __future__ import annotations
@@ -294,7 +308,8 @@ class BestModelSaver:
     def _best(self) -> float | None:
         meta = self.path.with_suffix(self.path.suffix + ".json")
         if meta.is_file() and self.path.is_file():
-            return float(json.loads(meta.read_text())["value"])
+            value = json.loads(meta.read_text())["value"]
+            return None if value is None else float(value)  # a NaN score is written as null
         return None
 
     def __call__(self, engine: Engine) -> None:
