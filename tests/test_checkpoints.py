@@ -8,7 +8,12 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from vqvae_medical.training.checkpoints import BestModelSaver, CheckpointSaver, ResumeFromCheckpoint, atomic_write_json
+from vqvae_medical.training.checkpoints import (
+    BestModelSaver,
+    CheckpointSaver,
+    ResumeFromCheckpoint,
+    atomic_write_json,
+)
 
 
 def _trainer(model: torch.nn.Module) -> Engine:
