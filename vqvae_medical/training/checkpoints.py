@@ -4,19 +4,34 @@ Why not MONAI's ``CheckpointSaver``/``CheckpointLoader`` alone: MONAI's saver wr
 mid-write leaves a truncated latest checkpoint), it needs the path of the checkpoint to resume from to be known when
 the config is parsed, and it does not save RNG states. The files written here have the same layout as MONAI's and
 Ignite's (``{name: state_dict}``), so ``monai.handlers.CheckpointLoader`` reads them too.
+
+Why not Ignite's ``Checkpoint`` with ``DiskSaver(atomic=True)`` (checked against pytorch-ignite 0.5):
+
+- ``DiskSaver``'s atomic write renames a ``tempfile.NamedTemporaryFile`` (``tmpXXXXXXXX``) without ``fsync``: after
+  a power loss the renamed file may be empty, and a killed process leaves a temporary file that nothing can tell
+  from a user's file. :func:`atomic_save` fsyncs before the rename and names its temporary ``.<name>.*.tmp``, which
+  :class:`ResumeFromCheckpoint` removes.
+- ``Checkpoint`` keeps ``n_saved`` files by its in-memory list of what this process saved: after a resume (a new
+  process) the previous run's checkpoints are never deleted, so every restart leaves ``n_saved`` more files.
+  :class:`CheckpointSaver` keeps the ``n_saved`` newest files of the folder, whoever wrote them.
+- For the best model, ``Checkpoint`` names files by score (``model_0.8123.pt``); with the fixed Model Zoo name
+  ``models/model.pt`` it first deletes the old file, then writes the new one, so a crash in between leaves no model.
+  Its best score also lives in memory only: a resumed run would overwrite a better ``model.pt`` with the first
+  validation's. :class:`BestModelSaver` replaces the file in one rename and keeps the score next to it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -25,6 +40,7 @@ from ignite.engine import Engine, Events
 __all__ = [
     "UntrustedCheckpointError",
     "atomic_save",
+    "atomic_write_json",
     "safe_load",
     "RNGState",
     "CheckpointSaver",
@@ -41,17 +57,14 @@ class UntrustedCheckpointError(RuntimeError):
     """A checkpoint holds pickled objects other than tensors and plain containers, and was refused."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any point leaves either the previous file or the new one, never a truncated file.
-    """
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write`` on a temporary file in the folder of ``path``, fsync, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,6 +73,35 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the previous file or the new one, never a truncated file.
+    """
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinite floats replaced by ``None`` (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int | None = 2) -> Path:
+    """Write ``obj`` as strict JSON (NaN and infinities become ``null``) atomically, as :func:`atomic_save` does.
+
+    Every JSON file the package writes (metrics, best-model records, sampling records) goes through this
+    function, so that a reader never sees half a file and every file parses with any JSON reader.
+    """
+    text = json.dumps(_strict_json(obj), indent=indent, allow_nan=False)
+    return _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -266,7 +308,8 @@ class BestModelSaver:
     def _best(self) -> float | None:
         meta = self.path.with_suffix(self.path.suffix + ".json")
         if meta.is_file() and self.path.is_file():
-            return float(json.loads(meta.read_text())["value"])
+            value = json.loads(meta.read_text())["value"]
+            return None if value is None else float(value)  # a NaN score is written as null
         return None
 
     def __call__(self, engine: Engine) -> None:
@@ -276,8 +319,5 @@ class BestModelSaver:
         if not better:
             return
         atomic_save(self.network.state_dict(), self.path)
-        meta = self.path.with_suffix(self.path.suffix + ".json")
-        tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"metric": self.metric_name, "value": value}))
-        os.replace(tmp, meta)
+        atomic_write_json({"metric": self.metric_name, "value": value}, self.path.with_suffix(self.path.suffix + ".json"))
         logger.info(f"new best {self.metric_name}={value:.4f}: saved {self.path}")
