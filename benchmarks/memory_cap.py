@@ -13,7 +13,7 @@ started with ``RLIMIT_AS`` = the cap and ``MALLOC_ARENA_MAX=1``:
 
 Usage::
 
-    python benchmarks/memory_cap.py                               # 40 volumes at 160^3, cap = imports + 400 MiB
+    python benchmarks/memory_cap.py                               # 40 volumes at 176^3, cap = imports + 500 MiB
     python benchmarks/memory_cap.py --size 256 --cap_mib 1800     # cap below the data set itself (2.3 GiB)
 """
 
@@ -65,8 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ixi_t1_2mm" / "t1"))
     parser.add_argument("--n_volumes", type=int, default=40)
-    parser.add_argument("--size", type=int, default=160)
-    parser.add_argument("--headroom_mib", type=int, default=400)
+    parser.add_argument("--size", type=int, default=176)
+    parser.add_argument("--headroom_mib", type=int, default=500)
     parser.add_argument("--cap_mib", type=int, default=None, help="absolute cap (overrides --headroom_mib)")
     args = parser.parse_args()
 

@@ -128,8 +128,10 @@ _IMPORTS = (
     "import torch, monai, ignite, torch.utils.tensorboard, vqvae_medical.data, vqvae_medical.networks;"
     "print([l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1])"
 )
-#: room above that footprint: enough to train on patches, less than the preprocessed training set (562.5 MiB)
-HEADROOM = 400 * MIB
+#: room above that footprint: enough to train on patches, less than the preprocessed training set (748.7 MiB)
+HEADROOM = 500 * MIB
+#: volumes are zero-padded to SIZE^3 (no interpolation: cheap to preprocess)
+SIZE = 176
 
 
 def _capped_env() -> dict[str, str]:
@@ -154,8 +156,8 @@ def _capped_run(bundle: str, overrides: dict, limit: int) -> subprocess.Complete
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_vqvae_3d_trains_under_a_memory_cap_smaller_than_its_data_set(ixi_dir, tmp_path):
-    """40 IXI volumes padded to 160^3 (16 MiB each in float32): 36 training volumes = 562.5 MiB preprocessed. The cap
-    is the address space of the run's imports + 400 MiB. ``--cache auto`` picks the disk and trains one epoch on
+    """40 IXI volumes padded to 176^3 (20.8 MiB each in float32): 36 training volumes = 748.7 MiB preprocessed. The
+    cap is the address space of the run's imports + 500 MiB. ``--cache auto`` picks the disk and trains one epoch on
     16^3 patches; ``--cache memory`` stops before caching anything, with one line and no traceback."""
     footprint = int(subprocess.run([sys.executable, "-c", _IMPORTS], env=_capped_env(), capture_output=True, text=True,
                                    check=True, timeout=300).stdout) * 1024
@@ -167,17 +169,19 @@ def test_vqvae_3d_trains_under_a_memory_cap_smaller_than_its_data_set(ixi_dir, t
         "dataset_dir": data,
         "output_dir": out,
         "device": "cpu",
-        "spatial_size": [160, 160, 160],
+        "spatial_size": [SIZE] * 3,
         "resize_mode": "pad",
         "patch_size": [16, 16, 16],
         "val_fraction": 0.05,
         "test_fraction": 0.05,
         "batch_size": 4,
         "max_epochs": 1,
-        "val_interval": 2,  # no validation pass: whole 160^3 volumes through the network are not the point here
+        "val_interval": 2,  # no validation pass: whole SIZE^3 volumes through the network are not the point here
     }
     n_train = 36
-    data_set = n_train * 160**3 * 4
+    data_set = n_train * SIZE**3 * 4
+    item = f"{SIZE**3 * 4 / MIB:.1f} MiB"
+    total = f"{data_set / MIB:.1f} MiB"
     assert data_set > HEADROOM
 
     refused = _capped_run("vqvae_3d", {**overrides, "cache": "memory"}, limit)
@@ -185,7 +189,7 @@ def test_vqvae_3d_trains_under_a_memory_cap_smaller_than_its_data_set(ixi_dir, t
     assert "Traceback" not in refused.stderr and "MemoryError" not in refused.stderr
     message = refused.stderr.strip().splitlines()[-1]
     assert message.startswith(f"ERROR (DataError): cache='memory' cannot hold the training set: estimated {n_train} "
-                              "training items x 15.6 MiB = 562.5 MiB, but only "), message
+                              f"training items x {item} = {total}, but only "), message
     assert message.endswith("(RLIMIT_AS). Use --cache disk (or auto) to cache it on disk, or --cache none.")
     available = float(re.search(r"only ([\d.]+) MiB is available", message).group(1)) * MIB
     assert available < data_set
@@ -194,8 +198,8 @@ def test_vqvae_3d_trains_under_a_memory_cap_smaller_than_its_data_set(ixi_dir, t
     trained = _capped_run("vqvae_3d", {**overrides, "cache": "auto"}, limit)
     log = trained.stdout + trained.stderr
     assert trained.returncode == 0, log[-4000:]
-    assert re.search(rf"cache='auto' -> 'disk' for the training set: estimated {n_train} training items x 15\.6 MiB = "
-                     r"562\.5 MiB, available [\d.]+ MiB \(RLIMIT_AS\)", log), log[-4000:]
+    choice = f"cache='auto' -> 'disk' for the training set: estimated {n_train} training items x {item} = {total}, available "
+    assert re.search(re.escape(choice) + r"[\d.]+ MiB \(RLIMIT_AS\)", log), log[-4000:]
     assert len(list((out / "cache" / "dataset").glob("*.pt"))) == n_train
     state = torch.load(out / "models" / "checkpoint_epoch=1.pt", weights_only=True)
     assert bool(state["model"]["model.quantizer.initialized"])
