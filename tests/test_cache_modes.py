@@ -107,10 +107,10 @@ def test_disk_cache_is_reused_and_keyed_by_the_preprocessing(tmp_path, brain_dir
     files = sorted((brain_dir / "Test" / "MildDemented").glob("*.jpg"))[:3]
     data = _items(files)
     cache_dir = tmp_path / "cache"
-    for _ in range(2):  # the second dataset reads the first one's files
+    for workers in (0, 2):  # the second dataset reads the first one's files, in two loader worker processes
         dataset = make_dataset(data, image_transforms_2d(spatial_size=[64, 64], augment=True), "disk", cache_dir)
         assert isinstance(dataset, PersistentDataset)
-        assert next(iter(DataLoader(dataset, batch_size=3)))["image"].shape == (3, 1, 64, 64)
+        assert next(iter(DataLoader(dataset, batch_size=3, num_workers=workers)))["image"].shape == (3, 1, 64, 64)
         assert len(list(cache_dir.glob("*.pt"))) == 3
     # another spatial size is another cache entry, never a stale one
     dataset = make_dataset(data, image_transforms_2d(spatial_size=[48, 48]), "disk", cache_dir)
