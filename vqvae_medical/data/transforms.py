@@ -1,4 +1,4 @@
-"""MONAI transform chains and datasets for 2D images and 3D volumes.
+"""MONAI transform chains for 2D images and 3D volumes (datasets: :mod:`vqvae_medical.data.caching`).
 
 Orientation convention of 2D images: every 2D image comes out as ``[C, H, W]`` with rows first, exactly the
 array that ``numpy.asarray(PIL.Image.open(path))`` (PNG/JPEG/BMP) or ``itk.GetArrayFromImage`` (TIFF/MHA/NRRD)
@@ -13,13 +13,12 @@ Hence ``PIL.Image.fromarray(uint8(255 * image[0]))`` writes a PNG that looks lik
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Hashable, Mapping, Sequence
 from functools import partial
 
 import torch
 from monai.config import KeysCollection
-from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -40,6 +39,7 @@ from monai.transforms import (
 )
 from monai.utils import ImageMetaKey, ensure_tuple_rep
 
+from vqvae_medical.data.caching import make_dataset  # re-exported: it lived here before
 from vqvae_medical.data.checks import NIFTI_EXTENSIONS, image_extension
 
 __all__ = [
@@ -349,33 +349,3 @@ def volume_transforms_3d(
             )
     xforms.append(EnsureTyped(keys, dtype=torch.float32))
     return Compose(xforms)
-
-
-def make_dataset(
-    data: Sequence[dict],
-    transform: Compose,
-    cache: str = "memory",
-    cache_dir: str | os.PathLike | None = None,
-    num_workers: int = 0,
-) -> Dataset:
-    """Wrap a datalist section in a MONAI dataset.
-
-    Args:
-        data: datalist items.
-        transform: transform chain; with caching, the deterministic transforms before the first random one
-            are cached.
-        cache: ``"memory"`` (``CacheDataset``, all items), ``"disk"`` (``PersistentDataset`` in ``cache_dir``)
-            or ``"none"`` (``Dataset``).
-        cache_dir: folder for ``"disk"``.
-        num_workers: threads that fill the memory cache (0 or 1: the calling thread).
-    """
-    if cache == "memory":
-        return CacheDataset(data, transform, cache_rate=1.0, num_workers=max(1, num_workers), progress=False)
-    if cache == "disk":
-        if cache_dir is None:
-            raise ValueError("cache='disk' needs cache_dir, the folder for the cached items.")
-        os.makedirs(cache_dir, exist_ok=True)
-        return PersistentDataset(data, transform, cache_dir=cache_dir)
-    if cache == "none":
-        return Dataset(data, transform)
-    raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}.")
