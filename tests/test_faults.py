@@ -247,6 +247,9 @@ def test_output_names_are_unique_and_keep_sub_folders(tmp_path):
     from vqvae_medical.evaluation.writers import output_names
 
     files = [tmp_path / "in" / rel for rel in ("sub1/x.jpg", "sub2/x.jpg", "y.jpg", "y.png", "z.nii.gz")]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"")
     names = output_names(files, tmp_path / "in")
     assert names == {
         str(files[0]): "sub1/x",

@@ -257,7 +257,8 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike | None, map_l
     if not path.is_file():
         raise MissingCheckpointError(
             f"{path}: no such checkpoint. Train into this --output_dir first (the best model is written to "
-            "<output_dir>/models/model.pt), or pass --ckpt_path <file.pt>."
+            "<output_dir>/models/model.pt), or pass the --output_dir of a trained run (inference also takes "
+            "--ckpt_path <file.pt>)."
         )
     state = model_state(safe_load(path, map_location=map_location))
     _load_into(network, state, path, "network", "Or pass --ckpt_path of a checkpoint trained with these settings.")
