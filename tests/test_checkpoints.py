@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -33,6 +35,7 @@ def test_resume_loads_the_newest_checkpoint_and_removes_stale_temporary_files(tm
     # what a process killed in the middle of a checkpoint write leaves behind
     stale = tmp_path / ".checkpoint_epoch=3.pt.abc123.tmp"
     stale.write_bytes(b"half a checkpoint")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))  # written by an earlier process
 
     fresh = torch.nn.Linear(2, 2)
     again = _trainer(fresh)
