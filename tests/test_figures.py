@@ -1,11 +1,13 @@
-"""Training-curve figure: one panel per metric, training and validation of a metric in the same panel."""
+"""Training-curve figure: one panel per metric, training and validation of a metric in the same panel; the
+evaluation report lists each image's SSIM when there are few images."""
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 from PIL import Image
 
-from vqvae_medical.figures import plot_training_curves
+from vqvae_medical.figures import plot_ssim_values, plot_training_curves, save_evaluation_report
 
 HISTORY = [
     {"phase": "train", "epoch": 1, "iteration": 10, "loss": 0.5, "perplexity": 12.0},
@@ -34,3 +36,31 @@ def test_panels_fill_a_given_axes_area():
 def test_empty_history_says_so():
     panels = plot_training_curves([])
     assert "no history" in panels[0].get_title()
+
+
+def test_few_images_show_each_ssim_value():
+    values = [0.91, 0.42, 0.88, 0.95, 0.77, 0.93, 0.90, 0.86]
+    fig, ax = plt.subplots()
+    assert plot_ssim_values(values, ax) == "values"
+    heights = [patch.get_height() for patch in ax.patches]
+    assert np.allclose(heights, values)
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == [f"{v:.3f}" for v in values]
+    assert "n=8" in ax.get_title() and "min 0.420" in ax.get_title()
+    plt.close(fig)
+
+
+def test_many_images_get_a_histogram():
+    values = np.linspace(0.5, 0.99, 40)
+    fig, ax = plt.subplots()
+    assert plot_ssim_values(values, ax) == "histogram"
+    assert len(ax.patches) == 20 and not ax.texts
+    plt.close(fig)
+
+
+def test_report_with_eight_images(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 16, 16)).astype(np.float32)
+    samples = [{"image": image, "recon": image * 0.9, "codes": [rng.integers(0, 8, (4, 4))]}]
+    path = save_evaluation_report(tmp_path / "report.png", samples, [0.9] * 7 + [0.3], [np.arange(8)], HISTORY)
+    assert Image.open(path).size[0] > 0
