@@ -69,7 +69,6 @@ def main() -> None:
     trainer = parser.get_parsed_content("train#trainer")
     val_loader = parser.get_parsed_content("validate#dataloader")
     network = parser.get_parsed_content("network")
-    optimizer = parser.get_parsed_content("optimizer")
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("")
