@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BRAIN = REPO.parent / "shared" / "data" / "brain_mri_2d"
 
-__all__ = ["load_bundle_network", "percentile_scale", "score", "main"]
+__all__ = ["load_bundle_network", "main", "percentile_scale", "score"]
 
 
 def load_bundle_network(run_dir: Path, overrides: dict | None = None) -> torch.nn.Module:

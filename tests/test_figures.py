@@ -7,7 +7,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from vqvae_medical.figures import plot_ssim_values, plot_training_curves, save_evaluation_report
+from vqvae_medical.figures import (
+    plot_ssim_values,
+    plot_training_curves,
+    save_evaluation_report,
+)
 
 HISTORY = [
     {"phase": "train", "epoch": 1, "iteration": 10, "loss": 0.5, "perplexity": 12.0},
