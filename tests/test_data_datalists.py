@@ -282,6 +282,18 @@ def test_ixi_folder_layout(ixi_dir, ixi_files):
     assert all(i["subject"] == Path(i["image"]).name.split("-")[0] for v in datalist.values() for i in v)
 
 
+def test_mni152_slices_of_three_planes(tmp_path):
+    """The bundles' default data: slices of every plane, split 6/1/1 per 8 within each plane."""
+    datalist = mni152_slices(tmp_path / "mni", n_slices=8, size=(64, 64), planes=("axial", "coronal", "sagittal"))
+    assert {k: len(v) for k, v in datalist.items()} == {"training": 18, "validation": 3, "test": 3}
+    names = [Path(i["image"]).name for i in datalist["test"]]
+    assert [n.split("_")[1] for n in names] == ["axial", "coronal", "sagittal"]
+    coronal = np.asarray(Image.open(datalist["training"][9]["image"]), dtype=np.float32)
+    assert coronal.shape == (64, 64) and coronal[:8].mean() < coronal[24:40].mean()  # head at the top, brain inside
+    with pytest.raises(ValueError, match="planes"):
+        mni152_slices(tmp_path / "mni", planes=("oblique",))
+
+
 def test_mni152_slices_embedded_default(tmp_path):
     assert Path(mni152_volume_path()).name == "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
     datalist = mni152_slices(tmp_path / "mni", n_slices=32, size=(96, 96))

@@ -1,5 +1,6 @@
 """Figures: training curves (one panel per metric, training and validation of a metric in the same panel), sample
-grids of 2D images and 3D volumes, and the prior's report."""
+grids of 2D images and 3D volumes, the prior's report, and the evaluation report listing each image's SSIM when
+there are few images."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from PIL import Image
 
 from vqvae_medical.evaluation.figures import (
     mid_slices,
+    plot_ssim_values,
     plot_training_curves,
+    save_evaluation_report,
     save_prior_report,
     save_sample_grid,
 )
@@ -66,3 +69,30 @@ def test_prior_report(tmp_path):
     groups = [("class 0", np.array([1.2, 1.4, 1.3])), ("class 1", np.array([2.0, 2.2]))]
     path = save_prior_report(tmp_path / "report.png", groups, 1.6, 4.0, 3.1, HISTORY)
     assert Image.open(path).size == (990, 360)  # 11 x 4 in at 90 dpi
+
+def test_few_images_show_each_ssim_value():
+    values = [0.91, 0.42, 0.88, 0.95, 0.77, 0.93, 0.90, 0.86]
+    fig, ax = plt.subplots()
+    assert plot_ssim_values(values, ax) == "values"
+    heights = [patch.get_height() for patch in ax.patches]
+    assert np.allclose(heights, values)
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == [f"{v:.3f}" for v in values]
+    assert "n=8" in ax.get_title() and "min 0.420" in ax.get_title()
+    plt.close(fig)
+
+
+def test_many_images_get_a_histogram():
+    values = np.linspace(0.5, 0.99, 40)
+    fig, ax = plt.subplots()
+    assert plot_ssim_values(values, ax) == "histogram"
+    assert len(ax.patches) == 20 and not ax.texts
+    plt.close(fig)
+
+
+def test_report_with_eight_images(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 16, 16)).astype(np.float32)
+    samples = [{"image": image, "recon": image * 0.9, "codes": [rng.integers(0, 8, (4, 4))]}]
+    path = save_evaluation_report(tmp_path / "report.png", samples, [0.9] * 7 + [0.3], [np.arange(8)], HISTORY)
+    assert Image.open(path).size[0] > 0

@@ -1,4 +1,5 @@
-"""Training options of the autoencoder bundles: the SSIM loss term and the cosine learning-rate decay."""
+"""Training options of the autoencoder bundles: the SSIM loss term, the clamped reconstruction the losses score,
+and the cosine learning-rate decay."""
 
 from __future__ import annotations
 
@@ -201,3 +202,40 @@ def test_train_step_stops_on_a_nan_loss_before_any_weight_changes(brain_dir):
         )
     network, weights = before
     assert all(torch.equal(a, b) for a, b in zip(weights, network.parameters()))
+
+
+def test_clip_must_be_an_increasing_pair():
+    with pytest.raises(ValueError, match="clip"):
+        VQTrainStep(clip=(1.0, 0.0))
+
+
+def _shift_output(offset: float):
+    """Hook: add ``offset`` to the bias of the decoder's last convolution (every output pixel moves by it)."""
+
+    def hooks(network):
+        last = [m for m in network.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            last.bias += offset  # sub-pixel convolution: each output pixel reads one bias entry
+
+    return hooks
+
+
+def test_losses_score_the_clamped_reconstruction(brain_dir):
+    """A decoder pushed below zero: the loss is the one of the clamped output (black background costs nothing,
+    as in evaluation), the output is in [0, 1], and the gradient still reaches the weights (straight-through)."""
+    before = []
+
+    def hooks(network):
+        _shift_output(-0.5)(network)
+        before.extend(p.detach().clone() for p in network.parameters())
+
+    trainer, network = _one_training_iteration(brain_dir, VQTrainStep(ssim_weight=1.0), hooks=hooks)
+    clamped = trainer.state.output
+    assert float(clamped["pred"].min()) >= 0.0 and float(clamped["pred"].max()) <= 1.0
+    expected = torch.nn.functional.l1_loss(clamped["pred"], clamped["image"])
+    assert clamped["recon_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(before, network.parameters()))
+    raw, _ = _one_training_iteration(brain_dir, VQTrainStep(ssim_weight=1.0, clip=None), hooks=_shift_output(-0.5))
+    # same weights, same batch: the raw output pays for its negative background, the clamped one does not
+    assert clamped["recon_loss"].item() < raw.state.output["recon_loss"].item() - 0.05
+

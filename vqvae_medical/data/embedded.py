@@ -18,6 +18,7 @@ from vqvae_medical.data.checks import DataError
 
 __all__ = [
     "MNI152_T1_FILE",
+    "PLANES",
     "mni152_slices",
     "mni152_volume_path",
     "mni152_volumes",
@@ -51,14 +52,29 @@ def mni152_volume_path() -> str:
     return str(path)
 
 
-def _brain_area_per_axial_slice() -> np.ndarray:
-    """Number of voxels with grey+white matter probability above one half, per axial slice."""
+#: the planes :func:`mni152_slices` can cut: name -> (RAS axis held fixed, letter of the file name)
+PLANES = {"axial": (2, "z"), "coronal": (1, "y"), "sagittal": (0, "x")}
+
+
+def _brain_area_per_slice(axis: int = 2) -> np.ndarray:
+    """Number of voxels with grey+white matter probability above one half, per slice along RAS ``axis``."""
     import nibabel as nib
 
     base = _nilearn_data_dir()
     gm, wm = (np.asarray(nib.load(str(base / f)).dataobj, dtype=np.float32) for f in (_GM_FILE, _WM_FILE))
     top = max(float(gm.max()), float(wm.max()), 1e-6)
-    return ((gm + wm) > 0.5 * top).sum(axis=(0, 1))
+    return ((gm + wm) > 0.5 * top).sum(axis=tuple(a for a in range(3) if a != axis))
+
+
+def _view(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
+    """One slice of a RAS ``[x, y, z]`` volume, rows first, in neurological convention: axial rows run anterior
+    (top) to posterior, coronal and sagittal rows superior (top) to inferior; columns run from the patient's left
+    to right (axial, coronal) or posterior to anterior (sagittal)."""
+    if plane == "axial":
+        return volume[:, :, index].T[::-1, :]
+    if plane == "coronal":
+        return volume[:, index, :].T[::-1, :]
+    return volume[index, :, :].T[::-1, :]
 
 
 def _interleaved_split(items: list[dict], every: int = 8) -> dict[str, list[dict]]:
@@ -86,25 +102,28 @@ def mni152_slices(
     n_slices: int = 64,
     size: Sequence[int] = (128, 128),
     min_brain_fraction: float = 0.25,
+    planes: Sequence[str] = ("axial",),
 ) -> dict[str, list[dict]]:
-    """Write axial slices of the MNI152 T1 template as 8-bit grey PNGs and return their datalist.
+    """Write slices of the MNI152 T1 template as 8-bit grey PNGs and return their datalist.
 
-    Slices whose grey+white matter area is below ``min_brain_fraction`` of the largest are skipped; of the rest
-    ``n_slices`` evenly spaced ones (all when fewer) are taken. Each slice is an axial view in neurological
-    convention (anterior at the top, patient's left on the image's left, rows first), padded to a square with
-    zeros and resized with area averaging to ``size``; intensities are the template's (0..255, one scale for
-    all slices). Files are named ``mni152_axial_z{index:03d}.png``; existing files of the right size are
-    reused, so calling again is cheap.
+    For each of ``planes`` (``"axial"``, ``"coronal"``, ``"sagittal"``): slices whose grey+white matter area is
+    below ``min_brain_fraction`` of that plane's largest are skipped; of the rest ``n_slices`` evenly spaced ones
+    (all when fewer) are taken. Each slice is shown rows first (axial: anterior at the top; coronal and sagittal:
+    superior at the top; patient's left on the image's left), padded to a square with zeros and resized with area
+    averaging to ``size``; intensities are the template's (0..255, one scale for all slices). Files are named
+    ``mni152_{plane}_{axis}{index:03d}.png`` (e.g. ``mni152_axial_z070.png``); existing files of the right size
+    are reused, so calling again is cheap.
 
-    The split is interleaved by slice position: of every 8 consecutive chosen slices the 4th goes to
-    validation and the 8th to test (64 slices -> 48/8/8). Neighbouring slices of one brain are similar,
-    so validation/test are not independent of training.
+    The split is interleaved by slice position within each plane: of every 8 consecutive chosen slices the 4th
+    goes to validation and the 8th to test (64 slices -> 48/8/8 per plane). Neighbouring slices of one brain are
+    similar, so validation/test are not independent of training.
 
     Args:
         out_dir: folder for the PNGs (created).
-        n_slices: number of slices to write.
+        n_slices: number of slices to write per plane.
         size: PNG size ``(H, W)``.
-        min_brain_fraction: brain area threshold relative to the largest slice.
+        min_brain_fraction: brain area threshold relative to the plane's largest slice.
+        planes: planes to cut, in this order in the datalist.
 
     Returns:
         datalist with ``"training"``, ``"validation"``, ``"test"``; items have ``"image"`` and ``"subject"``
@@ -112,19 +131,26 @@ def mni152_slices(
     """
     if n_slices < 1:
         raise ValueError(f"n_slices must be at least 1, got {n_slices}.")
+    unknown = [p for p in planes if p not in PLANES]
+    if unknown or not planes:
+        raise ValueError(f"planes must be a non-empty selection of {sorted(PLANES)}, got {list(planes)}.")
     height, width = (int(s) for s in size)
-    area = _brain_area_per_axial_slice()
-    eligible = np.nonzero(area >= min_brain_fraction * area.max())[0]
-    chosen = eligible[np.unique(np.round(np.linspace(0, len(eligible) - 1, min(n_slices, len(eligible)))).astype(int))]
     out = Path(out_dir).absolute()
-    paths = [out / f"mni152_axial_z{int(z):03d}.png" for z in chosen]
-    if not all(p.is_file() and _png_size(p) == (height, width) for p in paths):
-        _write_slices(out, chosen, paths, (height, width))
-    items = [{"image": str(p), "subject": "MNI152"} for p in paths]
-    return _interleaved_split(items)
+    split: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
+    for plane in planes:
+        axis, letter = PLANES[plane]
+        area = _brain_area_per_slice(axis)
+        eligible = np.nonzero(area >= min_brain_fraction * area.max())[0]
+        chosen = eligible[np.unique(np.round(np.linspace(0, len(eligible) - 1, min(n_slices, len(eligible)))).astype(int))]
+        paths = [out / f"mni152_{plane}_{letter}{int(i):03d}.png" for i in chosen]
+        if not all(p.is_file() and _png_size(p) == (height, width) for p in paths):
+            _write_slices(out, plane, chosen, paths, (height, width))
+        for section, items in _interleaved_split([{"image": str(p), "subject": "MNI152"} for p in paths]).items():
+            split[section] += items
+    return {k: v for k, v in split.items() if v}
 
 
-def _write_slices(out: Path, chosen: np.ndarray, paths: list[Path], size: tuple[int, int]) -> None:
+def _write_slices(out: Path, plane: str, chosen: np.ndarray, paths: list[Path], size: tuple[int, int]) -> None:
     import nibabel as nib
     import torch
     from monai.transforms import Resize, SpatialPad
@@ -132,8 +158,7 @@ def _write_slices(out: Path, chosen: np.ndarray, paths: list[Path], size: tuple[
 
     volume = np.asarray(nib.load(mni152_volume_path()).dataobj, dtype=np.float32)  # RAS, [x, y, z]
     scale = 255.0 / max(float(volume.max()), 1e-6)
-    # axial view: rows = y from anterior (top) to posterior, columns = x from patient's left to right
-    stack = np.stack([volume[:, :, z].T[::-1, :] for z in chosen]) * scale
+    stack = np.stack([_view(volume, plane, int(i)) for i in chosen]) * scale
     side = max(stack.shape[1:])
     stack = SpatialPad(spatial_size=(side, side))(torch.from_numpy(np.ascontiguousarray(stack)))
     stack = Resize(spatial_size=size, mode="area")(stack)

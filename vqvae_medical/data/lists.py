@@ -60,7 +60,8 @@ def training_datalist(
     if dataset_dir in (None, "", "None"):
         with rank_zero_first():  # under torchrun, rank 0 writes the files and the other ranks find them
             if spatial_dims == 2:
-                datalist = mni152_slices(Path(cache_dir) / "mni152_slices")
+                # three planes (192 slices, 144/24/24): more varied shapes than one plane's 64
+                datalist = mni152_slices(Path(cache_dir) / "mni152_slices", planes=("axial", "coronal", "sagittal"))
             else:
                 datalist = mni152_volumes(Path(cache_dir) / "mni152_volumes")
         logger.info("no dataset_dir given: using the embedded MNI152 template data under %s", cache_dir)

@@ -19,6 +19,7 @@ __all__ = [
     "to_display",
     "mid_slices",
     "plot_training_curves",
+    "plot_ssim_values",
     "save_evaluation_report",
     "save_image_grid",
     "save_sample_grid",
@@ -105,6 +106,36 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     return panels
 
 
+#: up to this many images the report shows each image's SSIM instead of a histogram
+MAX_LISTED_VALUES = 16
+
+
+def plot_ssim_values(ssim_values: Sequence[float], ax, max_listed: int = MAX_LISTED_VALUES) -> str:
+    """Per-image SSIM on ``ax``: one labelled bar per image when there are at most ``max_listed`` (a histogram of
+    a handful of values hides them), else a histogram; the mean and the minimum are in the title either way.
+
+    Returns:
+        ``"values"`` or ``"histogram"``, the kind of plot drawn.
+    """
+    values = np.asarray(ssim_values, dtype=float).reshape(-1)
+    n = len(values)
+    summary = f"mean {values.mean():.3f}, min {values.min():.3f}" if n else "no values"
+    if 0 < n <= max_listed:
+        bars = ax.bar(np.arange(n), values, color="tab:blue")
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=5, rotation=90, padding=2)
+        ax.set_xticks(np.arange(n))
+        ax.set_xticklabels([f"#{i}" for i in range(n)], fontsize=5)
+        ax.set_ylim(min(0.0, float(values.min())), 1.15)
+        ax.set_xlabel("image", fontsize=6)
+        kind = "values"
+    else:
+        ax.hist(values, bins=20, color="tab:blue")
+        kind = "histogram"
+    ax.set_title(f"per-image SSIM (n={n}; {summary})", fontsize=7)
+    ax.tick_params(labelsize=6)
+    return kind
+
+
 def save_evaluation_report(
     path: str | os.PathLike,
     samples: Sequence[dict[str, Any]],
@@ -114,8 +145,9 @@ def save_evaluation_report(
     spatial_dims: int = 2,
     level_names: Sequence[str] = ("codes",),
 ) -> Path:
-    """One PNG: reconstructions (input | code maps | reconstruction [| error]), SSIM histogram, codebook usage
-    bars and training curves.
+    """One PNG: reconstructions (input | code maps | reconstruction [| error]), per-image SSIM (each value when
+    there are at most 16 images, else a histogram; :func:`plot_ssim_values`), codebook usage bars and training
+    curves.
 
     Args:
         path: output PNG.
@@ -163,8 +195,7 @@ def save_evaluation_report(
     ncol = max(n_cols, 3)
     stats_row = n_rows - 2 if curves_row else n_rows - 1
     ax = fig.add_subplot(grid[stats_row, 0])
-    ax.hist(np.asarray(ssim_values, dtype=float), bins=20, color="tab:blue")
-    ax.set_title(f"per-image SSIM (n={len(ssim_values)})", fontsize=8)
+    plot_ssim_values(ssim_values, ax)
     ax = fig.add_subplot(grid[stats_row, 1])
     for name, counts in zip(level_names, code_counts):
         counts = np.sort(np.asarray(counts, dtype=float))[::-1]
