@@ -20,7 +20,7 @@ import torch
 from bundle_runner import BUNDLES, _arg
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from test_bundle_vqvae_3d import TINY as VQVAE3D_TINY
-from test_bundle_vqvae_3d import _ixi_files, _link_folder
+from conftest import put_files
 
 from vqvae_medical.data import (
     available_memory,
@@ -38,8 +38,8 @@ def _items(files) -> list[dict]:
     return [{"image": str(f)} for f in files]
 
 
-def test_estimate_is_exact_for_a_fixed_spatial_size(ixi_dir):
-    data = _items(_ixi_files(ixi_dir, 4))
+def test_estimate_is_exact_for_a_fixed_spatial_size(ixi_files):
+    data = _items(ixi_files(4))
     transform = volume_transforms_3d(spatial_size=[40, 36, 32], patch_size=16, augment=True)
     total, largest = estimate_cache_bytes(data, transform)
     assert largest == 40 * 36 * 32 * 4  # float32, one channel; the random crop and flips are not cached
@@ -49,8 +49,8 @@ def test_estimate_is_exact_for_a_fixed_spatial_size(ixi_dir):
     assert sum(item["image"].nelement() * item["image"].element_size() for item in cached) == total
 
 
-def test_auto_uses_memory_when_it_fits_and_logs_why(ixi_dir, caplog):
-    data = _items(_ixi_files(ixi_dir, 2))
+def test_auto_uses_memory_when_it_fits_and_logs_why(ixi_files, caplog):
+    data = _items(ixi_files(2))
     transform = volume_transforms_3d(spatial_size=[32, 32, 32])
     with caplog.at_level("INFO", logger="vqvae_medical.data.caching"):
         assert choose_cache(data, transform, "auto") == ("memory", 2 * 32**3 * 4)
@@ -58,9 +58,9 @@ def test_auto_uses_memory_when_it_fits_and_logs_why(ixi_dir, caplog):
     assert available_memory().source in caplog.text
 
 
-def test_each_local_process_counts(ixi_dir, monkeypatch):
+def test_each_local_process_counts(ixi_files, monkeypatch):
     """Under torchrun every process on a machine caches its own copy."""
-    data = _items(_ixi_files(ixi_dir, 2))
+    data = _items(ixi_files(2))
     transform = volume_transforms_3d(spatial_size=[32, 32, 32])
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert choose_cache(data, transform, "memory")[1] == 3 * 2 * 32**3 * 4
@@ -86,10 +86,10 @@ print(json.dumps(out))
 """
 
 
-def test_auto_rule_and_refusal_under_an_address_space_limit(ixi_dir, repo_root):
+def test_auto_rule_and_refusal_under_an_address_space_limit(ixi_files, repo_root):
     """In a process limited to its address space + 200 MiB: 16 MiB stay in memory, 256 MiB (more than half, and
     more than all of what is left) go to disk, and ``cache='memory'`` is refused with the numbers."""
-    files = [str(f) for f in _ixi_files(ixi_dir, 4)]
+    files = [str(f) for f in ixi_files(4)]
     env = {**os.environ, "PYTHONPATH": str(repo_root), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", _CAPPED_CHOICE, json.dumps(files)], check=False, env=env, capture_output=True, text=True, timeout=300
@@ -155,14 +155,14 @@ def _capped_run(bundle: str, overrides: dict, limit: int) -> subprocess.Complete
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_vqvae_3d_trains_under_a_memory_cap_smaller_than_its_data_set(ixi_dir, tmp_path):
+def test_vqvae_3d_trains_under_a_memory_cap_smaller_than_its_data_set(ixi_files, tmp_path):
     """40 IXI volumes padded to 176^3 (20.8 MiB each in float32): 36 training volumes = 748.7 MiB preprocessed. The
     cap is the address space of the run's imports + 500 MiB. ``--cache auto`` picks the disk and trains one epoch on
     16^3 patches; ``--cache memory`` stops before caching anything, with one line and no traceback."""
     footprint = int(subprocess.run([sys.executable, "-c", _IMPORTS], env=_capped_env(), capture_output=True, text=True,
                                    check=True, timeout=300).stdout) * 1024
     limit = footprint + HEADROOM
-    data = _link_folder(_ixi_files(ixi_dir, 40), tmp_path / "ixi")
+    data = put_files(ixi_files(40), tmp_path / "ixi", link=True)
     out = tmp_path / "out"
     overrides = {
         **VQVAE3D_TINY,
