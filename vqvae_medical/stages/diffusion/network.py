@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vqvae_medical.stages.diffusion.torchscript import _SCRIPTABLE
+from vqvae_medical.stages.diffusion.torchscript import scriptable_copy
 from vqvae_medical.training.checkpoints import safe_load
 
 __all__ = ["PREDICTION_TYPES", "LatentDiffusionNetwork", "load_diffusion_network"]
@@ -115,15 +114,11 @@ class LatentDiffusionNetwork(nn.Module):
                 "(models/model.pt of this bundle) before sampling."
             )
 
-    def __prepare_scriptable__(self) -> LatentDiffusionNetwork:
+    def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script`` (and ``monai.bundle ckpt_export``) compiles: a copy of this network in which
         the MONAI UNet modules that TorchScript cannot compile are replaced by subclasses with the same
         parameters and the same computation; this network itself is left as it is."""
-        scriptable = copy.deepcopy(self)
-        for module in scriptable.modules():
-            if type(module) in _SCRIPTABLE:
-                module.__class__ = _SCRIPTABLE[type(module)]
-        return scriptable
+        return scriptable_copy(self)
 
     def forward(
         self,
