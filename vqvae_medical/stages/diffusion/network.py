@@ -1,4 +1,4 @@
-"""The latent diffusion bundle's network: the noise-prediction UNet and what sampling needs."""
+"""The trained network of the latent diffusion bundle: the noise-prediction UNet and what sampling needs."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ class LatentDiffusionNetwork(nn.Module):
 
     ``forward(x, timesteps, context=None, class_labels=None)`` is the UNet's: ``x`` is a noisy latent already
     multiplied by ``scale_factor``, ``timesteps`` a ``[B]`` tensor (or one int for the batch), and it returns the
-    prediction (noise for ``prediction_type="epsilon"``) with ``x``'s shape. There is no meaningful single-tensor
-    forward: a diffusion model is a function of the timestep too. Sampling and decoding are
-    :class:`LatentSampler`'s job.
+    prediction (noise for ``prediction_type="epsilon"``) with ``x``'s shape. This is the network the trainer trains
+    (``network_def`` of ``train.json``); the bundle's single-tensor ``network_def`` for inference and export is
+    :class:`~vqvae_medical.stages.diffusion.generator.LatentDiffusionGenerator`, which holds it as ``diffusion``.
 
     Buffers (saved in ``models/model.pt`` and every training checkpoint):
 
