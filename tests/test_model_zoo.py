@@ -123,3 +123,20 @@ def test_train_config_amp_on_cuda_only(bundle):
     assert train["validate"]["evaluator"]["amp"] == "@use_amp"
     multi = json.loads((BUNDLES / bundle / "configs" / "multi_gpu_train.json").read_text())
     assert not any(k in multi for k in ("amp", "use_amp", "train#trainer#amp", "validate#evaluator#amp"))
+
+
+@pytest.mark.parametrize(
+    "bundle, sampler", [("pixelcnn_prior", "PriorSampler"), ("latent_diffusion", "LatentSampler")]
+)
+def test_generative_bundles_expose_the_sampler_as_inferer(bundle, sampler):
+    """As the Zoo's generative bundles do: ``inferer`` of inference.json is the sampler (a MONAI ``Inferer``), and
+    ``run`` is one named package call that is given it."""
+    from pydoc import locate
+
+    from monai.inferers import Inferer
+
+    inference = json.loads((BUNDLES / bundle / "configs" / "inference.json").read_text())
+    target = inference["inferer"]["_target_"]
+    assert target.rsplit(".", 1)[1] == sampler and issubclass(locate(target), Inferer)
+    (run,) = inference["run"]
+    assert isinstance(run, dict) and "@inferer" in run.values() and callable(locate(run["_target_"]))
