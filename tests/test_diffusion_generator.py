@@ -10,7 +10,10 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from vqvae_medical.networks import VQVAE
-from vqvae_medical.stages.diffusion.generator import LatentDiffusionGenerator, load_generator
+from vqvae_medical.stages.diffusion.generator import (
+    LatentDiffusionGenerator,
+    load_generator,
+)
 from vqvae_medical.stages.diffusion.handlers import DiffusionEMA, ModelWriter
 from vqvae_medical.stages.diffusion.network import LatentDiffusionNetwork
 from vqvae_medical.stages.diffusion.sampling import LatentSampler

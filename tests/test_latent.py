@@ -13,12 +13,12 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from vqvae_medical.data import image_transforms_2d
 from vqvae_medical.evaluation.diversity import ms_ssim_settings, pairwise_ms_ssim
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
+from vqvae_medical.stages.diffusion.generator import LatentDiffusionGenerator
 from vqvae_medical.stages.diffusion.latents import extract_latents
 from vqvae_medical.stages.diffusion.network import (
     LatentDiffusionNetwork,
     load_diffusion_network,
 )
-from vqvae_medical.stages.diffusion.generator import LatentDiffusionGenerator
 from vqvae_medical.stages.diffusion.sampling import LatentSampler
 from vqvae_medical.stages.diffusion.training import LatentDiffusionPrepareBatch
 from vqvae_medical.stages.frozen import (

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from vqvae_medical.networks import VQVAE, GatedPixelCNN
-from vqvae_medical.stages.prior.generate import PriorSampler, sample_and_decode, save_samples
+from vqvae_medical.stages.prior.generate import (
+    PriorSampler,
+    sample_and_decode,
+    save_samples,
+)
 from vqvae_medical.stages.prior.network import PriorNetwork
 
 SIZE = [16, 12]  # code maps 4 x 3

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Optional
 
 import torch
 from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
 from vqvae_medical.networks.vqvae import crop_to
-from vqvae_medical.stages.diffusion.network import PREDICTION_TYPES, LatentDiffusionNetwork
+from vqvae_medical.stages.diffusion.network import (
+    PREDICTION_TYPES,
+    LatentDiffusionNetwork,
+)
 from vqvae_medical.stages.diffusion.torchscript import scriptable_copy
 from vqvae_medical.training.checkpoints import safe_load
 
@@ -100,7 +102,7 @@ class LatentDiffusionGenerator(nn.Module):
         :func:`~vqvae_medical.stages.diffusion.torchscript.scriptable_copy`); this module stays as it is."""
         return scriptable_copy(self)
 
-    def denoise(self, x: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """The DDIM loop: ``x_T`` (scaled latent space) -> ``x_0``."""
         if int(self.diffusion.prediction_code) != self.prediction_code:
             raise ValueError("the network was trained with another prediction_type than the sampling scheduler's.")
@@ -136,7 +138,7 @@ class LatentDiffusionGenerator(nn.Module):
             images = images.clamp(self.clip_min, self.clip_max)
         return images
 
-    def forward(self, x: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(self.denoise(x, class_labels))
 
 

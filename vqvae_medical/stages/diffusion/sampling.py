@@ -20,7 +20,7 @@ from vqvae_medical.evaluation.figures import save_image_grid
 from vqvae_medical.stages.diffusion.generator import LatentDiffusionGenerator
 from vqvae_medical.stages.diffusion.network import PREDICTION_TYPES
 
-__all__ = ["ClassConditionedDiffusionInferer", "LatentSampler", "write_samples", "generate"]
+__all__ = ["ClassConditionedDiffusionInferer", "LatentSampler", "generate", "write_samples"]
 
 logger = logging.getLogger(__name__)
 

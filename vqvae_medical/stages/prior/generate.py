@@ -7,17 +7,17 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch  # noqa: E402
-from ignite.engine import Engine, Events  # noqa: E402
-from monai.inferers import Inferer  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from ignite.engine import Engine, Events
+from monai.inferers import Inferer
+from torch import nn
 
-from vqvae_medical.evaluation.figures import save_image_grid  # noqa: E402
+from vqvae_medical.evaluation.figures import save_image_grid
 from vqvae_medical.stages.prior.network import prior_of
-from vqvae_medical.stages.prior.sampling import sample  # noqa: E402
-from vqvae_medical.training.checkpoints import atomic_save  # noqa: E402
+from vqvae_medical.stages.prior.sampling import sample
+from vqvae_medical.training.checkpoints import atomic_save
 
-__all__ = ["code_size", "sample_and_decode", "PriorSampler", "save_samples", "PriorSampleWriter"]
+__all__ = ["PriorSampleWriter", "PriorSampler", "code_size", "sample_and_decode", "save_samples"]
 
 logger = logging.getLogger(__name__)
 
