@@ -31,7 +31,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from vqvae_medical.training.checkpoints import atomic_write_json
 
 __all__ = ["DEFAULT_SOURCE", "SPLIT_FOLDERS", "head_top", "axial_slices", "split_subjects", "make_slices", "main"]
 
@@ -162,7 +163,7 @@ def make_slices(
             stem = path.name[: -len(".nii.gz")]
             for k, data, affine in axial_slices(nib.load(path), **slice_kwargs):
                 nib.save(nib.Nifti1Image(data, affine), folder / f"{stem}_slice_{k:03d}.nii.gz")
-    (output / "subjects.json").write_text(json.dumps(splits, indent=2))
+    atomic_write_json(splits, output / "subjects.json")
     return splits
 
 

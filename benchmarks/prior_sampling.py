@@ -1,9 +1,17 @@
-"""Benchmark: cached vs naive ancestral sampling from a :class:`~vqvae_medical.networks.pixelcnn.GatedPixelCNN`.
+"""Benchmark: cached vs naive ancestral sampling from a gated PixelCNN or a causal transformer prior.
 
-A prior of realistic size for a VQ-VAE code level (``K = 512`` codes, 64 channels, 10 gated layers of kernel 3:
-receptive field 10 rows above and 10 columns either side) samples ``8`` code maps of ``32 x 32`` twice in the same
-process, from generators seeded alike: naively (a full forward pass per position, 1,024 of them) and with the
-row cache (:class:`~vqvae_medical.networks.pixelcnn.PixelCNNCache`). The samples must be identical.
+``--prior pixelcnn`` (default): a :class:`~vqvae_medical.networks.pixelcnn.GatedPixelCNN` of realistic size for a
+VQ code level (``K = 512`` codes, 64 channels, 10 gated layers of kernel 3: receptive field 10 rows above and 10
+columns either side), cached with :class:`~vqvae_medical.networks.pixelcnn.PixelCNNCache` (row cache).
+
+``--prior transformer``: a :class:`~vqvae_medical.networks.transformer_prior.TransformerPrior` (MONAI's
+``DecoderOnlyTransformer``, ``K = 512``, width 64, 4 blocks of 4 heads, ``F.scaled_dot_product_attention``; global
+context over the 1,024 positions), cached with
+:class:`~vqvae_medical.networks.transformer_prior.TransformerPriorCache` (keys and values of past positions).
+
+Either prior samples ``8`` code maps of ``32 x 32`` twice in the same process, from generators seeded alike:
+naively (a full forward pass per position, 1,024 of them) and cached. The samples must be identical. Wall and
+process CPU times (user + system, all threads) are reported; on a shared machine the CPU times are the steadier.
 
 Both run with the same intra-op thread count (``--threads``, default 1: on a shared CPU, OpenMP synchronisation
 dominates the per-position operations of the cached sampler with more threads; ``--threads 0`` keeps torch's
@@ -13,6 +21,7 @@ Usage::
 
     python benchmarks/prior_sampling.py            # human-readable line
     python benchmarks/prior_sampling.py --json     # {"cached_s": ..., "naive_s": ..., "speedup": ..., "identical": ...}
+    python benchmarks/prior_sampling.py --prior transformer --json
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import time
 import torch
 
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN
+from vqvae_medical.networks.transformer_prior import TransformerPrior
 from vqvae_medical.stages.prior.sampling import sample
 
 __all__ = ["bench", "main"]
@@ -39,38 +49,62 @@ def bench(
     kernel_size: int = 3,
     temperature: float = 1.0,
     seed: int = 0,
+    prior: str = "pixelcnn",
+    num_heads: int = 4,
+    flash_attention: bool = True,
 ) -> dict:
-    """Wall time of cached and naive sampling of ``[batch, size, size]`` code maps, and whether they agree."""
+    """Wall and CPU times of cached and naive sampling of ``[batch, size, size]`` code maps, and whether they agree.
+
+    ``kernel_size`` applies to the PixelCNN, ``num_heads`` and ``flash_attention`` to the transformer.
+    """
     torch.manual_seed(seed)
-    model = GatedPixelCNN(2, num_embeddings, channels, num_layers, kernel_size).eval()
     shape = (batch, size, size)
+    model: torch.nn.Module
+    if prior == "pixelcnn":
+        model = GatedPixelCNN(2, num_embeddings, channels, num_layers, kernel_size)
+    elif prior == "transformer":
+        model = TransformerPrior(
+            2, num_embeddings, size * size, channels, num_layers, num_heads, use_flash_attention=flash_attention
+        )
+    else:
+        raise ValueError(f"prior must be 'pixelcnn' or 'transformer', got {prior!r}.")
+    model.eval()
     with torch.no_grad():
         model(torch.zeros(shape, dtype=torch.long))  # warm-up
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cached = sample(model, shape, temperature=temperature, generator=torch.Generator().manual_seed(seed))
-    cached_s = time.perf_counter() - t0
+    cached_s, cached_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     naive = sample(model, shape, temperature=temperature, generator=torch.Generator().manual_seed(seed), cached=False)
-    naive_s = time.perf_counter() - t0
+    naive_s, naive_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
     return {
+        "prior": prior,
         "cached_s": round(cached_s, 3),
         "naive_s": round(naive_s, 3),
         "speedup": round(naive_s / cached_s, 1),
+        "cached_cpu_s": round(cached_cpu_s, 3),
+        "naive_cpu_s": round(naive_cpu_s, 3),
+        "speedup_cpu": round(naive_cpu_s / cached_cpu_s, 1),
         "identical": bool(torch.equal(cached, naive)),
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prior", choices=["pixelcnn", "transformer"], default="pixelcnn")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=32, help="code map height and width")
     parser.add_argument("--num-embeddings", type=int, default=512, help="codebook size K")
     parser.add_argument("--channels", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=10)
-    parser.add_argument("--kernel-size", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=None, help="gated layers / blocks (default 10 / 4)")
+    parser.add_argument("--kernel-size", type=int, default=3, help="PixelCNN kernel size")
+    parser.add_argument("--heads", type=int, default=4, help="transformer attention heads")
+    parser.add_argument(
+        "--explicit-attention", action="store_true", help="transformer: MONAI's attention matrix, not SDPA"
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for both samplers (0: default)")
@@ -79,9 +113,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    transformer = args.prior == "transformer"
+    layers = args.layers if args.layers is not None else (4 if transformer else 10)
+    shape_of = (
+        f"heads={args.heads} attention={'explicit' if args.explicit_attention else 'sdpa'}"
+        if transformer
+        else f"kernel={args.kernel_size}"
+    )
     config = (
-        f"B={args.batch} {args.size}x{args.size} K={args.num_embeddings} channels={args.channels} "
-        f"layers={args.layers} kernel={args.kernel_size} threads={torch.get_num_threads()} torch={torch.__version__}"
+        f"{args.prior} B={args.batch} {args.size}x{args.size} K={args.num_embeddings} channels={args.channels} "
+        f"layers={layers} {shape_of} threads={torch.get_num_threads()} torch={torch.__version__}"
     )
     print(config, file=sys.stderr, flush=True)
     report = bench(
@@ -89,17 +130,21 @@ def main(argv: list[str] | None = None) -> dict:
         args.size,
         args.num_embeddings,
         args.channels,
-        args.layers,
+        layers,
         args.kernel_size,
         args.temperature,
         args.seed,
+        args.prior,
+        args.heads,
+        not args.explicit_attention,
     )
     if args.json:
         print(json.dumps(report))
     else:
         print(
             f"cached {report['cached_s']:.3f} s, naive {report['naive_s']:.3f} s, "
-            f"speedup {report['speedup']:.1f}x, identical samples: {report['identical']}"
+            f"speedup {report['speedup']:.1f}x (CPU time: cached {report['cached_cpu_s']:.3f} s, "
+            f"naive {report['naive_cpu_s']:.3f} s, {report['speedup_cpu']:.1f}x), identical samples: {report['identical']}"
         )
     return report
 

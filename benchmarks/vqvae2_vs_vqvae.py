@@ -38,6 +38,8 @@ from typing import Any
 
 import nibabel as nib
 
+from vqvae_medical.training.checkpoints import atomic_write_json
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = REPO_ROOT / "bundles"
 
@@ -136,7 +138,7 @@ def _report(args: argparse.Namespace, models: list[str]) -> dict[str, Any]:
         if (out / model / "eval" / "metrics.json").is_file():
             entry["test"] = json.loads((out / model / "eval" / "metrics.json").read_text())
         results["models"][model] = entry
-    (out / "comparison.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(results, out / "comparison.json")
     lines = [
         "| model | bits/image | epochs | iterations | train wall min | train CPU min | test SSIM | PSNR | MSE | usage | perplexity |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             path = out / "comparison.json"
             data = json.loads(path.read_text()) if path.is_file() else {"models": {}}
             data.setdefault("models", {}).setdefault(model, {}).update(times[model])
-            path.write_text(json.dumps(data, indent=2))
+            atomic_write_json(data, path)
     return _report(args, args.models)
 
 

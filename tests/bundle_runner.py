@@ -22,6 +22,7 @@ __all__ = [
     "torchrun_bundle",
     "bundle_network",
     "read_metrics",
+    "reconstruction_metrics",
 ]
 
 #: overrides that make the vqvae_2d bundle tiny enough for tests
@@ -140,3 +141,29 @@ def bundle_network(
 def read_metrics(output_dir: str | os.PathLike) -> dict[str, float]:
     """``<output_dir>/eval/metrics.json``."""
     return json.loads((Path(output_dir) / "eval" / "metrics.json").read_text())
+
+
+def reconstruction_metrics(bundle: str, overrides: Mapping[str, Any], ckpt: str | os.PathLike) -> dict[str, float]:
+    """SSIM, PSNR and MSE of the 2D autoencoder ``ckpt`` on ``bundle``'s test split (``train.json`` +
+    ``evaluate.json`` with ``overrides``), computed here with MONAI's metrics on the clipped reconstructions, the
+    whole split in one batch: what the bundle's ``eval/metrics.json`` must hold."""
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.metrics import MSEMetric, PSNRMetric, SSIMMetric
+
+    configs = BUNDLES / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "evaluate.json")])
+    parser.update({"bundle_root": str(BUNDLES / bundle), **{k: _plain(v) for k, v in overrides.items()}})
+    dataset = parser.get_parsed_content("validate#dataset")
+    images = torch.stack([dataset[i]["image"].as_tensor() for i in range(len(dataset))])
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    with torch.no_grad():
+        recon = network.eval().model(images).reconstruction.float().clamp(0.0, 1.0)
+    return {
+        "ssim": SSIMMetric(spatial_dims=2, data_range=1.0)(recon, images).mean().item(),
+        "psnr": PSNRMetric(max_val=1.0)(recon, images).mean().item(),
+        "mse": MSEMetric()(recon, images).mean().item(),
+        "n_images": len(dataset),
+    }

@@ -14,6 +14,7 @@ from bundle_runner import (
     bundle_network,
     monai_bundle,
     read_metrics,
+    reconstruction_metrics,
     run_bundle,
 )
 from PIL import Image
@@ -23,16 +24,10 @@ TINY = {**TINY_VQVAE_2D, "max_epochs": 1}
 TINY_INFER = {k: v for k, v in TINY.items() if k not in ("batch_size", "max_epochs")}
 
 
-def _brain_files(brain_dir: Path, n: int) -> list[Path]:
-    return sorted((brain_dir / "Test" / "NonDemented").glob("*.jpg"))[:n]
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, brain_dir):
+def trained(tmp_path_factory, brain_files, real_folder):
     """A flat folder of 12 real brain slices, trained for one short epoch."""
-    data = tmp_path_factory.mktemp("flat")
-    for f in _brain_files(brain_dir, 12):
-        shutil.copy(f, data / f.name.replace(" ", "_"))
+    data = real_folder(brain_files(12), tmp_path_factory.mktemp("flat"))
     out = tmp_path_factory.mktemp("out")
     proc = run_bundle(
         BUNDLE,
@@ -63,8 +58,11 @@ def test_evaluate_writes_metrics_and_report(trained):
     metrics = read_metrics(out)
     assert set(metrics) >= {"ssim", "psnr", "mse", "codebook_usage", "perplexity", "n_images"}
     assert metrics["n_images"] >= 2
-    assert -1.0 <= metrics["ssim"] <= 1.0
-    assert 0.0 <= metrics["mse"] <= 1.0 and metrics["psnr"] > 0
+    overrides = {**TINY, "dataset_dir": data, "output_dir": out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2}
+    recomputed = reconstruction_metrics(BUNDLE, overrides, out / "models" / "model.pt")
+    for key in ("ssim", "psnr", "mse"):
+        assert metrics[key] == pytest.approx(recomputed[key], rel=1e-4), key
+    assert metrics["n_images"] == recomputed["n_images"]
     assert 0.0 < metrics["codebook_usage"] <= 1.0
     assert 1.0 <= metrics["perplexity"] <= 16.0
     report = Image.open(out / "eval" / "report.png")
@@ -153,8 +151,8 @@ def _decathlon(root: Path, files: list[Path]) -> Path:
 
 
 @pytest.mark.parametrize("layout", ["split", "class", "decathlon"])
-def test_each_datalist_layout_trains(layout, brain_dir, tmp_path):
-    files = _brain_files(brain_dir, 8)
+def test_each_datalist_layout_trains(layout, brain_files, tmp_path):
+    files = brain_files(8)
     dataset = {"split": _split_tree, "class": _class_tree, "decathlon": _decathlon}[layout](tmp_path / "data", files) if layout != "decathlon" else _decathlon(tmp_path, files)
     overrides = {**TINY, "dataset_dir": dataset, "output_dir": tmp_path / "out"}
     if layout == "class":
@@ -163,13 +161,8 @@ def test_each_datalist_layout_trains(layout, brain_dir, tmp_path):
     assert (tmp_path / "out" / "models" / "model.pt").is_file()
 
 
-def test_rgb_photos(isic_dir, tmp_path):
-    data = tmp_path / "isic"
-    (data / "images").mkdir(parents=True)
-    (data / "metadata").mkdir()
-    for f in sorted((isic_dir / "images").glob("*.jpg"))[:6]:
-        shutil.copy(f, data / "images" / f.name)
-        shutil.copy(isic_dir / "metadata" / (f.stem + ".json"), data / "metadata" / (f.stem + ".json"))
+def test_rgb_photos(isic_folder, tmp_path):
+    data = isic_folder(6, tmp_path / "isic")
     out = tmp_path / "out"
     overrides = {**TINY, "dataset_dir": data, "output_dir": out, "in_channels": 3, "val_fraction": 0.2, "test_fraction": 0.2, "spatial_size": [64, 64]}
     run_bundle(BUNDLE, ["train.json"], overrides)

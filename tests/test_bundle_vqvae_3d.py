@@ -39,20 +39,6 @@ TINY = {
 }
 
 
-def _ixi_files(ixi_dir: Path, n: int) -> list[Path]:
-    files = sorted((ixi_dir / "t1").glob("IXI*_T1.nii.gz"))[:n]
-    if len(files) < n:
-        pytest.skip(f"{ixi_dir} holds fewer than {n} IXI volumes")
-    return files
-
-
-def _link_folder(files: list[Path], folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    for f in files:
-        (folder / f.name).symlink_to(f)
-    return folder
-
-
 def _world_box(img: nib.Nifti1Image) -> np.ndarray:
     """World coordinates of the outer corners of the voxel grid (min and max per axis)."""
     s = np.asarray(img.shape[:3], dtype=float)
@@ -62,12 +48,12 @@ def _world_box(img: nib.Nifti1Image) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ixi_dir):
+def trained(tmp_path_factory, ixi_files, real_folder):
     """4 IXI volumes split by subject -> 2 training, 1 validation, 1 test; trained two iterations of one 32^3 patch
     each (tiny channels)."""
-    files = _ixi_files(ixi_dir, 4)
+    files = ixi_files(4)
     root = tmp_path_factory.mktemp("vqvae3d")
-    data = _link_folder(files, root / "ixi4")
+    data = real_folder(files, root / "ixi4", link=True)
     out = root / "out"
     common = {"dataset_dir": data, "output_dir": out, "val_fraction": 0.25, "test_fraction": 0.25, **TINY}
     run_bundle(BUNDLE, ["train.json"], {**common, "patch_size": [32, 32, 32], "batch_size": 1, "max_epochs": 1})
@@ -75,7 +61,7 @@ def trained(tmp_path_factory, ixi_dir):
 
 
 @pytest.mark.slow
-def test_train_evaluate_infer(trained, tmp_path):
+def test_train_evaluate_infer(trained, tmp_path, real_folder):
     files, out, common = trained
     assert (out / "models" / "model.pt").is_file()
     history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
@@ -91,7 +77,7 @@ def test_train_evaluate_infer(trained, tmp_path):
     assert (out / "eval" / "report.png").stat().st_size > 10_000
 
     source = files[3]
-    inputs = _link_folder([source], tmp_path / "infer_in")
+    inputs = real_folder([source], tmp_path / "infer_in", link=True)
     overrides = {
         "input_dir": inputs,
         "output_dir": out,
@@ -201,8 +187,8 @@ def _second_channel(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_multichannel_items_are_checked(tmp_path, ixi_dir):
-    a, b = _ixi_files(ixi_dir, 2)
+def test_multichannel_items_are_checked(tmp_path, ixi_files):
+    a, b = ixi_files(2)
     a2 = _second_channel(a, tmp_path / "a_sqrt.nii.gz")
     report = check_volume_datalist([{"image": [str(a), str(a2)]}, {"image": str(b)}], channels=2, skip_bad=True)
     # the single-channel item cannot give 2 channels; the two-file item can
@@ -214,8 +200,8 @@ def test_multichannel_items_are_checked(tmp_path, ixi_dir):
 
 
 @pytest.mark.slow
-def test_train_multichannel_dataset_json(tmp_path, ixi_dir):
-    files = _ixi_files(ixi_dir, 3)
+def test_train_multichannel_dataset_json(tmp_path, ixi_files):
+    files = ixi_files(3)
     items = []
     for f in files:
         extra = _second_channel(f, tmp_path / f"{f.name[: -len('.nii.gz')]}_sqrt.nii.gz")

@@ -1,11 +1,19 @@
-"""Training-curve figure: one panel per metric, training and validation of a metric in the same panel."""
+"""Figures: training curves (one panel per metric, training and validation of a metric in the same panel), sample
+grids of 2D images and 3D volumes, and the prior's report."""
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
+import torch
 from PIL import Image
 
-from vqvae_medical.evaluation.figures import plot_training_curves
+from vqvae_medical.evaluation.figures import (
+    mid_slices,
+    plot_training_curves,
+    save_prior_report,
+    save_sample_grid,
+)
 
 HISTORY = [
     {"phase": "train", "epoch": 1, "iteration": 10, "loss": 0.5, "perplexity": 12.0},
@@ -21,7 +29,7 @@ def test_one_panel_per_metric(tmp_path):
     assert [p.get_title() for p in panels] == ["loss", "perplexity", "psnr", "ssim"]
     assert len(panels[1].get_lines()) == 2  # train and validation perplexity share a panel
     assert list(panels[3].get_lines()[0].get_ydata()) == [0.61, 0.74]
-    assert Image.open(path).size[0] > 0
+    assert Image.open(path).size == (4 * 260, 230)  # four panels of 2.6 x 1.9 in (+0.4 in title) at 100 dpi
 
 
 def test_panels_fill_a_given_axes_area():
@@ -34,3 +42,27 @@ def test_panels_fill_a_given_axes_area():
 def test_empty_history_says_so():
     panels = plot_training_curves([])
     assert "no history" in panels[0].get_title()
+
+
+def test_sample_grid_of_images_and_of_volumes(tmp_path):
+    images = torch.rand(5, 1, 32, 24, generator=torch.Generator().manual_seed(0))
+    grid = Image.open(save_sample_grid(tmp_path / "2d.png", images))
+    assert grid.size == (5 * 216, 216)  # one row of five 2.4 in tiles at 90 dpi
+    volumes = torch.rand(2, 1, 20, 16, 12, generator=torch.Generator().manual_seed(1))
+    grid = Image.open(save_sample_grid(tmp_path / "3d.png", volumes, labels=[0, 1]))
+    assert grid.size == (3 * 216, 2 * 216)  # a row of axial, coronal, sagittal mid-slices per volume
+    assert np.asarray(grid.convert("L")).std() > 10
+
+
+def test_mid_slices_cut_through_the_centre():
+    volume = np.zeros((1, 20, 16, 12), dtype=np.float32)
+    volume[0, 10, 8, 6] = 1.0
+    axial, coronal, sagittal = mid_slices(volume)
+    assert [v.shape for v in (axial, coronal, sagittal)] == [(16, 20), (12, 20), (12, 16)]
+    assert all(v.sum() == 1.0 for v in (axial, coronal, sagittal))
+
+
+def test_prior_report(tmp_path):
+    groups = [("class 0", np.array([1.2, 1.4, 1.3])), ("class 1", np.array([2.0, 2.2]))]
+    path = save_prior_report(tmp_path / "report.png", groups, 1.6, 4.0, 3.1, HISTORY)
+    assert Image.open(path).size == (990, 360)  # 11 x 4 in at 90 dpi

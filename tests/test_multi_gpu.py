@@ -7,8 +7,6 @@ rank 0 wrote in an ordinary single-process run of the bundle.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from bundle_runner import (
@@ -19,12 +17,12 @@ from bundle_runner import (
     run_bundle,
     torchrun_bundle,
 )
+from monai.bundle import ConfigParser
 from test_bundle_latent_diffusion import TINY as LDM_TINY
 from test_bundle_latent_diffusion import TINY_AE as LDM_TINY_AE
 from test_bundle_pixelcnn_prior import PRIOR_NET, SPLIT, VQ_TINY
 from test_bundle_vqvae2 import TINY_NET as VQVAE2_TINY
 from test_bundle_vqvae_3d import TINY as VQVAE3D_TINY
-from test_bundle_vqvae_3d import _ixi_files, _link_folder
 
 from vqvae_medical.data import image_transforms_2d
 from vqvae_medical.training.checkpoints import atomic_save
@@ -34,18 +32,59 @@ DUMP = f"$torch.save(@network_def.state_dict(), {RANK_FILE})"
 DESTROY = "$torch.distributed.destroy_process_group()"
 
 
-def _copy_images(files, folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, f in enumerate(files):
-        shutil.copy(f, folder / f"img_{i:02d}{f.suffix}")
-    return folder
+#: handlers that write files or logs: rank 0 only
+WRITERS = {
+    "CheckpointSaver",
+    "BestModelSaver",
+    "StatsHandler",
+    "TensorBoardStatsHandler",
+    "TensorBoardImageHandler",
+    "MetricsHistory",
+    "ProgressBar",
+    "PriorSampleWriter",
+    "SampleGrid",
+}
+#: handlers every rank must run (same resume point, validation with reduced metrics, same schedule and stop)
+EVERY_RANK = {
+    "ResumeFromCheckpoint",
+    "LrScheduleHandler",
+    "ValidationHandler",
+    "CodebookMonitor",
+    "TimeBudget",
+    "FiniteLossGuard",
+    "EMAWeights",
+    "EMAHandler",
+    "LatentDiffusionPrepareBatch",
+}
+
+
+def _handler_type(parser: ConfigParser, item) -> str:
+    """Class name of a handler entry of a config (``{"_target_": ...}`` or a reference ``"@id"`` to one)."""
+    while isinstance(item, str) and item.startswith("@"):
+        item = parser.get(item[1:])
+    return item["_target_"].split(".")[-1]
+
+
+@pytest.mark.parametrize("bundle", ["vqvae_2d", "vqvae_3d", "vqvae2_2d", "pixelcnn_prior", "latent_diffusion"])
+def test_ranks_other_than_zero_run_every_handler_but_the_writers(bundle):
+    """``multi_gpu_train.json`` names the handlers of ranks > 0 by their place in ``train.json``'s lists; this test
+    fails when a list of ``train.json`` changes and the selection no longer is "all but the writers"."""
+    configs = BUNDLES / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([configs / "train.json", configs / "multi_gpu_train.json"])
+    for section, engine_key in (("train", "train#trainer#train_handlers"), ("validate", "validate#evaluator#val_handlers")):
+        handlers = [_handler_type(parser, h) for h in parser.get(f"{section}#handlers")]
+        unknown = set(handlers) - WRITERS - EVERY_RANK
+        assert not unknown, f"{bundle}: say in this test whether {unknown} write files (rank 0 only) or not"
+        every_rank = [_handler_type(parser, h) for h in parser.get(f"{section}#every_rank_handlers")]
+        assert every_rank == [h for h in handlers if h not in WRITERS], f"{bundle} {section}"
+        assert parser.get(engine_key) == f"$@{section}#handlers if @rank == 0 else @{section}#every_rank_handlers"
 
 
 @pytest.fixture(scope="module")
-def brain_slices(tmp_path_factory, brain_dir):
+def brain_slices(tmp_path_factory, brain_files, real_folder):
     """12 real brain slices (208 x 176 grey JPEG) in one flat folder."""
-    files = sorted((brain_dir / "Test" / "NonDemented").glob("*.jpg"))[:12]
-    return _copy_images(files, tmp_path_factory.mktemp("slices"))
+    return real_folder(brain_files(12), tmp_path_factory.mktemp("slices"))
 
 
 def _rank_states(out):
@@ -91,10 +130,10 @@ def test_vqvae_2d_two_processes(brain_slices, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_vqvae_3d_two_processes(ixi_dir, tmp_path):
+def test_vqvae_3d_two_processes(ixi_files, real_folder, tmp_path):
     """7 IXI volumes split by subject: 4 training (two iterations of one volume per rank), 2 validation (one per
     rank: the validation metrics are all-reduced over both ranks), 1 test."""
-    data = _link_folder(_ixi_files(ixi_dir, 7), tmp_path / "ixi")
+    data = real_folder(ixi_files(7), tmp_path / "ixi", link=True)
     out = tmp_path / "out"
     overrides = {
         **VQVAE3D_TINY,
@@ -147,15 +186,11 @@ def test_vqvae2_2d_two_processes(brain_slices, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_pixelcnn_prior_two_processes(isic_dir, tmp_path):
+def test_pixelcnn_prior_two_processes(isic_folder, tmp_path):
     """The prior trains on the code maps of a frozen VQ-VAE: rank 0 extracts and caches them once, rank 1 reads
     that cache; the PixelCNN weights are equal on the ranks and the checkpoint evaluates in one process."""
-    data = tmp_path / "isic"
-    photos = sorted((isic_dir / "images").glob("*.jpg"))[:12]
-    for f in photos:
-        for sub, src in (("images", f), ("metadata", isic_dir / "metadata" / f"{f.stem}.json")):
-            (data / sub).mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, data / sub / src.name)
+    data = isic_folder(12, tmp_path / "isic")
+    photos = sorted((data / "images").glob("*.jpg"))
     transform = image_transforms_2d(channels=3, spatial_size=[32, 32])
     images = torch.stack([transform({"image": str(f)})["image"].as_tensor() for f in photos[:4]])
     vq_ckpt = _tiny_vqvae_checkpoint(tmp_path / "vqvae.pt", images, VQ_TINY)

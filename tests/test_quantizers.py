@@ -17,7 +17,7 @@ from vqvae_medical.networks.quantizers import (
     GradientVectorQuantizer,
     QuantizerOutput,
     nearest_code,
-    perplexity_from_indices,
+    perplexity,
 )
 
 
@@ -469,11 +469,15 @@ def test_quantized_output_allows_inplace_ops(kind: str, spatial: tuple[int, ...]
 
 
 # ---------------------------------------------------------------------------------------------- perplexity, usage
-def test_perplexity_from_indices() -> None:
-    assert math.isclose(perplexity_from_indices(torch.arange(10).repeat(3), 10).item(), 10.0, rel_tol=1e-5)
-    assert math.isclose(perplexity_from_indices(torch.zeros(20, dtype=torch.long), 10).item(), 1.0, rel_tol=1e-6)
-    two = perplexity_from_indices(torch.tensor([0, 0, 1, 1]), 10).item()
-    assert math.isclose(two, 2.0, rel_tol=1e-5)
+def test_perplexity() -> None:
+    uniform = torch.bincount(torch.arange(10).repeat(3), minlength=10)
+    assert math.isclose(perplexity(uniform).item(), 10.0, rel_tol=1e-5)
+    assert math.isclose(perplexity(torch.bincount(torch.zeros(20, dtype=torch.long), minlength=10)).item(), 1.0, rel_tol=1e-6)
+    assert math.isclose(perplexity(torch.tensor([2.0, 2.0] + [0.0] * 8)).item(), 2.0, rel_tol=1e-5)
+    skewed = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    assert math.isclose(perplexity(skewed).item(), math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel_tol=1e-12)
+    assert perplexity(skewed).dtype == torch.float64
+    assert perplexity(torch.zeros(5)).item() == 0.0
 
 
 def _one_hot_codebook_quantizer(k: int, window: int) -> GradientVectorQuantizer:

@@ -153,7 +153,7 @@ def test_checkpoint_with_pickled_code_is_refused(slices, tmp_path):
         | {"input_dir": slices, "output_dir": tmp_path / "inf", "ckpt_path": tmp_path / "model.pt"},
         expect_ok=False,
     )
-    assert proc.returncode != 0 and "refused to load a checkpoint" in proc.stderr
+    assert proc.returncode != 0 and f"ERROR (UntrustedCheckpointError): {tmp_path / 'model.pt'}: refused to load" in proc.stderr
 
 
 # ---------------------------------------------------------------- divergence and collapse

@@ -10,13 +10,16 @@ import pytest
 import torch
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from monai.losses import SSIMLoss
+from monai.transforms import Compose, Lambdad
 
 from vqvae_medical.data import build_datalist, image_transforms_2d
 from vqvae_medical.networks import VQVAE
 from vqvae_medical.stages.autoencoder.steps import VQTrainStep, training_scalars
 from vqvae_medical.training.handlers import TimeBudget
 from vqvae_medical.training.schedules import cosine_decay
+from vqvae_medical.training.steps import NonFiniteLossError
 
 
 def test_cosine_decay_over_epochs():
@@ -71,11 +74,14 @@ def test_ssim_weight_must_not_be_negative():
         VQTrainStep(ssim_weight=-1.0)
 
 
-def _one_training_iteration(brain_dir, step: VQTrainStep, hooks=None) -> tuple[SupervisedTrainer, VQVAE]:
+def _one_training_iteration(
+    brain_dir, step: VQTrainStep, hooks=None, attach=None, transform=None
+) -> tuple[SupervisedTrainer, VQVAE]:
     """One real trainer iteration of ``step`` on a batch of 4 brain slices (64 x 64) with a tiny 2D VQ-VAE;
-    ``hooks(network)`` runs before training."""
+    ``hooks(network)`` runs before training, ``attach(trainer)`` before the run; ``transform`` follows the loading."""
     items = build_datalist(brain_dir, layout="folder", val_fraction=0.0, test_fraction=0.0)["training"][:4]
-    dataset = Dataset(items, transform=image_transforms_2d(channels=1, spatial_size=(64, 64), resize_mode="resize"))
+    load = image_transforms_2d(channels=1, spatial_size=(64, 64), resize_mode="resize")
+    dataset = Dataset(items, transform=load if transform is None else Compose([load, transform]))
     torch.manual_seed(0)
     network = VQVAE(2, 1, 1, channels=(8, 16), num_res_units=1, res_channels=(8, 8), num_embeddings=16, embedding_dim=8)
     if hooks is not None:
@@ -90,6 +96,8 @@ def _one_training_iteration(brain_dir, step: VQTrainStep, hooks=None) -> tuple[S
         iteration_update=step,
         decollate=False,
     )
+    if attach is not None:
+        attach(trainer)
     trainer.run()
     return trainer, network
 
@@ -143,3 +151,53 @@ def test_cpu_bf16_runs_the_network_in_bf16_and_the_losses_in_fp32(brain_dir):
     assert quantizer_dtypes == {torch.float32}
     assert all(p.dtype == torch.float32 for p in network.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, network.parameters()))
+
+
+def test_train_step_fires_monai_iteration_events_with_the_output_filled(brain_dir):
+    """The shared ``TrainStep`` iteration, as MONAI's ``SupervisedTrainer`` runs it: each event sees
+    ``engine.state.output`` so far; gradients exist after backward, and only the optimizer step changes weights."""
+    seen = []
+
+    def attach(trainer):
+        first = [p.detach().clone() for p in trainer.network.parameters()]
+
+        def record(event):
+            def handler(engine):
+                out = engine.state.output
+                grads = any(p.grad is not None for p in engine.network.parameters())
+                changed = any(not torch.equal(a, b) for a, b in zip(first, engine.network.parameters()))
+                seen.append((event.name, "pred" in out, "loss" in out, grads, changed))
+
+            return handler
+
+        for event in (IterationEvents.FORWARD_COMPLETED, IterationEvents.LOSS_COMPLETED, IterationEvents.BACKWARD_COMPLETED, IterationEvents.MODEL_COMPLETED):
+            trainer.add_event_handler(event, record(event))
+
+    trainer, _ = _one_training_iteration(brain_dir, VQTrainStep(), attach=attach)
+    assert seen == [
+        ("FORWARD_COMPLETED", True, False, False, False),
+        ("LOSS_COMPLETED", True, True, False, False),
+        ("BACKWARD_COMPLETED", True, True, True, False),
+        ("MODEL_COMPLETED", True, True, True, True),
+    ]
+    assert all(not v.requires_grad for v in trainer.state.output.values() if isinstance(v, torch.Tensor))
+
+
+def test_train_step_stops_on_a_nan_loss_before_any_weight_changes(brain_dir):
+    """A NaN pixel in a real slice: the step raises with the loss terms named, and no weight was updated."""
+    before = []
+
+    def poison(image):
+        image = image.clone()
+        image[0, 10, 10] = float("nan")
+        return image
+
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, iteration 1: recon_loss nan, quantizer_loss"):
+        _one_training_iteration(
+            brain_dir,
+            VQTrainStep(),
+            hooks=lambda net: before.extend((net, [p.detach().clone() for p in net.parameters()])),
+            transform=Lambdad("image", poison),
+        )
+    network, weights = before
+    assert all(torch.equal(a, b) for a, b in zip(weights, network.parameters()))

@@ -1,7 +1,14 @@
-"""Data module: datalists, input checks, MONAI transforms and the embedded MNI152 default data."""
+"""Data module: datalists, input checks, MONAI transforms, dataset caching and the embedded MNI152 default data."""
 
 from __future__ import annotations
 
+from vqvae_medical.data.caching import (
+    CACHE_MODES,
+    MemoryLimit,
+    available_memory,
+    choose_cache,
+    estimate_cache_bytes,
+)
 from vqvae_medical.data.checks import (
     IMAGE_EXTENSIONS,
     CheckReport,
@@ -44,6 +51,7 @@ from vqvae_medical.data.transforms import (
 )
 
 __all__ = [
+    "CACHE_MODES",
     "DEFAULT_SUBJECT_PATTERN",
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
@@ -54,14 +62,18 @@ __all__ = [
     "CheckReport",
     "DataError",
     "ImageInfo",
+    "MemoryLimit",
     "SqueezeSpatialDimsd",
     "ToRowMajord",
+    "available_memory",
     "build_datalist",
     "check_datalist",
+    "choose_cache",
     "class_folder_datalist",
     "class_names",
     "decathlon_datalist",
     "detect_layout",
+    "estimate_cache_bytes",
     "folder_datalist",
     "image_extension",
     "image_transforms_2d",

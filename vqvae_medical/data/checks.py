@@ -77,6 +77,7 @@ class ImageInfo:
         alpha: ``"opaque"`` when the file has an alpha channel that is fully opaque, ``"transparent"`` when it
             has one with varying or partial transparency, ``None`` without alpha.
         mode: PIL mode for PIL formats, else ``None``.
+        stored_shape: the full array shape of a NIfTI file (e.g. 4D ``X x Y x Z x T``), else ``None``.
     """
 
     path: str
@@ -84,6 +85,7 @@ class ImageInfo:
     channels: int
     alpha: str | None = None
     mode: str | None = None
+    stored_shape: tuple[int, ...] | None = None
 
     def squeezed_shape(self, spatial_dims: int) -> tuple[int, ...]:
         """Spatial shape with singleton dimensions dropped (last first) until ``spatial_dims`` are left."""
@@ -196,7 +198,7 @@ def _nifti_info(path: str) -> ImageInfo:
     if len(shape) < 2:
         raise _Problem(f"has shape {shape}, which is not an image", "Remove or replace the file")
     spatial, channels = shape[:3], int(np.prod(shape[3:], dtype=int)) if len(shape) > 3 else 1
-    return ImageInfo(path=path, spatial_shape=spatial, channels=channels)
+    return ImageInfo(path=path, spatial_shape=spatial, channels=channels, stored_shape=shape)
 
 
 def _itk_info(path: str) -> ImageInfo:
@@ -261,6 +263,13 @@ def _inspect(path: str) -> ImageInfo:
 
 def _check_layout(info: ImageInfo, spatial_dims: int, channels: int) -> None:
     shape = info.squeezed_shape(spatial_dims)
+    stored = info.stored_shape or ()
+    if spatial_dims == 2 and len(stored) > 3 and len(shape) == 3:
+        raise _Problem(
+            f"is a {len(stored)}D image of shape {stored} (a 3D volume with {info.channels} channels or time "
+            "points) but the config is 2D",
+            "Use a 3D config (4D NIfTI files are read as channels last), or extract 2D slices from it",
+        )
     if spatial_dims == 2 and len(shape) == 3:
         raise _Problem(
             f"is a 3D volume of size {info.spatial_shape} but the config is 2D",
@@ -310,6 +319,7 @@ def check_datalist(
     skip_bad: bool = False,
     key: str = "image",
     source: str | os.PathLike | None = None,
+    min_size: int | None = None,
 ) -> CheckReport:
     """Open every image of a datalist once and report unusable files.
 
@@ -334,6 +344,9 @@ def check_datalist(
         skip_bad: drop bad files with a warning instead of raising.
         key: datalist key holding the image path.
         source: where the list came from (a folder or file), used in the empty-list message.
+        min_size: smallest side (pixels/voxels) an image may have, e.g. the SSIM window of the config when images
+            are used at their own size; smaller images are unusable, and when all are, ONE one-line
+            :class:`DataError` says so with the minimum size.
 
     Raises:
         DataError: the list is empty, every file is bad, or (without ``skip_bad``) any file is bad.
@@ -358,6 +371,19 @@ def check_datalist(
             continue
         good.append((index, item, path, info.squeezed_shape(spatial_dims)))
 
+    if min_size and good:
+        small = [g for g in good if min(g[3]) < min_size]
+        if len(small) == len(good) and not bad:
+            example = small[0]
+            raise DataError(
+                f"all {len(good)} images in {where} are smaller than the minimum size of {min_size} pixels per side "
+                f"(the SSIM window), e.g. {example[2]} has size {example[3]}. Set spatial_size (e.g. "
+                f"--spatial_size [{max(min_size, 16)},{max(min_size, 16)}]) to resize them, or use larger images."
+            )
+        for index, item, path, shape in small:
+            fix = "Set spatial_size to resize every image, or remove the file"
+            bad.append((index, path, _Problem(f"has size {shape}, smaller than the minimum {min_size} per side (the SSIM window)", fix)))
+        good = [g for g in good if min(g[3]) >= min_size]
     reference = tuple(int(s) for s in expected_size) if expected_size is not None else None
     if reference is None and require_same_size and good:
         counts = Counter(shape for *_, shape in good)

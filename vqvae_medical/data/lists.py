@@ -33,6 +33,7 @@ def training_datalist(
     skip_bad: bool = False,
     check: bool = True,
     require_same_size: bool = False,
+    min_size: int | None = None,
     **kwargs: Any,
 ) -> dict[str, list[dict]]:
     """Datalist with ``training``, ``validation`` and ``test`` sections, checked file by file.
@@ -53,6 +54,7 @@ def training_datalist(
         require_same_size: within each section, images of a size other than the most common one are unusable (set
             it when the config batches images at their own size, i.e. ``spatial_size`` is null: a batch of mixed
             sizes would otherwise fail in the data loader, without naming any file).
+        min_size: smallest side an image may have (the SSIM window when images keep their own size).
         kwargs: passed to the datalist builder (e.g. ``val_fraction``, ``test_fraction``, ``seed``).
     """
     if dataset_dir in (None, "", "None"):
@@ -84,6 +86,7 @@ def training_datalist(
                 skip_bad=skip_bad,
                 require_same_size=require_same_size,
                 source=f"{dataset_dir or cache_dir} ({name})",
+                min_size=min_size,
             )
             datalist[name] = list(report.items)
     return datalist
@@ -102,6 +105,8 @@ def inference_datalist(
 ) -> list[dict]:
     """Items ``{"image": path}`` for inference: every image under a folder, a ``dataset.json`` (its ``test``
     section, else all sections), or an explicit list of paths; checked like the training data."""
+    if input_path in (None, "", "None"):
+        raise DataError("no input given: pass --input_dir <a folder of images, one image file, or a dataset.json>.")
     if isinstance(input_path, (list, tuple)):
         items = [{"image": os.path.abspath(p)} for p in input_path]
     elif str(input_path).endswith(".json"):

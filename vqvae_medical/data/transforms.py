@@ -1,4 +1,4 @@
-"""MONAI transform chains and datasets for 2D images and 3D volumes.
+"""MONAI transform chains for 2D images and 3D volumes (datasets: :mod:`vqvae_medical.data.caching`).
 
 Orientation convention of 2D images: every 2D image comes out as ``[C, H, W]`` with rows first, exactly the
 array that ``numpy.asarray(PIL.Image.open(path))`` (PNG/JPEG/BMP) or ``itk.GetArrayFromImage`` (TIFF/MHA/NRRD)
@@ -13,13 +13,12 @@ Hence ``PIL.Image.fromarray(uint8(255 * image[0]))`` writes a PNG that looks lik
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Hashable, Mapping, Sequence
 from functools import partial
 
 import torch
 from monai.config import KeysCollection
-from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -40,16 +39,48 @@ from monai.transforms import (
 )
 from monai.utils import ImageMetaKey, ensure_tuple_rep
 
+from vqvae_medical.data.caching import make_dataset  # re-exported: it lived here before
 from vqvae_medical.data.checks import NIFTI_EXTENSIONS, image_extension
 
 __all__ = [
     "AdaptChannelsd",
+    "CommonMetad",
     "SqueezeSpatialDimsd",
     "ToRowMajord",
     "image_transforms_2d",
     "make_dataset",
     "volume_transforms_3d",
 ]
+
+
+class CommonMetad(MapTransform):
+    """Keep only the metadata every image reader provides (file name, affine, shape, space), so that a batch of
+    files read by different readers collates.
+
+    MONAI's NIfTI reader returns nibabel's header fields, its ITK reader the MetaImage/NRRD fields (``dim[0]``,
+    ``NRRD_kinds[0]``, ``Modality``, ...); ``list_data_collate`` takes the keys of the first item and fails on the
+    others (``new(): invalid data type 'str'``), so a folder mixing NIfTI with ``.mha``/``.nrrd`` could not be
+    batched. The reader-specific header fields are not used after loading.
+
+    Args:
+        keys: image keys.
+        keep: metadata keys to keep (besides MONAI's own, which it re-creates).
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    KEEP = ("filename_or_obj", "affine", "original_affine", "spatial_shape", "original_channel_dim", "space")
+
+    def __init__(self, keys: KeysCollection, keep: Sequence[str] = KEEP, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.keep = tuple(keep)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if isinstance(img, MetaTensor):
+                img.meta = {k: v for k, v in img.meta.items() if str(k) in self.keep}
+        return d
 
 
 class ToRowMajord(MapTransform):
@@ -194,7 +225,7 @@ def image_transforms_2d(
 ) -> Compose:
     """Transforms for 2D images (PNG/JPEG/BMP/TIFF or 2D NIfTI slices) to ``[channels, H, W]`` float32 in ``[0, 1]``.
 
-    Chain: ``LoadImaged`` (image only) -> ``EnsureChannelFirstd`` -> :class:`SqueezeSpatialDimsd` (``H x W x 1``
+    Chain: ``LoadImaged`` (image only) -> ``EnsureChannelFirstd`` -> :class:`CommonMetad` -> :class:`SqueezeSpatialDimsd` (``H x W x 1``
     NIfTI -> ``H x W``) -> :class:`ToRowMajord` (rows first, see the module docstring) -> :class:`AdaptChannelsd`
     (RGB -> grey by mean, grey -> RGB by repetition, opaque alpha dropped) -> ``ScaleIntensityd`` (min-max to
     ``[0, 1]`` per image, over all channels) -> ``ResizeWithPadOrCropd`` (``resize_mode="pad"``, centred, zero
@@ -222,6 +253,7 @@ def image_transforms_2d(
     xforms: list = [
         LoadImaged(keys, image_only=True),
         EnsureChannelFirstd(keys),
+        CommonMetad(keys),
         SqueezeSpatialDimsd(keys, spatial_dims=2),
         ToRowMajord(keys),
         AdaptChannelsd(keys, channels=channels),
@@ -270,7 +302,7 @@ def volume_transforms_3d(
 ) -> Compose:
     """Transforms for 3D volumes to ``[channels, X, Y, Z]`` float32 in ``[0, 1]``.
 
-    Chain: ``LoadImaged`` -> ``EnsureChannelFirstd`` -> :class:`AdaptChannelsd` -> ``Orientationd(orientation)``
+    Chain: ``LoadImaged`` -> ``EnsureChannelFirstd`` -> :class:`CommonMetad` -> :class:`AdaptChannelsd` -> ``Orientationd(orientation)``
     -> ``Spacingd(pixdim)`` when given -> ``CropForegroundd`` (voxels above ``foreground_fraction`` of the
     maximum) when ``crop_foreground`` -> ``Resized`` (trilinear, anti-aliased when shrinking;
     ``resize_mode="resize"``) or ``ResizeWithPadOrCropd`` (``"pad"``) to ``spatial_size`` when given ->
@@ -306,6 +338,7 @@ def volume_transforms_3d(
     xforms: list = [
         LoadImaged(keys, image_only=True),
         EnsureChannelFirstd(keys),
+        CommonMetad(keys),
         AdaptChannelsd(keys, channels=channels),
     ]
     if orientation:
@@ -349,33 +382,3 @@ def volume_transforms_3d(
             )
     xforms.append(EnsureTyped(keys, dtype=torch.float32))
     return Compose(xforms)
-
-
-def make_dataset(
-    data: Sequence[dict],
-    transform: Compose,
-    cache: str = "memory",
-    cache_dir: str | os.PathLike | None = None,
-    num_workers: int = 0,
-) -> Dataset:
-    """Wrap a datalist section in a MONAI dataset.
-
-    Args:
-        data: datalist items.
-        transform: transform chain; with caching, the deterministic transforms before the first random one
-            are cached.
-        cache: ``"memory"`` (``CacheDataset``, all items), ``"disk"`` (``PersistentDataset`` in ``cache_dir``)
-            or ``"none"`` (``Dataset``).
-        cache_dir: folder for ``"disk"``.
-        num_workers: threads that fill the memory cache (0 or 1: the calling thread).
-    """
-    if cache == "memory":
-        return CacheDataset(data, transform, cache_rate=1.0, num_workers=max(1, num_workers), progress=False)
-    if cache == "disk":
-        if cache_dir is None:
-            raise ValueError("cache='disk' needs cache_dir, the folder for the cached items.")
-        os.makedirs(cache_dir, exist_ok=True)
-        return PersistentDataset(data, transform, cache_dir=cache_dir)
-    if cache == "none":
-        return Dataset(data, transform)
-    raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}.")

@@ -1,4 +1,6 @@
-"""PNG figures of reconstructions, code maps, codebook usage and training curves (matplotlib, Agg backend)."""
+"""Every PNG figure of the package (matplotlib, Agg backend): reconstructions, code maps, codebook usage, training
+curves, sample grids (2D images or 3D mid-slices) and the prior's bits-per-code report. The stages collect the
+numbers; the drawing lives here only."""
 
 from __future__ import annotations
 
@@ -13,7 +15,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["to_display", "plot_training_curves", "save_evaluation_report", "save_image_grid"]
+__all__ = [
+    "to_display",
+    "mid_slices",
+    "plot_training_curves",
+    "save_evaluation_report",
+    "save_image_grid",
+    "save_sample_grid",
+    "save_prior_report",
+]
 
 
 def to_display(image: Any) -> np.ndarray:
@@ -24,9 +34,9 @@ def to_display(image: Any) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
-def _mid_slices(volume: np.ndarray) -> list[np.ndarray]:
-    """Axial, coronal and sagittal mid-slices of ``[C, X, Y, Z]`` (first channel), rotated for display."""
-    v = volume[0]
+def mid_slices(volume: Any) -> list[np.ndarray]:
+    """Axial, coronal and sagittal mid-slices ``[H, W]`` of ``[C, X, Y, Z]`` (first channel), rotated for display."""
+    v = np.asarray(volume.detach().cpu() if hasattr(volume, "detach") else volume, dtype=np.float32)[0]
     x, y, z = (s // 2 for s in v.shape)
     return [np.rot90(v[:, :, z]), np.rot90(v[:, y, :]), np.rot90(v[x, :, :])]
 
@@ -117,12 +127,11 @@ def save_evaluation_report(
         spatial_dims: 2 or 3 (3D rows show axial, coronal and sagittal mid-slices with an absolute-error column).
         level_names: titles of the code maps.
     """
-    n_levels = len(level_names)
     rows: list[list[tuple[str, np.ndarray, str]]] = []
     for i, s in enumerate(samples):
         image, recon = np.asarray(s["image"]), np.asarray(s["recon"])
         if spatial_dims == 3:
-            views = zip(("axial", "coronal", "sagittal"), _mid_slices(image), _mid_slices(recon))
+            views = zip(("axial", "coronal", "sagittal"), mid_slices(image), mid_slices(recon))
             for view, a, b in views:
                 rows.append(
                     [
@@ -186,6 +195,66 @@ def save_image_grid(path: str | os.PathLike, images: Sequence[Any], ncols: int =
             ax.imshow(img, cmap=None if img.ndim == 3 else "gray", vmin=0, vmax=1)
             if titles is not None:
                 ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def save_sample_grid(
+    path: str | os.PathLike,
+    images: Any,
+    labels: Sequence[int] | None = None,
+    ncols: int | None = None,
+    names: Sequence[str] | None = None,
+) -> Path:
+    """A PNG grid of generated (or real) images ``[N, C, H, W]`` or volumes ``[N, C, X, Y, Z]`` in [0, 1].
+
+    2D: ``ncols`` images a row (default: up to 8). 3D: one row per volume with its axial, coronal and sagittal
+    mid-slices. Titles are ``names`` (default ``#i``), followed by ``class c`` when ``labels`` are given.
+    """
+    names = list(names) if names is not None else [f"#{i}" for i in range(len(images))]
+    if labels is not None:
+        names = [f"{name} class {int(c)}" for name, c in zip(names, labels)]
+    if np.ndim(images[0]) == 4:
+        tiles = [view for image in images for view in mid_slices(image)]
+        titles = [f"{name} {v}" for name in names for v in ("ax", "cor", "sag")]
+        return save_image_grid(path, tiles, ncols=3, titles=titles)
+    return save_image_grid(path, list(images), ncols=ncols or min(8, max(1, len(images))), titles=names)
+
+
+def save_prior_report(
+    path: str | os.PathLike,
+    bits_per_map_code: Sequence[tuple[str, np.ndarray]],
+    nll_bits_per_code: float,
+    uniform_bits_per_code: float,
+    marginal_bits_per_code: float,
+    history: Sequence[dict[str, Any]] = (),
+) -> Path:
+    """One PNG for a prior's evaluation: the histogram of bits per code of each map (one series per group, e.g. per
+    class) against the uniform (``log2 K``) and marginal-entropy references, and the training curves.
+
+    Args:
+        path: output PNG.
+        bits_per_map_code: ``(name, values)`` per group; ``values`` are each map's bits divided by its codes.
+        nll_bits_per_code: the prior's mean negative log2-likelihood per code (in the title).
+        uniform_bits_per_code: ``log2 K``.
+        marginal_bits_per_code: entropy of the evaluated maps' code histogram.
+        history: training history records (see :func:`plot_training_curves`).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, values in bits_per_map_code:
+        axes[0].hist(values, bins=20, alpha=0.6, label=f"{name} (n={len(values)})")
+    uniform = uniform_bits_per_code
+    axes[0].axvline(uniform, color="k", ls="--", label=f"uniform log2 K = {uniform:.2f}")
+    axes[0].axvline(marginal_bits_per_code, color="gray", ls=":", label="marginal entropy")
+    axes[0].set_xlabel("bits per code (per map)")
+    nll = nll_bits_per_code
+    axes[0].set_title(f"test NLL {nll:.3f} bits/code ({nll / uniform:.1%} of uniform)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    plot_training_curves(history, ax=axes[1])
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

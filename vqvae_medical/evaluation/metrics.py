@@ -18,6 +18,7 @@ from monai.metrics import SSIMMetric
 
 from vqvae_medical.evaluation.losses import SeparableSSIMLoss
 from vqvae_medical.networks.pixelcnn import bits_per_code
+from vqvae_medical.networks.quantizers import perplexity
 
 __all__ = [
     "CodeHistogram",
@@ -57,14 +58,9 @@ class SeparableSSIMMetric(SSIMMetric):
 
 
 def code_histogram_stats(counts: torch.Tensor) -> tuple[float, float]:
-    """``(fraction of codes used, perplexity)`` of a code histogram."""
+    """``(fraction of codes used, perplexity)`` of a code histogram (:func:`~vqvae_medical.networks.quantizers.perplexity`)."""
     counts = counts.double()
-    total = counts.sum()
-    if total <= 0:
-        return 0.0, 0.0
-    probs = counts / total
-    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
-    return float((counts > 0).double().mean()), float(entropy.exp())
+    return float((counts > 0).double().mean()), float(perplexity(counts))
 
 
 class CodeHistogram(Metric):

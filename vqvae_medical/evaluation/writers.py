@@ -9,12 +9,19 @@ handler undoes the spatial preprocessing (``Compose.inverse`` on the MetaTensor'
   input's range, and ``<name>_codes.nii.gz`` (int16, affine scaled to the code grid; for 3D volumes the affine of
   the preprocessed network grid, reoriented/resampled, scaled by the downsampling factor);
 - other formats -> NIfTI through the same path.
+
+Every input gets its own outputs: the input's folder below ``input_dir`` is kept under ``output_dir``
+(``sub1/x.jpg`` -> ``sub1/x_recon.png``), and inputs that would still share a name (``y.jpg`` and ``y.png``) keep
+their extension in it (``y_jpg_recon.png``, ``y_png_recon.png``). ``manifest.csv`` in ``output_dir`` maps each
+input to its outputs.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +32,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from PIL import Image
 
-__all__ = ["ReconstructionWriter", "output_stem"]
+__all__ = ["ReconstructionWriter", "output_stem", "output_names"]
 
 logger = logging.getLogger(__name__)
 _RASTER = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -40,6 +47,53 @@ def output_stem(path: str | os.PathLike) -> str:
     return os.path.splitext(name)[0]
 
 
+def _relative_stem(src: str, root: str | None) -> str:
+    """``src``'s stem, under its folder relative to ``root`` when it lies below ``root`` (``/``-separated)."""
+    stem = output_stem(src)
+    if root:
+        rel = os.path.relpath(os.path.dirname(os.path.abspath(src)), os.path.abspath(root))
+        if rel != "." and not rel.startswith(".."):
+            return Path(rel, stem).as_posix()
+    return stem
+
+
+def _extension(src: str) -> str:
+    name = os.path.basename(src).lower()
+    stem = output_stem(src)
+    return name[len(stem) :].lstrip(".").replace(".", "_") or "file"
+
+
+def _first(path: Any) -> str:
+    """A datalist entry's file (the first one of a multi-file volume)."""
+    return os.fspath(path[0] if isinstance(path, (list, tuple)) else path)
+
+
+def output_names(inputs: Sequence[str | os.PathLike], root: str | os.PathLike | None = None) -> dict[str, str]:
+    """Unique output stem (relative path without suffix) of every input file.
+
+    The input's folder below ``root`` is kept; inputs that still share a stem (``y.jpg`` and ``y.png``) get their
+    extension appended (``y_jpg``, ``y_png``), and any clash left after that a counter. The result depends on the
+    set of inputs only, not on their order.
+    """
+    root = os.fspath(root) if root not in (None, "", "None") and os.path.isdir(os.fspath(root)) else None
+    srcs = sorted({os.fspath(p) for p in inputs})
+    stems = {s: _relative_stem(s, root) for s in srcs}
+    counts: dict[str, int] = {}
+    for stem in stems.values():
+        counts[stem.lower()] = counts.get(stem.lower(), 0) + 1
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for s in srcs:
+        name = stems[s] if counts[stems[s].lower()] == 1 else f"{stems[s]}_{_extension(s)}"
+        base, i = name, 1
+        while name.lower() in taken:
+            i += 1
+            name = f"{base}_{i}"
+        taken.add(name.lower())
+        names[s] = name
+    return names
+
+
 class ReconstructionWriter:
     """Handler of an inference evaluator that writes each reconstruction and its code map(s).
 
@@ -47,16 +101,69 @@ class ReconstructionWriter:
         output_dir: folder of the outputs.
         transform: the preprocessing ``Compose``, inverted on the prediction so it returns to the input's grid.
         image_key: batch key of the (MetaTensor) inputs.
+        inputs: the datalist (items with ``image_key``, or paths) of the run, to name the outputs before the first
+            one is written (see :func:`output_names`); without it names are made unique as inputs arrive.
+        input_dir: folder whose sub-folder structure is kept under ``output_dir``.
+        manifest: file name of the input -> outputs table in ``output_dir`` (``None``: none).
     """
 
-    def __init__(self, output_dir: str | os.PathLike, transform: Any = None, image_key: str = "image") -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        transform: Any = None,
+        image_key: str = "image",
+        inputs: Sequence[Any] | None = None,
+        input_dir: str | os.PathLike | None = None,
+        manifest: str | None = "manifest.csv",
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.transform = transform
         self.image_key = image_key
+        self.input_dir = input_dir
+        self.manifest = manifest
         self.written: list[Path] = []
+        self.outputs: dict[str, list[Path]] = {}
+        paths = [os.path.abspath(_first(i[image_key] if isinstance(i, dict) else i)) for i in (inputs or [])]
+        self.names = output_names(paths, input_dir) if paths else {}
+        self._taken = {n.lower() for n in self.names.values()}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self.write_manifest)
+
+    def _name(self, src: str) -> str:
+        """Output stem of ``src``, unique within this run."""
+        src = os.path.abspath(src)
+        if src not in self.names:
+            base = _relative_stem(src, self.input_dir if self.input_dir and os.path.isdir(self.input_dir) else None)
+            name, i = base, 1
+            while name.lower() in self._taken:
+                i += 1
+                name = f"{base}_{_extension(src)}" if i == 2 else f"{base}_{_extension(src)}_{i - 1}"
+            self._taken.add(name.lower())
+            self.names[src] = name
+        return self.names[src]
+
+    def _target(self, src: str, suffix: str) -> Path:
+        path = self.output_dir / f"{self._name(src)}_{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.outputs.setdefault(src, []).append(path)
+        self.written.append(path)
+        return path
+
+    def write_manifest(self, engine: Engine | None = None) -> Path | None:
+        """``<output_dir>/<manifest>``: one row per input with its reconstruction and code map files (relative)."""
+        if not self.manifest or not self.outputs:
+            return None
+        path = self.output_dir / self.manifest
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["input", "reconstruction", "codes"])
+            for src, outs in self.outputs.items():
+                rel = [p.relative_to(self.output_dir).as_posix() for p in outs]
+                writer.writerow([src, rel[0], ";".join(rel[1:])])
+        logger.info(f"wrote {len(self.outputs)} reconstructions to {self.output_dir} (inputs listed in {path})")
+        return path
 
     def _invert(self, pred: torch.Tensor, image: MetaTensor) -> torch.Tensor:
         if self.transform is None or not isinstance(image, MetaTensor) or not image.applied_operations:
@@ -99,19 +206,13 @@ class ReconstructionWriter:
         return ["codes"] if n == 1 else ["codes_top", "codes_bottom"] if n == 2 else [f"codes_{i}" for i in range(n)]
 
     def _write_raster(self, src: str, pred: np.ndarray, codes: list[np.ndarray]) -> None:
-        stem = output_stem(src)
         img = np.clip(pred, 0.0, 1.0)
         img = img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
-        path = self.output_dir / f"{stem}_recon.png"
-        Image.fromarray(np.round(img * 255.0).astype(np.uint8)).save(path)
-        self.written.append(path)
+        Image.fromarray(np.round(img * 255.0).astype(np.uint8)).save(self._target(src, "recon.png"))
         for name, c in zip(self._code_names(len(codes)), codes):
-            cpath = self.output_dir / f"{stem}_{name}.png"
-            Image.fromarray(c.astype(np.uint16)).save(cpath)
-            self.written.append(cpath)
+            Image.fromarray(c.astype(np.uint16)).save(self._target(src, f"{name}.png"))
 
     def _write_nifti(self, src: str, pred: np.ndarray, codes: list[np.ndarray], grid=None) -> None:
-        stem = output_stem(src)
         data = pred[0] if pred.shape[0] == 1 else np.moveaxis(pred, 0, -1)
         affine, header = np.eye(4), None
         if os.path.isfile(src) and src.lower().endswith((".nii", ".nii.gz")):
@@ -124,15 +225,11 @@ class ReconstructionWriter:
                 data = data.reshape(ref.shape)
             header.set_data_dtype(np.float32)
             header["scl_slope"], header["scl_inter"] = np.nan, np.nan
-        path = self.output_dir / f"{stem}_recon.nii.gz"
-        nib.save(nib.Nifti1Image(data.astype(np.float32), affine, header), path)
-        self.written.append(path)
+        nib.save(nib.Nifti1Image(data.astype(np.float32), affine, header), self._target(src, "recon.nii.gz"))
         for name, c in zip(self._code_names(len(codes)), codes):
             scale = np.ones(4)
             scale[: c.ndim] = [d / max(cs, 1) for d, cs in zip(data.shape[: c.ndim], c.shape)]
             code_affine = affine @ np.diag(scale)
             if grid is not None and c.ndim == 3:  # 3D codes live on the reoriented/resampled network grid
                 code_affine = self._code_affine(grid, c.shape)
-            cpath = self.output_dir / f"{stem}_{name}.nii.gz"
-            nib.save(nib.Nifti1Image(c.astype(np.int16), code_affine), cpath)
-            self.written.append(cpath)
+            nib.save(nib.Nifti1Image(c.astype(np.int16), code_affine), self._target(src, f"{name}.nii.gz"))

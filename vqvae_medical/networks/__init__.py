@@ -1,4 +1,4 @@
-"""Networks: VQ-VAE, VQ-VAE-2, gated PixelCNN and the single-tensor export wrappers."""
+"""Networks: VQ-VAE, VQ-VAE-2, gated PixelCNN and transformer priors, and the single-tensor export wrappers."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from vqvae_medical.networks.vqvae import (
     make_quantizer,
     pad_to_multiple,
 )
+from vqvae_medical.networks.transformer_prior import TransformerPrior, TransformerPriorCache
 from vqvae_medical.networks.vqvae2 import VQVAE2
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "VQVAE2",
     "GatedPixelCNN",
     "PixelCNNCache",
+    "TransformerPrior",
+    "TransformerPriorCache",
     "bits_per_code",
     "prior_cross_entropy",
     "VQOutput",

@@ -29,7 +29,7 @@ from torch import nn
 __all__ = [
     "QuantizerOutput",
     "nearest_code",
-    "perplexity_from_indices",
+    "perplexity",
     "EMAVectorQuantizer",
     "GradientVectorQuantizer",
 ]
@@ -224,11 +224,17 @@ class _StraightThrough(torch.autograd.Function):
         return grad_z, None, None, None
 
 
-def perplexity_from_indices(indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:
-    """``exp(H(p))`` of the code histogram of ``indices``: 1 when one code is used, ``K`` when all are used equally."""
-    counts = torch.bincount(indices.reshape(-1), minlength=num_embeddings).float()
-    probs = counts / counts.sum().clamp_min(1.0)
-    return torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """``exp(H(p))`` of a code histogram ``counts`` ``[K]`` (``p = counts / sum``), in the dtype of ``counts``.
+
+    1 when one code is used, ``K`` when all ``K`` are used equally, 0 for an empty histogram. The package's only
+    perplexity: the quantizers' per-batch value, the evaluation metrics' per-epoch value and the prior report's
+    marginal entropy (``log2`` of it) all call it. No host synchronisation (``torch.special.entr`` gives 0 at 0).
+    """
+    counts = counts if counts.is_floating_point() else counts.float()
+    total = counts.sum()
+    entropy = torch.special.entr(counts / total.clamp_min(1.0)).sum()
+    return torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
 
 
 def _maps(x: torch.Tensor) -> torch.Tensor:
@@ -322,13 +328,11 @@ class _VectorQuantizerBase(nn.Module):
     def _stats(self, indices: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if counts is None:
             counts = torch.bincount(indices.reshape(-1), minlength=self.num_embeddings).float()
-        probs = counts / counts.sum().clamp_min(1.0)
-        perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
         if self.training:
             usage = self._record_usage(counts)
         else:
             usage = (counts > 0).float().mean()
-        return perplexity, usage
+        return perplexity(counts), usage
 
     def extra_repr(self) -> str:
         return (

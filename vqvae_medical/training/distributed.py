@@ -1,15 +1,18 @@
-"""``torch.distributed`` set-up for ``torchrun`` and rank-zero helpers."""
+"""``torch.distributed`` set-up for ``torchrun`` and rank-zero helpers.
+
+Which handlers run on which rank is said in each bundle's ``multi_gpu_train.json``, as in the Model Zoo: rank 0
+runs ``train#handlers``; the other ranks run ``train#every_rank_handlers``, the handlers that must run on every
+rank (resume, validation, learning-rate schedule, time budget, EMA), not those that write files or logs."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 
-__all__ = ["init_distributed", "rank_zero_handlers", "rank_zero_first"]
+__all__ = ["init_distributed", "rank_zero_first"]
 
 
 def init_distributed() -> int:
@@ -21,33 +24,6 @@ def init_distributed() -> int:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank()
-
-
-#: handlers that write files or logs; under DDP only rank 0 keeps them
-_WRITER_HANDLERS = (
-    "CheckpointSaver",
-    "BestModelSaver",
-    "StatsHandler",
-    "TensorBoardStatsHandler",
-    "TensorBoardImageHandler",
-    "MetricsHistory",
-    "ProgressBar",
-    "EvaluationReport",
-    "ReconstructionWriter",
-    "PriorSampleWriter",
-    "SampleGrid",
-)
-
-
-def rank_zero_handlers(handlers: Sequence[Any]) -> list[Any]:
-    """The handler list for this rank: all handlers on rank 0; on other ranks, all but those that write files or
-    logs (checkpoints, TensorBoard, history, progress bars, sample grids), so that every rank keeps resuming,
-    validating (with metrics reduced across ranks), averaging weights and stopping on the same time budget."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        return list(handlers)
-    return [h for h in handlers if type(h).__name__ not in _WRITER_HANDLERS]
 
 
 @contextmanager

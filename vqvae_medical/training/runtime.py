@@ -3,14 +3,63 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-__all__ = ["install_error_hook", "select_device", "amp_enabled"]
+__all__ = ["SettingError", "install_error_hook", "check_writable", "require_setting", "select_device", "amp_enabled"]
+
+
+class SettingError(ValueError):
+    """A bundle setting is missing or cannot be used (e.g. an output folder that cannot be written)."""
 
 
 #: exceptions whose message already says what is wrong and how to fix it
-_USER_ERRORS = ("DataError", "NonFiniteLossError", "UntrustedCheckpointError")
+_USER_ERRORS = (
+    "DataError",
+    "NonFiniteLossError",
+    "SettingError",
+    "CheckpointError",
+    "MissingCheckpointError",
+    "UntrustedCheckpointError",
+)
+
+
+def check_writable(*folders: str | os.PathLike | Sequence[str | os.PathLike] | None, setting: str = "output_dir") -> bool:
+    """Create each folder and write and remove a file in it, so that a run that cannot save stops before the first
+    epoch instead of at the first checkpoint. ``None`` entries are skipped; returns ``True`` (for config
+    expressions).
+
+    Raises:
+        SettingError: a folder cannot be created or written, naming it and ``setting``.
+    """
+    flat: list = []
+    for f in folders:
+        flat.extend(f if isinstance(f, (list, tuple)) else [f])
+    for folder in flat:
+        if folder in (None, "", "None"):
+            continue
+        path = Path(folder)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write_test_", suffix=".tmp", dir=path)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+            raise SettingError(
+                f"{path}: cannot write to this folder ({reason}). Pass --{setting} <a folder you can write to>."
+            ) from None
+    return True
+
+
+def require_setting(value: object, name: str, what: str) -> object:
+    """``value`` unless it is unset (``None``/empty), else a :class:`SettingError` asking for ``--name``."""
+    if value in (None, "", "None"):
+        raise SettingError(f"{name} is not set: pass --{name} <{what}>.")
+    return value
 
 
 def _user_error(exc: BaseException | None) -> BaseException | None:
@@ -25,9 +74,10 @@ def _user_error(exc: BaseException | None) -> BaseException | None:
 
 
 def install_error_hook() -> None:
-    """Make ``python -m monai.bundle run`` end with one plain message for bad data, a diverged loss or an
-    untrusted checkpoint, instead of a traceback through the config parser. Other errors keep their traceback;
-    set ``VQVAE_MEDICAL_TRACEBACK=1`` to always see it. Bundles call this in their ``initialize`` section."""
+    """Make ``python -m monai.bundle run`` end with one plain message for bad data, a diverged loss, a missing,
+    unreadable, untrusted or unfitting checkpoint, or an unusable setting, instead of a traceback through the config
+    parser. Other errors keep their traceback; set ``VQVAE_MEDICAL_TRACEBACK=1`` to always see it. Bundles call
+    this in their ``initialize`` section."""
     import sys
 
     previous = sys.excepthook
@@ -37,13 +87,14 @@ def install_error_hook() -> None:
         if found is None or os.environ.get("VQVAE_MEDICAL_TRACEBACK"):
             previous(exc_type, exc, tb)
             return
-        message = str(found)
-        if "Weights only load failed" in message:
+        message, name = str(found), type(found).__name__
+        if "Weights only load failed" in message:  # torch's own message: keep none of its advice to unpickle
+            name = "UntrustedCheckpointError"
             message = (
                 "refused to load a checkpoint that contains pickled Python objects, not only tensors (loading it "
-                "could run arbitrary code). Only load checkpoints from sources you trust.\n" + message.splitlines()[0]
+                "could run arbitrary code). Only load checkpoints from sources you trust."
             )
-        sys.stderr.write(f"\nERROR ({type(found).__name__}): {message}\n")
+        sys.stderr.write(f"\nERROR ({name}): {message}\n")
 
     sys.excepthook = hook
 

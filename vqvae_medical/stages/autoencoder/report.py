@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -13,9 +12,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from vqvae_medical.evaluation.figures import (
-    save_evaluation_report,
-)
+from vqvae_medical.evaluation.figures import save_evaluation_report
+from vqvae_medical.training.checkpoints import atomic_write_json
 from vqvae_medical.training.handlers import read_history
 
 __all__ = ["EvaluationReport"]
@@ -86,9 +84,7 @@ class EvaluationReport:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float, np.floating))}
         metrics["n_images"] = self.n_images
-        tmp = self.output_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, self.output_dir / "metrics.json")
+        atomic_write_json(metrics, self.output_dir / "metrics.json")
         details = getattr(engine.state, "metric_details", {}) or {}
         ssim = details.get(self.ssim_key)
         ssim_values = [] if ssim is None else torch.as_tensor(ssim).reshape(-1).float().tolist()

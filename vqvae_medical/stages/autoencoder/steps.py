@@ -12,7 +12,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
 from vqvae_medical.evaluation.losses import SeparableSSIMLoss
-from vqvae_medical.training.steps import check_finite_loss
+from vqvae_medical.training.steps import TrainStep
 
 __all__ = ["reconstruction_loss", "VQTrainStep", "VQEvalStep", "training_scalars"]
 
@@ -36,14 +36,15 @@ def _level_stats(levels) -> dict[str, torch.Tensor]:
     return stats
 
 
-class VQTrainStep:
+class VQTrainStep(TrainStep):
     """One training iteration of a VQ-VAE or VQ-VAE-2:
     ``loss = recon(x_hat, x) + ssim_weight * (1 - SSIM(x_hat, x)) + quantizer_weight * quantizer_loss``.
 
     The optional SSIM term (Wang et al. 2004; as a training loss: Zhao et al., "Loss Functions for Image
     Restoration with Neural Networks", IEEE TCI 2017) weights local contrast and structure that an L1 or MSE loss
     averages away; it assumes images scaled to [0, 1]. It is :class:`~vqvae_medical.evaluation.losses.SeparableSSIMLoss`, the
-    value of MONAI's ``SSIMLoss`` at a fraction of its cost in 3D.
+    value of MONAI's ``SSIMLoss`` at a fraction of its cost in 3D. The iteration (AMP, events, finite-loss check,
+    optimizer step) is :class:`~vqvae_medical.training.steps.TrainStep`'s.
 
     Args:
         recon_loss: ``"l1"`` or ``"mse"``.
@@ -69,11 +70,11 @@ class VQTrainStep:
     ):
         if ssim_weight < 0:
             raise ValueError(f"ssim_weight must be >= 0, got {ssim_weight}.")
+        super().__init__(cpu_bf16=cpu_bf16)
         self.recon = reconstruction_loss(recon_loss)
         self.quantizer_weight = float(quantizer_weight)
         self.ssim_weight = float(ssim_weight)
         self.ssim_win_size = int(ssim_win_size)
-        self.cpu_bf16 = bool(cpu_bf16)
         if self.cpu_bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             warnings.warn("cpu_bf16: this CPU has no native bf16 support (AVX512-BF16/AMX); bf16 will be slower than fp32.")
         self._ssim_losses: dict[int, SeparableSSIMLoss] = {}
@@ -85,50 +86,25 @@ class VQTrainStep:
             self._ssim_losses[spatial_dims] = SeparableSSIMLoss(spatial_dims, data_range=1.0, win_size=self.ssim_win_size)
         return self._ssim_losses[spatial_dims](prediction, target)
 
-    def __call__(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
-        if batchdata is None:
-            raise ValueError("must provide batch data for current iteration.")
+    def forward(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
         images = batchdata[self.image_key].to(engine.state.device, non_blocking=engine.non_blocking)
         images = images.as_tensor() if hasattr(images, "as_tensor") else images
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        on_cuda = images.device.type == "cuda"
-        use_amp = bool(engine.amp) and on_cuda
-        if on_cuda:
-            autocast = torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {}))
-        else:
-            autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.cpu_bf16)
-        with autocast:
-            out = engine.network(images)
-        with torch.autocast(images.device.type, enabled=False):
-            recon_loss = self.recon(out.reconstruction.float(), images.float())
-            loss = recon_loss + self.quantizer_weight * out.quantizer_loss
-            if self.ssim_weight > 0:
-                loss = loss + self.ssim_weight * self._ssim_loss(out.reconstruction.float(), images.float())
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        check_finite_loss(
-            engine, loss, details=f"reconstruction loss {recon_loss.item()}, quantizer loss {out.quantizer_loss.item()}"
-        )
-        if use_amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        out = engine.network(images)
         return {
             CommonKeys.IMAGE: images,
             CommonKeys.LABEL: images,
-            CommonKeys.PRED: out.reconstruction.detach(),
-            CommonKeys.LOSS: loss.detach(),
-            "recon_loss": recon_loss.detach(),
-            "quantizer_loss": out.quantizer_loss.detach(),
+            CommonKeys.PRED: out.reconstruction,
+            "quantizer_loss": out.quantizer_loss,
             **_level_stats(out.levels),
         }
+
+    def compute_loss(self, output: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images, reconstruction = output[CommonKeys.IMAGE].float(), output[CommonKeys.PRED].float()
+        recon_loss = self.recon(reconstruction, images)
+        loss = recon_loss + self.quantizer_weight * output["quantizer_loss"]
+        if self.ssim_weight > 0:
+            loss = loss + self.ssim_weight * self._ssim_loss(reconstruction, images)
+        return loss, {"recon_loss": recon_loss, "quantizer_loss": output["quantizer_loss"]}
 
 
 class VQEvalStep:

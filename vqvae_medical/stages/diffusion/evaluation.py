@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +13,9 @@ import torch
 from monai.metrics import MMDMetric
 
 from vqvae_medical.evaluation.diversity import ms_ssim_settings, pairwise_ms_ssim
-from vqvae_medical.stages.diffusion.sampling import LatentSampler, _save_grid
+from vqvae_medical.evaluation.figures import save_sample_grid
+from vqvae_medical.stages.diffusion.sampling import LatentSampler
+from vqvae_medical.training.checkpoints import atomic_write_json
 
 __all__ = ["evaluate_samples"]
 
@@ -101,13 +101,10 @@ def evaluate_samples(
     }
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "metrics.json.tmp"
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-    tmp.write_text(json.dumps(clean, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_json(metrics, out / "metrics.json")
     k = min(8, m)
     both = torch.cat([samples[:k], real[:k]])
     names = [f"sample {i}" for i in range(k)] + [f"real {i}" for i in range(k)]
-    _save_grid(out / "samples_vs_real.png", both, ncols=k if spatial_dims == 2 else None, names=names)
+    save_sample_grid(out / "samples_vs_real.png", both, ncols=k if spatial_dims == 2 else None, names=names)
     logger.info(f"evaluation: {metrics} -> {out}")
     return metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ from torch import nn
 from vqvae_medical.evaluation.figures import save_image_grid
 from vqvae_medical.stages.diffusion.generator import LatentDiffusionGenerator
 from vqvae_medical.stages.diffusion.network import PREDICTION_TYPES
+from vqvae_medical.training.checkpoints import atomic_write_json
 
 __all__ = ["ClassConditionedDiffusionInferer", "LatentSampler", "generate", "write_samples"]
 
@@ -233,5 +233,5 @@ def generate(
         "latent_shape": [int(s) for s in sampler.network.diffusion.latent_shape],
         "labels": None if labels is None else [int(c) for c in labels],
     }
-    (Path(output_dir) / "sampling.json").write_text(json.dumps(info, indent=2))
+    atomic_write_json(info, Path(output_dir) / "sampling.json")
     return info

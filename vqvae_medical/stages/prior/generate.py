@@ -14,7 +14,7 @@ from torch import nn
 
 from vqvae_medical.evaluation.figures import save_image_grid
 from vqvae_medical.stages.prior.network import prior_of
-from vqvae_medical.stages.prior.sampling import sample
+from vqvae_medical.stages.prior.sampling import prior_device, sample
 from vqvae_medical.training.checkpoints import atomic_save
 
 __all__ = ["PriorSampleWriter", "PriorSampler", "code_size", "sample_and_decode", "save_samples"]
@@ -41,7 +41,8 @@ def sample_and_decode(
     """Draw code maps from the prior (cached ancestral sampling) and decode them with the VQ-VAE.
 
     Args:
-        prior: a :class:`PriorNetwork` or :class:`~vqvae_medical.networks.GatedPixelCNN`.
+        prior: a :class:`PriorNetwork`, :class:`~vqvae_medical.networks.GatedPixelCNN` or
+            :class:`~vqvae_medical.networks.TransformerPrior`.
         vqvae: the autoencoder whose codes the prior models (``decode_from_indices``).
         num_samples: number of samples.
         image_size: decoded image size ``(H, W)``; the code maps are ``ceil(size / f)``.
@@ -67,7 +68,7 @@ def sample_and_decode(
         raise ValueError("this prior has no class conditioning: class_label must be None.")
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
-    device = model.embedding.weight.device
+    device = prior_device(model)
     h, w = code_size(vqvae, image_size)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     old_threads = torch.get_num_threads()

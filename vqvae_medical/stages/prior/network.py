@@ -8,7 +8,8 @@ from pathlib import Path
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from vqvae_medical.networks.pixelcnn import GatedPixelCNN  # noqa: E402
+from vqvae_medical.networks.pixelcnn import GatedPixelCNN
+from vqvae_medical.networks.transformer_prior import TransformerPrior  # noqa: E402
 from vqvae_medical.stages.frozen import model_state_dict  # noqa: E402
 from vqvae_medical.training.checkpoints import safe_load  # noqa: E402
 from vqvae_medical.training.steps import unwrap  # noqa: E402
@@ -17,7 +18,7 @@ __all__ = ["PriorNetwork", "pack_inputs", "prior_of", "load_prior"]
 
 
 class PriorNetwork(nn.Module):
-    """``forward(x) -> logits``: a :class:`~vqvae_medical.networks.GatedPixelCNN` behind a one-tensor interface.
+    """``forward(x) -> logits``: a gated PixelCNN or transformer prior behind a one-tensor interface.
 
     ``x`` is a float ``[B, C, H, W]`` tensor: channel 0 holds the codes (cast with ``.long()``), and for a
     class-conditioned prior channel 1 holds the class index (read at the top-left position, see
@@ -25,10 +26,11 @@ class PriorNetwork(nn.Module):
     ``model``; the state-dict keys are ``model.*``.
 
     Args:
-        model: the PixelCNN prior (class conditioning allowed, spatial conditioning not).
+        model: the prior, a :class:`~vqvae_medical.networks.GatedPixelCNN` or a
+            :class:`~vqvae_medical.networks.TransformerPrior` (class conditioning allowed, spatial conditioning not).
     """
 
-    def __init__(self, model: GatedPixelCNN) -> None:
+    def __init__(self, model: GatedPixelCNN | TransformerPrior) -> None:
         super().__init__()
         if model.spatially_conditioned:
             raise ValueError("PriorNetwork supports class conditioning only, not a spatially conditioned prior.")
@@ -57,12 +59,15 @@ def pack_inputs(codes: torch.Tensor, class_label: torch.Tensor | None = None) ->
     return torch.cat([x, label], dim=1)
 
 
-def prior_of(network: nn.Module) -> GatedPixelCNN:
-    """The :class:`GatedPixelCNN` inside a :class:`PriorNetwork` (or DDP wrapper), or ``network`` itself."""
+def prior_of(network: nn.Module) -> GatedPixelCNN | TransformerPrior:
+    """The :class:`GatedPixelCNN` or :class:`TransformerPrior` inside a :class:`PriorNetwork` (or DDP wrapper), or
+    ``network`` itself."""
     network = unwrap(network)
     network = getattr(network, "model", network)
-    if not isinstance(network, GatedPixelCNN):
-        raise ValueError(f"expected a GatedPixelCNN or a PriorNetwork, got {type(network).__name__}.")
+    if not isinstance(network, (GatedPixelCNN, TransformerPrior)):
+        raise ValueError(
+            f"expected a GatedPixelCNN, a TransformerPrior or a PriorNetwork, got {type(network).__name__}."
+        )
     return network
 
 

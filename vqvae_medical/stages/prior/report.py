@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -10,24 +9,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from ignite.engine import Engine, Events  # noqa: E402
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
 
-from vqvae_medical.evaluation.figures import plot_training_curves  # noqa: E402
-from vqvae_medical.training.handlers import read_history  # noqa: E402
-
-matplotlib.use("Agg")
+from vqvae_medical.evaluation.figures import save_prior_report
+from vqvae_medical.networks.quantizers import perplexity
+from vqvae_medical.training.checkpoints import atomic_write_json
+from vqvae_medical.training.handlers import read_history
 
 __all__ = ["PriorEvaluationReport"]
 
 logger = logging.getLogger(__name__)
-
-
-def _entropy_bits(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log2(p)).sum())
 
 
 class PriorEvaluationReport:
@@ -88,7 +81,7 @@ class PriorEvaluationReport:
         metrics: dict[str, Any] = {
             "nll_bits_per_code": nll,
             "uniform_bits_per_code": uniform,
-            "marginal_bits_per_code": _entropy_bits(self.counts),
+            "marginal_bits_per_code": math.log2(float(perplexity(torch.from_numpy(self.counts).double()))),
             "nll_fraction_of_uniform": nll / uniform,
             "n_maps": len(bits),
             "n_codes": int(len(bits) * self.n_codes),
@@ -97,22 +90,9 @@ class PriorEvaluationReport:
         for c in classes:
             metrics[f"nll_bits_per_code_class{c}"] = float(bits[labels == c].sum() / ((labels == c).sum() * self.n_codes))
             metrics[f"n_maps_class{c}"] = int((labels == c).sum())
-        tmp = self.output_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, self.output_dir / "metrics.json")
-
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        atomic_write_json(metrics, self.output_dir / "metrics.json")
         per_map = bits / max(self.n_codes, 1)
         groups = [(self._name(c), per_map[labels == c]) for c in classes] if classes else [("all", per_map)]
-        for name, values in groups:
-            axes[0].hist(values, bins=20, alpha=0.6, label=f"{name} (n={len(values)})")
-        axes[0].axvline(uniform, color="k", ls="--", label=f"uniform log2 K = {uniform:.2f}")
-        axes[0].axvline(metrics["marginal_bits_per_code"], color="gray", ls=":", label="marginal entropy")
-        axes[0].set_xlabel("bits per code (per map)")
-        axes[0].set_title(f"test NLL {nll:.3f} bits/code ({nll / uniform:.1%} of uniform)", fontsize=9)
-        axes[0].legend(fontsize=7)
-        plot_training_curves(read_history(self.history_path) if self.history_path else [], ax=axes[1])
-        fig.tight_layout()
-        fig.savefig(self.output_dir / "report.png", dpi=90)
-        plt.close(fig)
+        history = read_history(self.history_path) if self.history_path else []
+        save_prior_report(self.output_dir / "report.png", groups, nll, uniform, metrics["marginal_bits_per_code"], history)
         logger.info(f"evaluation: {metrics} -> {self.output_dir}")

@@ -1,9 +1,11 @@
-"""Ancestral sampling of code maps from a :class:`~vqvae_medical.networks.pixelcnn.GatedPixelCNN` prior.
+"""Ancestral sampling of code maps from a gated PixelCNN or a causal transformer prior.
 
 Positions are drawn in raster order, each with ``torch.multinomial`` on ``softmax(logits / temperature)``
 (van den Oord et al. 2016, arXiv 1606.05328). The naive sampler runs the full network for every position
-(``H * W`` forward passes); the cached sampler (:class:`~vqvae_medical.networks.pixelcnn.PixelCNNCache`) computes
-each layer's vertical stack once per row and its horizontal stack one column per position. Both compute the logits
+(``H * W`` forward passes); the cached sampler evaluates one position at a time:
+:class:`~vqvae_medical.networks.pixelcnn.PixelCNNCache` computes each layer's vertical stack once per row and its
+horizontal stack one column per position, :class:`~vqvae_medical.networks.transformer_prior.TransformerPriorCache`
+runs one token through the blocks against the cached keys and values of the past positions. Both compute the logits
 with the same operations and draw from the same generator in the same order, so they return the same samples.
 """
 
@@ -12,10 +14,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN, PixelCNNCache
+from vqvae_medical.networks.transformer_prior import TransformerPrior, TransformerPriorCache
 
-__all__ = ["sample", "draw_codes"]
+__all__ = ["sample", "draw_codes", "prior_device"]
+
+
+def prior_device(model: nn.Module) -> torch.device:
+    """The device of a prior's parameters."""
+    return next(model.parameters()).device
 
 
 def draw_codes(
@@ -27,7 +36,7 @@ def draw_codes(
 
 
 def sample(
-    model: GatedPixelCNN,
+    model: GatedPixelCNN | TransformerPrior,
     shape: Sequence[int],
     class_label: torch.Tensor | int | None = None,
     condition: torch.Tensor | None = None,
@@ -35,16 +44,17 @@ def sample(
     generator: torch.Generator | None = None,
     cached: bool = True,
 ) -> torch.Tensor:
-    """Sample code maps from a PixelCNN prior in raster order.
+    """Sample code maps from a gated PixelCNN or transformer prior in raster order.
 
     Args:
-        model: the prior (it has no dropout or normalisation, so its train/eval mode does not matter).
+        model: the prior, in eval mode if it has dropout (a transformer's ``embedding_dropout``).
         shape: ``(B, H, W)`` of the code maps.
         class_label: ``[B]`` class indices, or one ``int`` for the whole batch, for a class-conditioned prior.
         condition: spatial condition for a spatially conditioned prior (see :class:`GatedPixelCNN`).
         temperature: softmax temperature (``> 0``; lower is more conservative).
         generator: random generator on the model's device (``None``: torch's global generator).
-        cached: incremental evaluation (:class:`PixelCNNCache`); ``False`` runs the full network at each position.
+        cached: incremental evaluation (:class:`PixelCNNCache` or :class:`TransformerPriorCache`); ``False`` runs
+            the full network at each position.
 
     Returns:
         int64 codes ``[B, H, W]`` on the model's device.
@@ -58,7 +68,7 @@ def sample(
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
     b, height, width = (int(s) for s in shape)
-    device = model.embedding.weight.device
+    device = prior_device(model)
     if isinstance(class_label, int):
         class_label = torch.full((b,), class_label, dtype=torch.long, device=device)
     if class_label is not None and tuple(class_label.shape) != (b,):
@@ -68,7 +78,8 @@ def sample(
     codes = torch.zeros(b, height, width, dtype=torch.long, device=device)
     with torch.no_grad():
         if cached:
-            cache = PixelCNNCache(model, b, height, width, class_label, condition)
+            cache_type = TransformerPriorCache if isinstance(model, TransformerPrior) else PixelCNNCache
+            cache = cache_type(model, b, height, width, class_label, condition)
             for r in range(height):
                 for c in range(width):
                     new = draw_codes(cache.next_logits(), temperature, generator)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from ignite.metrics import Metric  # noqa: E402
-from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce  # noqa: E402
-from monai.engines.utils import IterationEvents  # noqa: E402
+import torch
+import torch.nn.functional as F
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from monai.engines.utils import IterationEvents
 
-from vqvae_medical.networks.pixelcnn import prior_cross_entropy  # noqa: E402
+from vqvae_medical.networks.pixelcnn import prior_cross_entropy
 from vqvae_medical.stages.prior.network import pack_inputs, prior_of
-from vqvae_medical.training.steps import check_finite_loss  # noqa: E402
+from vqvae_medical.training.steps import TrainStep
 
 __all__ = ["PriorTrainStep", "PriorEvalStep", "BitsPerCode", "lower_is_better"]
 
@@ -31,35 +31,23 @@ def _batch(engine: Any, batchdata: dict[str, Any]) -> tuple[torch.Tensor, torch.
     return codes, class_label, labels
 
 
-class PriorTrainStep:
+class PriorTrainStep(TrainStep):
     """One training iteration of a PixelCNN prior: cross-entropy of the logits for the code maps (teacher forcing).
 
-    Returns ``codes``, ``label``, ``loss`` (nats per code) and ``bits_per_code`` for the handlers.
+    Returns ``codes``, ``label``, ``loss`` (nats per code) and ``bits_per_code`` for the handlers. The iteration
+    (AMP, events, finite-loss check, optimizer step) is :class:`~vqvae_medical.training.steps.TrainStep`'s.
     """
 
-    def __call__(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
+    def __init__(self) -> None:
+        super().__init__(loss_name="prior loss")
+
+    def forward(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
         codes, class_label, labels = _batch(engine, batchdata)
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        use_amp = bool(engine.amp) and codes.device.type == "cuda"
-        with torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {})):
-            logits = engine.network(pack_inputs(codes, class_label))
-            loss = prior_cross_entropy(logits, codes)
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        check_finite_loss(engine, loss, what="prior loss")
-        if use_amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        loss = loss.detach()
-        return {"codes": codes, "label": labels, "loss": loss, "bits_per_code": loss / _LN2}
+        return {"codes": codes, "label": labels, "logits": engine.network(pack_inputs(codes, class_label))}
+
+    def compute_loss(self, output: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = prior_cross_entropy(output.pop("logits"), output["codes"])
+        return loss, {"bits_per_code": loss / _LN2}
 
 
 class PriorEvalStep:

@@ -1,0 +1,270 @@
+"""Causal transformer prior: raster-order causality with global reach, conditioning, cached == naive sampling,
+TorchScript behind PriorNetwork, training."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from vqvae_medical.networks import (
+    GatedPixelCNN,
+    TransformerPrior,
+    TransformerPriorCache,
+    bits_per_code,
+    prior_cross_entropy,
+)
+from vqvae_medical.stages.prior.network import PriorNetwork, pack_inputs, prior_of
+from vqvae_medical.stages.prior.sampling import sample
+
+K = 20
+CONFIGS = {
+    "plain": {},
+    "class": {"num_classes": 3},
+    "spatial": {"conditioning_channels": 5},
+    "topcodes_class": {"conditioning_num_embeddings": 7, "conditioning_channels": 4, "num_classes": 3},
+}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny CPU ops: one intra-op thread avoids OpenMP synchronisation dominating on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _make(config: str, flash: bool = False, num_layers: int = 2, double: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    model = TransformerPrior(
+        2,
+        K,
+        max_seq_len=64,
+        channels=16,
+        num_layers=num_layers,
+        num_heads=4,
+        use_flash_attention=flash,
+        **CONFIGS[config],
+    )
+    return (model.double() if double else model).eval()
+
+
+def _inputs(config: str, b: int, h: int, w: int, seed: int = 0, double: bool = True):
+    """Random codes, class labels and spatial condition for a config."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, K, (b, h, w), generator=g)
+    kw = CONFIGS[config]
+    label = torch.randint(0, kw["num_classes"], (b,), generator=g) if "num_classes" in kw else None
+    cond = None
+    if "conditioning_num_embeddings" in kw:
+        cond = torch.randint(0, kw["conditioning_num_embeddings"], (b, (h + 1) // 2, (w + 1) // 2), generator=g)
+    elif "conditioning_channels" in kw:
+        cond = torch.randn(b, kw["conditioning_channels"], h, w, generator=g)
+        cond = cond.double() if double else cond
+    return codes, label, cond
+
+
+@pytest.mark.parametrize("flash", [False, True])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_raster_causality_and_global_reach(config, flash):
+    """Replacing the codes from (r, c) on never changes the logits at (r, c); the first code changes the last logits
+    (global context, unlike a PixelCNN's window); the class and the condition change the logits."""
+    model = _make(config, flash)
+    h, w = 6, 7
+    codes, label, cond = _inputs(config, 2, h, w)
+    with torch.no_grad():
+        base = model(codes, label, cond)
+        assert base.shape == (2, K, h, w) and base.dtype == torch.float64
+        flat = codes.flatten(1)
+        g = torch.Generator().manual_seed(1)
+        for pos in [0, 1, 9, 23, h * w - 1]:
+            other = flat.clone()
+            other[:, pos:] = (other[:, pos:] + torch.randint(1, K, other[:, pos:].shape, generator=g)) % K
+            out = model(other.view_as(codes), label, cond)
+            torch.testing.assert_close(
+                out.flatten(2)[:, :, : pos + 1], base.flatten(2)[:, :, : pos + 1], rtol=0, atol=1e-12
+            )
+            if pos + 1 < h * w:  # the first changed code is seen by the next position
+                assert not torch.allclose(out.flatten(2)[:, :, pos + 1], base.flatten(2)[:, :, pos + 1])
+        first = codes.clone()
+        first[:, 0, 0] = (first[:, 0, 0] + 1) % K
+        assert not torch.allclose(model(first, label, cond)[:, :, -1, -1], base[:, :, -1, -1])
+        if label is not None:
+            assert not torch.allclose(model(codes, (label + 1) % 3, cond)[:, :, 0, 0], base[:, :, 0, 0])
+        if cond is not None and cond.is_floating_point():
+            # the condition at position p enters the step that predicts p: it changes the logits from p on only
+            p = 17
+            other_cond = cond.clone()
+            other_cond[:, :, p // w, p % w] += 1.0
+            out = model(codes, label, other_cond).flatten(2)
+            torch.testing.assert_close(out[:, :, :p], base.flatten(2)[:, :, :p], rtol=0, atol=1e-12)
+            assert not torch.allclose(out[:, :, p], base.flatten(2)[:, :, p])
+        elif cond is not None:
+            assert not torch.allclose(model(codes, label, (cond + 1) % 7), base)
+
+
+@pytest.mark.parametrize("flash", [False, True])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_cache_logits_match_full_forward(config, flash):
+    """Teacher-forced key/value-cached logits equal the full forward's at every position (float64 and float32)."""
+    for double, atol in [(True, 1e-12), (False, 1e-5)]:
+        model = _make(config, flash, num_layers=3, double=double)
+        b, h, w = 2, 5, 6
+        codes, label, cond = _inputs(config, b, h, w, double=double)
+        with torch.no_grad():
+            full = model(codes, label, cond)
+            cache = TransformerPriorCache(model, b, h, w, label, cond)
+            for r in range(h):
+                for c in range(w):
+                    logits = cache.next_logits()
+                    assert logits.shape == (b, K)
+                    torch.testing.assert_close(logits, full[:, :, r, c], rtol=0, atol=atol)
+                    cache.append(codes[:, r, c])
+            with pytest.raises(ValueError, match="complete"):
+                cache.next_logits()
+
+
+def test_cache_append_without_reading_logits():
+    """append() alone (teacher forcing without reading the logits) keeps the key/value cache complete."""
+    model = _make("class")
+    codes, label, _ = _inputs("class", 2, 4, 5)
+    with torch.no_grad():
+        full = model(codes, label)
+        cache = TransformerPriorCache(model, 2, 4, 5, label)
+        for i in range(19):
+            cache.append(codes.flatten(1)[:, i])
+        torch.testing.assert_close(cache.next_logits(), full[:, :, 3, 4], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("flash", [False, True])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_cached_sampling_equals_naive(config, flash):
+    """Same generator, same samples: float64 at temperatures 1 and 0.5, float32 (the default dtype) at 2."""
+    b, h, w = 3, 5, 6
+    for double, runs in [(True, [(0, 1.0), (1, 0.5)]), (False, [(2, 2.0)])]:
+        model = _make(config, flash, double=double)
+        _, label, cond = _inputs(config, b, h, w, seed=5, double=double)
+        for seed, temperature in runs:
+            gens = [torch.Generator().manual_seed(seed) for _ in range(2)]
+            cached = sample(model, (b, h, w), label, cond, temperature, gens[0], cached=True)
+            naive = sample(model, (b, h, w), label, cond, temperature, gens[1], cached=False)
+            assert cached.dtype == torch.long and cached.shape == (b, h, w)
+            assert torch.equal(cached, naive), f"seed {seed}, double {double}"
+            assert int(cached.min()) >= 0 and int(cached.max()) < K
+
+
+def test_sampling_global_generator_and_int_label():
+    model = _make("class", double=False)
+    torch.manual_seed(3)
+    a = sample(model, (2, 4, 5), class_label=1, cached=True)
+    torch.manual_seed(3)
+    b = sample(model, (2, 4, 5), class_label=torch.tensor([1, 1]), cached=False)
+    assert torch.equal(a, b)
+
+
+def test_state_dict_has_weights_only_and_prior_network_keys():
+    """The blocks' causal masks (max_seq_len ** 2 each) stay out of the checkpoint; PriorNetwork keys are model.*."""
+    model = TransformerPrior(2, K, max_seq_len=256, channels=16, num_layers=2, num_heads=4, num_classes=2)
+    keys = list(model.state_dict())
+    assert not any("causal_mask" in k for k in keys)
+    assert "transformer.token_embeddings.weight" in keys
+    assert model.state_dict()["transformer.token_embeddings.weight"].shape == (K + 2, 16)
+    net = PriorNetwork(model)
+    assert all(k.startswith("model.") for k in net.state_dict())
+    assert prior_of(net) is model
+    fresh = PriorNetwork(TransformerPrior(2, K, max_seq_len=256, channels=16, num_layers=2, num_heads=4, num_classes=2))
+    fresh.load_state_dict(net.state_dict())  # strict: masks are rebuilt, not loaded
+    x = pack_inputs(torch.randint(0, K, (2, 8, 8)), torch.tensor([0, 1]))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), net.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_prior_network_torchscript(flash):
+    """PriorNetwork(TransformerPrior) scripts (as the Model Zoo's ckpt_export does), saves, loads and matches eager."""
+    torch.manual_seed(0)
+    net = PriorNetwork(
+        TransformerPrior(
+            2, K, max_seq_len=64, channels=16, num_layers=2, num_heads=4, num_classes=3, use_flash_attention=flash
+        )
+    ).eval()
+    scripted = torch.jit.script(net)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    codes = torch.randint(0, K, (2, 7, 8), generator=torch.Generator().manual_seed(0))
+    x = pack_inputs(codes, torch.tensor([0, 2]))
+    with torch.no_grad():
+        eager = net(x)
+        assert eager.shape == (2, K, 7, 8)
+        torch.testing.assert_close(scripted(x), eager, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), eager, rtol=0, atol=0)
+        assert not torch.equal(net(pack_inputs(codes, torch.tensor([1, 1]))), eager)
+    plain = PriorNetwork(TransformerPrior(2, K, max_seq_len=64, channels=16, num_layers=1, num_heads=2)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(plain)(codes.float()[:, None]), plain(codes.float()[:, None]))
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="2D only"):
+        TransformerPrior(3, K)
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerPrior(2, K, channels=18, num_heads=4)
+    model = _make("topcodes_class", double=False)
+    codes, label, cond = _inputs("topcodes_class", 2, 5, 6)
+    with pytest.raises(ValueError, match="class_label is required"):
+        model(codes, None, cond)
+    with pytest.raises(ValueError, match="condition is required"):
+        model(codes, label)
+    with pytest.raises(ValueError, match="int64"):
+        model(codes.float(), label, cond)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(2, 9, 8, dtype=torch.long), label, cond)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        TransformerPriorCache(model, 2, 9, 8, label, cond)
+    plain = _make("plain", double=False)
+    with pytest.raises(ValueError, match="no class conditioning"):
+        plain(codes, label)
+    with pytest.raises(ValueError, match="no spatial conditioning"):
+        plain(codes, None, cond)
+    with pytest.raises(ValueError, match="spatially conditioned"):
+        PriorNetwork(model)
+
+
+def test_training_lowers_bits_per_code_with_long_range_context():
+    """60 Adam steps on maps of random codes whose last row repeats the first row: the transformer learns the copy
+    from three rows up (its other rows stay at log2 K bits, being random)."""
+    torch.manual_seed(0)
+    num_codes, h, w = 16, 4, 4
+    model = TransformerPrior(2, num_codes, max_seq_len=h * w, channels=32, num_layers=2, num_heads=4)
+
+    def batch(n: int) -> torch.Tensor:
+        codes = torch.randint(0, num_codes, (n, h, w))
+        codes[:, -1] = codes[:, 0]
+        return codes
+
+    val = batch(128)
+
+    def last_row_bits() -> float:
+        with torch.no_grad():
+            return bits_per_code(model(val)[:, :, -1], val[:, -1]).item()
+
+    start = last_row_bits()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        codes = batch(64)
+        loss = prior_cross_entropy(model(codes), codes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = last_row_bits()
+    with torch.no_grad():
+        other_rows = bits_per_code(model(val)[:, :, :-1], val[:, :-1]).item()
+    assert start > 0.9 * math.log2(num_codes)
+    assert end < 0.25 * math.log2(num_codes), (start, end)
+    assert other_rows > 0.9 * math.log2(num_codes)
+    assert isinstance(prior_of(model), TransformerPrior) and not isinstance(model, GatedPixelCNN)
