@@ -43,6 +43,7 @@ WRITERS = {
     "ProgressBar",
     "PriorSampleWriter",
     "SampleGrid",
+    "ModelWriter",
 }
 #: handlers every rank must run (same resume point, validation with reduced metrics, same schedule and stop)
 EVERY_RANK = {
@@ -52,7 +53,7 @@ EVERY_RANK = {
     "CodebookMonitor",
     "TimeBudget",
     "FiniteLossGuard",
-    "EMAWeights",
+    "DiffusionEMA",
     "EMAHandler",
     "LatentDiffusionPrepareBatch",
 }
