@@ -27,6 +27,7 @@ from PIL import Image
 from vqvae_medical.data import volume_transforms_3d
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
 from vqvae_medical.stages.diffusion.latents import LatentSet
+from vqvae_medical.stages.diffusion.sampling import LatentSampler
 from vqvae_medical.stages.frozen import load_autoencoder, state_fingerprint
 from vqvae_medical.training.checkpoints import atomic_save, safe_load
 
@@ -109,22 +110,41 @@ def test_scale_factor_is_inverse_std_of_training_latents_and_stored(trained_2d):
     latents = LatentSet.load(cache)
     assert latents.latent_shape == [8, SIZE_2D[0] // 4, SIZE_2D[1] // 4]
     expected = 1.0 / latents.latents.double().std().item()
-    for path in (out / "models" / "model.pt", out / "models" / "checkpoint_epoch=1.pt"):
-        state = safe_load(path)
-        state = state.get("model", state) if "model" in state and isinstance(state["model"], dict) else state
+    generator = safe_load(out / "models" / "model.pt")
+    diffusion = {k[len("diffusion.") :]: v for k, v in generator.items() if k.startswith("diffusion.")}
+    checkpoint = safe_load(out / "models" / "checkpoint_epoch=1.pt")
+    for state in (diffusion, checkpoint["model"], checkpoint["ema"]):
         assert float(state["scale_factor"]) == pytest.approx(expected, rel=1e-6)
         assert state["latent_shape"].tolist() == latents.latent_shape
         assert state["image_size"].tolist() == SIZE_2D
 
 
-def test_inference_2d_writes_png_samples(trained_2d, brain_2d, tmp_path):
+def test_model_pt_is_the_generator_with_the_averaged_weights_and_the_frozen_decoder(trained_2d, brain_2d):
+    """models/model.pt = generator state: ``diffusion.*`` are the EMA weights of the checkpoint (not the raw
+    weights), ``decoder.*`` / ``quantizer.*`` the VQ-VAE's own decoder and codebook."""
     out, _ = trained_2d
     _, ckpt, _ = brain_2d
+    generator = safe_load(out / "models" / "model.pt")
+    assert {k.split(".")[0] for k in generator} == {"diffusion", "decoder", "quantizer"}
+    checkpoint = safe_load(out / "models" / "checkpoint_epoch=1.pt")
+    ema, raw = checkpoint["ema"], checkpoint["model"]
+    assert set(ema) == set(raw) == {k[len("diffusion.") :] for k in generator if k.startswith("diffusion.")}
+    for key, value in ema.items():
+        assert torch.equal(generator[f"diffusion.{key}"], value), key
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if k.startswith("unet."))
+    vqvae = {k[len("model.") :]: v for k, v in safe_load(ckpt).items()}
+    for key in (k for k in generator if k.split(".")[0] in ("decoder", "quantizer")):
+        assert torch.equal(generator[key], vqvae[key]), key
+
+
+def test_inference_2d_writes_png_samples(trained_2d, tmp_path):
+    """inference.json needs only models/model.pt (the VQ-VAE decoder is in it); its inferer writes the samples."""
+    out, _ = trained_2d
     result = tmp_path / "result"
     run_bundle(
         BUNDLE,
         ["inference.json"],
-        {**TINY, "ckpt_path": out / "models" / "model.pt", "autoencoder_ckpt": ckpt, "output_dir": result, "n_samples": 3},
+        {**TINY, "ckpt_path": out / "models" / "model.pt", "output_dir": result, "n_samples": 3},
     )
     files = sorted((result / "inference").glob("sample_*.png"))
     assert len(files) == 3
@@ -151,20 +171,17 @@ def test_evaluate_2d_writes_diversity_and_mmd(trained_2d, brain_2d):
 
 
 def test_model_zoo_verify_net_in_out(tmp_path):
+    """The generator takes one tensor (latent noise) and returns images of the VQ-VAE's channels."""
     args = ["network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
-    overrides = {
-        **TINY,
-        "extra_forward_args": {"timesteps": 10},
-        "_meta_#network_data_format#inputs#image#num_channels": 8,
-        "_meta_#network_data_format#outputs#pred#num_channels": 8,
-    }
+    overrides = {**TINY, "_meta_#network_data_format#inputs#image#num_channels": 8}
     proc = monai_bundle(BUNDLE, "verify_net_in_out", args, overrides)
     assert "verified with no error" in proc.stdout + proc.stderr
 
 
 def test_model_zoo_ckpt_export_torchscript_equals_eager(trained_2d, tmp_path):
-    """``ckpt_export`` compiles the trained ``network_def`` in TorchScript script mode; the exported module predicts
-    what the eager network does (timesteps as a tensor or an int) and carries the buffers sampling needs."""
+    """``ckpt_export`` compiles the trained generator (``network_def``: the DDIM loop, the UNet and the VQ-VAE
+    decoder) in TorchScript script mode; the exported module turns noise into the same images as the eager one
+    and as the bundle's sampler, and carries the buffers sampling needs."""
     out, _ = trained_2d
     ckpt = out / "models" / "model.pt"
     configs = BUNDLES / BUNDLE / "configs"
@@ -173,14 +190,16 @@ def test_model_zoo_ckpt_export_torchscript_equals_eager(trained_2d, tmp_path):
     monai.bundle.ckpt_export("network_def", filepath=str(ts), ckpt_file=str(ckpt), **files, **TINY)
     exported = torch.jit.load(str(ts))
     eager = bundle_network(BUNDLE, TINY, ckpt)
-    torch.jit.script(eager)
-    assert type(eager.unet) is DiffusionModelUNet  # scripting compiles a copy; the eager network stays as it is
-    x = torch.randn(2, 8, SIZE_2D[0] // 4, SIZE_2D[1] // 4, generator=torch.Generator().manual_seed(0))
+    assert type(eager.diffusion.unet) is DiffusionModelUNet  # scripting compiles a copy; the eager network stays
+    noise = torch.randn(2, 8, SIZE_2D[0] // 4, SIZE_2D[1] // 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for t in (torch.tensor([0, 700]), 10):
-            torch.testing.assert_close(exported(x, t), eager(x, t))
+        images = eager(noise)
+        torch.testing.assert_close(exported(noise), images, rtol=0, atol=0)
+    assert list(images.shape) == [2, 1, *SIZE_2D] and 0.0 <= float(images.min()) < float(images.max()) <= 1.0
+    sampler = LatentSampler(eager, batch_size=1)
+    torch.testing.assert_close(sampler(noise), images, rtol=0, atol=0)
     for name in ("scale_factor", "latent_shape", "image_size", "prediction_code"):
-        assert torch.equal(getattr(exported, name), getattr(eager, name)), name
+        assert torch.equal(getattr(exported.diffusion, name), getattr(eager.diffusion, name)), name
 
 
 def test_vqvae_frozen_bit_identical_and_resume(brain_2d, tmp_path):
@@ -207,7 +226,8 @@ def test_vqvae_frozen_bit_identical_and_resume(brain_2d, tmp_path):
     assert resume.loaded_from is not None and resume.loaded_from.name == "checkpoint_epoch=1.pt"
     assert trainer.state.epoch == 2 and (tmp_path / "models" / "checkpoint_epoch=2.pt").is_file()
     assert float(parser.get_parsed_content("network_def").scale_factor) == pytest.approx(scale, rel=1e-7)
-    assert parser.get_parsed_content("train#ema").num_updates == trainer.state.iteration
+    ema = parser.get_parsed_content("train#ema")
+    assert trainer.state.ema_momentum == pytest.approx(ema.momentum_at(trainer.state.iteration))
     assert state_fingerprint(parser.get_parsed_content("autoencoder").autoencoder) == reference
 
 
@@ -256,19 +276,19 @@ def ixi_3d(tmp_path_factory, ixi_dir):
 
 
 def test_3d_train_inference_evaluate(ixi_3d, tmp_path):
-    _, ckpt, common = ixi_3d
+    _, _, common = ixi_3d
     out = tmp_path / "out"
     train = {**common, "batch_size": 2, "max_epochs": 1, "sample_interval": 1, "n_monitor_samples": 1, "val_fraction": 0.15, "test_fraction": 0.3, "output_dir": out}
     run_bundle(BUNDLE, ["train.json", "3d.json"], train)
     assert (out / "models" / "model.pt").is_file() and (out / "logs" / "samples_epoch=1.png").is_file()
     state = safe_load(out / "models" / "model.pt")
-    assert state["latent_shape"].tolist() == [8, 8, 8, 8] and state["image_size"].tolist() == SIZE_3D
+    assert state["diffusion.latent_shape"].tolist() == [8, 8, 8, 8] and state["diffusion.image_size"].tolist() == SIZE_3D
 
     result = tmp_path / "result"
     run_bundle(
         BUNDLE,
         ["inference.json", "3d.json"],
-        {**TINY, "ckpt_path": out / "models" / "model.pt", "autoencoder_ckpt": ckpt, "output_dir": result, "n_samples": 2, "voxel_size": 2.0},
+        {**TINY, "ckpt_path": out / "models" / "model.pt", "output_dir": result, "n_samples": 2, "voxel_size": 2.0},
     )
     files = sorted((result / "inference").glob("sample_*.nii.gz"))
     assert len(files) == 2

@@ -13,7 +13,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from vqvae_medical.data import image_transforms_2d
 from vqvae_medical.evaluation.diversity import ms_ssim_settings, pairwise_ms_ssim
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
-from vqvae_medical.stages.diffusion.handlers import EMAWeights
+from vqvae_medical.stages.diffusion.generator import LatentDiffusionGenerator
 from vqvae_medical.stages.diffusion.latents import extract_latents
 from vqvae_medical.stages.diffusion.network import (
     LatentDiffusionNetwork,
@@ -228,38 +228,6 @@ def test_latent_shape_must_fit_the_unet():
         LatentDiffusionNetwork(tiny_unet(), 2, 1.0, latent_shape=(8, 16, 12))
 
 
-def test_sampler_decodes_images_of_the_training_size(trained_vqvae):
-    model, images = trained_vqvae
-    frozen = FrozenAutoencoder(model)
-    net = LatentDiffusionNetwork(tiny_unet(num_class_embeds=3), 2, 0.9, latent_shape=(4, 16, 12), image_size=(62, 45))
-    scheduler = DDIMScheduler(1000, clip_sample=False)
-    sampler = LatentSampler(net, frozen, scheduler, num_inference_steps=5, batch_size=2)
-    out, labels = sampler.sample(3, seed=1)
-    assert list(out.shape) == [3, 1, 62, 45]
-    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
-    assert labels.tolist() == [0, 1, 2]
-    assert len(scheduler.timesteps) == 5
-    again, _ = sampler.sample(3, seed=1)
-    assert torch.equal(out, again)
-    assert sampler.sample(2, class_label=2)[1].tolist() == [2, 2]
-    with pytest.raises(ValueError):
-        sampler.sample(2, class_label=5)
-
-
-def test_ema_weights_follow_the_network(tmp_path):
-    net = LatentDiffusionNetwork(tiny_unet(), 2, 1.0, (4, 8, 8), (32, 32))
-    ema = EMAWeights(net, decay=0.5, save_path=tmp_path / "model.pt")
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(1.0)
-    ema.update()  # first update: decay min(0.5, 2/11)
-    p_net, p_ema = next(net.parameters()), next(ema.ema.parameters())
-    assert torch.allclose(p_ema, p_net - 1.0 + (1 - 2 / 11))
-    ema.save()
-    restored = load_diffusion_network(LatentDiffusionNetwork(tiny_unet(), 2), tmp_path / "model.pt")
-    assert torch.equal(next(restored.parameters()), p_ema)
-
-
 @pytest.mark.parametrize(
     "size, kernel, scales", [((208, 176), 11, 5), ((128, 128, 128), 7, 5), ((32, 32, 32), 3, 4), ((20, 24), 5, 3)]
 )
@@ -290,7 +258,8 @@ def test_prediction_type_is_stored_and_checked_at_sampling(trained_vqvae, tmp_pa
     path = atomic_save(net.state_dict(), tmp_path / "model.pt")
     loaded = load_diffusion_network(LatentDiffusionNetwork(tiny_unet(), 2), path)  # built with the default epsilon
     assert loaded.prediction_type == "v_prediction"
-    sampler = LatentSampler(loaded, FrozenAutoencoder(model), DDIMScheduler(1000, clip_sample=False), num_inference_steps=2)
+    generator = LatentDiffusionGenerator(loaded, FrozenAutoencoder(model), DDIMScheduler(1000, clip_sample=False), 2)
+    sampler = LatentSampler(generator)
     with pytest.raises(ValueError, match="v_prediction"):
         sampler.sample(1)
     with pytest.raises(ValueError, match="differs"):

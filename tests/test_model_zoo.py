@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from importlib import resources
 
 import jsonschema
@@ -51,28 +52,64 @@ def test_bundle_files(bundle):
 
 
 @pytest.mark.parametrize(
-    "bundle, net_id",
+    "bundle, train_id, inference_id",
     [
-        ("vqvae_2d", "network_def"),
-        ("vqvae_3d", "network_def"),
-        ("vqvae2_2d", "network_def"),
-        ("pixelcnn_prior", "network_def"),
-        # the diffusion network_def needs the training latents (scale factor); its UNet and VQ-VAE are compared
-        ("latent_diffusion", "unet_def"),
-        ("latent_diffusion", "autoencoder_def"),
+        ("vqvae_2d", "network_def", "network_def"),
+        ("vqvae_3d", "network_def", "network_def"),
+        ("vqvae2_2d", "network_def", "network_def"),
+        ("pixelcnn_prior", "network_def", "network_def"),
+        # the diffusion network_def of inference.json is the generator around the trained network; the training
+        # network_def needs the training latents (scale factor), so its UNet and VQ-VAE are compared
+        ("latent_diffusion", "unet_def", "diffusion_def#unet"),
+        ("latent_diffusion", "autoencoder_def", "autoencoder_def"),
     ],
 )
-def test_inference_network_matches_training_network(bundle, net_id):
+def test_inference_network_matches_training_network(bundle, train_id, inference_id):
     """train.json and inference.json define the same network, so a trained checkpoint loads for inference."""
     from monai.bundle import ConfigParser
 
     shapes = []
-    for config in ("train.json", "inference.json"):
+    for config, net_id in (("train.json", train_id), ("inference.json", inference_id)):
         parser = ConfigParser()
         parser.read_config(str(BUNDLES / bundle / "configs" / config))
         net = parser.get_parsed_content(net_id)
         shapes.append({k: tuple(v.shape) for k, v in net.state_dict().items()})
     assert shapes[0] == shapes[1]
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_model_zoo_ci_checks(bundle, tmp_path):
+    """What the Model Zoo's ``ci/verify_bundle.py -m full`` runs beyond the metadata (``verify_net_in_out`` and a
+    TorchScript ``ckpt_export``), on a copy of the bundle with weights made from ``network_def`` as the zoo's
+    ``_produce_fake_weights`` does, with the default configs and no exclusion; the exported module computes what
+    the eager network does."""
+    import torch
+    from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
+
+    root = tmp_path / bundle
+    shutil.copytree(BUNDLES / bundle, root)
+    files = {"meta_file": str(root / "configs" / "metadata.json"), "config_file": str(root / "configs" / "inference.json")}
+    parser = ConfigParser()
+    parser.read_config(files["config_file"])
+    parser.read_meta(files["meta_file"])
+    parser["bundle_root"] = str(root)
+    torch.manual_seed(0)
+    eager = parser.get_parsed_content("network_def").eval()
+    (root / "models").mkdir(exist_ok=True)
+    ckpt = root / "models" / "model.pt"
+    torch.save(eager.state_dict(), ckpt)
+
+    verify_net_in_out("network_def", bundle_root=str(root), **files)
+    ts = root / "models" / "verify_model.ts"
+    ckpt_export("network_def", filepath=str(ts), ckpt_file=str(ckpt), bundle_root=str(root), **files)
+    exported = torch.jit.load(str(ts))
+    fmt = parser.get_parsed_content("_meta_#network_data_format#inputs#image")
+    spatial = [16 if s == "*" else 2 * int(str(s).split("*")[0]) for s in fmt["spatial_shape"]]  # "*": any, "k*n": n=2
+    x = torch.rand(2, fmt["num_channels"], *spatial, generator=torch.Generator().manual_seed(1))
+    if fmt["format"] == "labels":  # the prior: codes in channel 0, class 0 in channel 1
+        x = torch.cat([x[:, :1].mul(fmt["value_range"][1] + 1).floor(), torch.zeros_like(x[:, 1:])], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), eager(x), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
@@ -86,3 +123,20 @@ def test_train_config_amp_on_cuda_only(bundle):
     assert train["validate"]["evaluator"]["amp"] == "@use_amp"
     multi = json.loads((BUNDLES / bundle / "configs" / "multi_gpu_train.json").read_text())
     assert not any(k in multi for k in ("amp", "use_amp", "train#trainer#amp", "validate#evaluator#amp"))
+
+
+@pytest.mark.parametrize(
+    "bundle, sampler", [("pixelcnn_prior", "PriorSampler"), ("latent_diffusion", "LatentSampler")]
+)
+def test_generative_bundles_expose_the_sampler_as_inferer(bundle, sampler):
+    """As the Zoo's generative bundles do: ``inferer`` of inference.json is the sampler (a MONAI ``Inferer``), and
+    ``run`` is one named package call that is given it."""
+    from pydoc import locate
+
+    from monai.inferers import Inferer
+
+    inference = json.loads((BUNDLES / bundle / "configs" / "inference.json").read_text())
+    target = inference["inferer"]["_target_"]
+    assert target.rsplit(".", 1)[1] == sampler and issubclass(locate(target), Inferer)
+    (run,) = inference["run"]
+    assert isinstance(run, dict) and "@inferer" in run.values() and callable(locate(run["_target_"]))

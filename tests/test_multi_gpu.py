@@ -43,6 +43,7 @@ WRITERS = {
     "ProgressBar",
     "PriorSampleWriter",
     "SampleGrid",
+    "ModelWriter",
 }
 #: handlers every rank must run (same resume point, validation with reduced metrics, same schedule and stop)
 EVERY_RANK = {
@@ -52,7 +53,7 @@ EVERY_RANK = {
     "CodebookMonitor",
     "TimeBudget",
     "FiniteLossGuard",
-    "EMAWeights",
+    "DiffusionEMA",
     "EMAHandler",
     "LatentDiffusionPrepareBatch",
 }
@@ -247,7 +248,7 @@ def test_latent_diffusion_two_processes(brain_slices, tmp_path):
         "sample_interval": 1,
         "n_monitor_samples": 1,
     }
-    dump = f"$torch.save({{'net': @network_def.state_dict(), 'ema': @train#ema.ema.state_dict()}}, {RANK_FILE})"
+    dump = f"$torch.save({{'net': @network_def.state_dict(), 'ema': @train#ema.ema_model.state_dict()}}, {RANK_FILE})"
     proc = torchrun_bundle("latent_diffusion", ["train.json", "multi_gpu_train.json"], {**overrides, "finalize": [dump, DESTROY]})
     log = proc.stdout + proc.stderr
     assert log.count("encoded") == 2 and log.count("cached latents") == 2, log[-4000:]
@@ -256,8 +257,8 @@ def test_latent_diffusion_two_processes(brain_slices, tmp_path):
     _assert_same(rank0["net"], rank1["net"])
     _assert_same(rank0["ema"], rank1["ema"])
     assert torch.isfinite(rank0["net"]["scale_factor"])
-    saved = torch.load(out / "models" / "model.pt", weights_only=True)
-    _assert_same(saved, rank0["ema"])
+    saved = torch.load(out / "models" / "model.pt", weights_only=True)  # the generator: diffusion.* = the EMA
+    _assert_same({k[len("diffusion.") :]: v for k, v in saved.items() if k.startswith("diffusion.")}, rank0["ema"])
     assert (out / "logs" / "samples_epoch=1.png").is_file()
     result = tmp_path / "result"
     run_bundle("latent_diffusion", ["inference.json"], {**common, "ckpt_path": out / "models" / "model.pt", "output_dir": result, "n_samples": 1})

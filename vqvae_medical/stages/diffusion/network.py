@@ -1,8 +1,7 @@
-"""The latent diffusion bundle's network: the noise-prediction UNet and what sampling needs."""
+"""The trained network of the latent diffusion bundle: the noise-prediction UNet and what sampling needs."""
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vqvae_medical.stages.diffusion.torchscript import _SCRIPTABLE
+from vqvae_medical.stages.diffusion.torchscript import scriptable_copy
 from vqvae_medical.training.checkpoints import safe_load
 
 __all__ = ["PREDICTION_TYPES", "LatentDiffusionNetwork", "load_diffusion_network"]
@@ -25,9 +24,9 @@ class LatentDiffusionNetwork(nn.Module):
 
     ``forward(x, timesteps, context=None, class_labels=None)`` is the UNet's: ``x`` is a noisy latent already
     multiplied by ``scale_factor``, ``timesteps`` a ``[B]`` tensor (or one int for the batch), and it returns the
-    prediction (noise for ``prediction_type="epsilon"``) with ``x``'s shape. There is no meaningful single-tensor
-    forward: a diffusion model is a function of the timestep too. Sampling and decoding are
-    :class:`LatentSampler`'s job.
+    prediction (noise for ``prediction_type="epsilon"``) with ``x``'s shape. This is the network the trainer trains
+    (``network_def`` of ``train.json``); the bundle's single-tensor ``network_def`` for inference and export is
+    :class:`~vqvae_medical.stages.diffusion.generator.LatentDiffusionGenerator`, which holds it as ``diffusion``.
 
     Buffers (saved in ``models/model.pt`` and every training checkpoint):
 
@@ -115,15 +114,11 @@ class LatentDiffusionNetwork(nn.Module):
                 "(models/model.pt of this bundle) before sampling."
             )
 
-    def __prepare_scriptable__(self) -> LatentDiffusionNetwork:
+    def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script`` (and ``monai.bundle ckpt_export``) compiles: a copy of this network in which
         the MONAI UNet modules that TorchScript cannot compile are replaced by subclasses with the same
         parameters and the same computation; this network itself is left as it is."""
-        scriptable = copy.deepcopy(self)
-        for module in scriptable.modules():
-            if type(module) in _SCRIPTABLE:
-                module.__class__ = _SCRIPTABLE[type(module)]
-        return scriptable
+        return scriptable_copy(self)
 
     def forward(
         self,

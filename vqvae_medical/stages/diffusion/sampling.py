@@ -1,4 +1,4 @@
-"""Sampling latents with MONAI's schedulers and decoding them; sample writers."""
+"""The diffusion inferers: MONAI's training inferer with class labels, the sampler of the generator; sample writers."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import DiffusionInferer
+from monai.inferers import DiffusionInferer, Inferer
 from torch import nn
 
 from vqvae_medical.evaluation.figures import save_image_grid
-from vqvae_medical.stages.diffusion.network import LatentDiffusionNetwork
-from vqvae_medical.stages.frozen import FrozenAutoencoder
+from vqvae_medical.stages.diffusion.generator import LatentDiffusionGenerator
+from vqvae_medical.stages.diffusion.network import PREDICTION_TYPES
 from vqvae_medical.training.checkpoints import atomic_write_json
 
-__all__ = ["ClassConditionedDiffusionInferer", "LatentSampler", "write_samples", "generate"]
+__all__ = ["ClassConditionedDiffusionInferer", "LatentSampler", "generate", "write_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,43 +61,43 @@ class ClassConditionedDiffusionInferer(DiffusionInferer):
         return super().sample(input_noise, model, scheduler=scheduler, verbose=verbose, **kwargs)
 
 
-class LatentSampler:
-    """Samples images: noise shaped like the latent -> DDIM (or any MONAI scheduler) in latent space ->
-    ``/ scale_factor`` -> snap to the codebook -> VQ-VAE decoder -> crop to the training image size.
+class LatentSampler(Inferer):
+    """The bundle's sampler (``inferer`` of ``inference.json``): draws seeded latent noise and runs the
+    :class:`~vqvae_medical.stages.diffusion.generator.LatentDiffusionGenerator` on it (deterministic DDIM in latent
+    space, then the frozen VQ-VAE decoder), in batches, timing it.
+
+    As a MONAI ``Inferer``, ``sampler(noise, network)`` returns the images of a noise batch (``network`` defaults to
+    the sampler's generator; ``class_labels`` is passed on); :meth:`sample` draws the noise itself.
 
     Args:
-        network: the trained :class:`LatentDiffusionNetwork` (its buffers give scale, latent and image size).
-        autoencoder: the frozen VQ-VAE it was trained on.
-        scheduler: the sampling scheduler, e.g. ``DDIMScheduler(clip_sample=False)``.
-        num_inference_steps: sampling steps (50 for DDIM).
+        network: the generator (its ``diffusion`` holds the averaged weights, scale factor, latent and image size).
         batch_size: samples generated at once.
-        clip: value range of the images (``None`` to keep the decoder's output as it is).
     """
 
-    def __init__(
-        self,
-        network: LatentDiffusionNetwork,
-        autoencoder: FrozenAutoencoder,
-        scheduler: Any,
-        num_inference_steps: int = 50,
-        batch_size: int = 8,
-        clip: Sequence[float] | None = (0.0, 1.0),
-    ) -> None:
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
+    def __init__(self, network: LatentDiffusionGenerator, batch_size: int = 8) -> None:
+        super().__init__()
+        if not isinstance(network, LatentDiffusionGenerator):
+            raise ValueError(f"network must be a LatentDiffusionGenerator, got {type(network).__name__}.")
         self.network = network
-        self.autoencoder = autoencoder
-        self.scheduler = scheduler
-        self.num_inference_steps = int(num_inference_steps)
         self.batch_size = max(1, int(batch_size))
-        self.clip = clip
-        self.inferer = ClassConditionedDiffusionInferer(scheduler)
         self.last_seconds_per_sample = float("nan")
         self.last_cpu_seconds_per_sample = float("nan")
 
+    @property
+    def num_inference_steps(self) -> int:
+        return self.network.num_inference_steps
+
+    @property
+    def scheduler_name(self) -> str:
+        return self.network.scheduler_name
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.diffusion.scale_factor.device
+
     def class_labels(self, n: int, class_label: int | Sequence[int] | None = None) -> torch.Tensor | None:
         """``None`` for an unconditional model; else ``class_label`` for all, or classes in turn when ``None``."""
-        k = self.network.num_class_embeds
+        k = self.network.diffusion.num_class_embeds
         if not k:
             if class_label is not None:
                 raise ValueError("class_label was given but the model is not class-conditioned (num_class_embeds).")
@@ -110,51 +110,47 @@ class LatentSampler:
             raise ValueError(f"class_label must be one class or {n} classes in [0, {int(k) - 1}], got {class_label}.")
         return labels
 
-    @torch.no_grad()
-    def sample_latents(
-        self, n: int, class_labels: torch.Tensor | None = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """``n`` latents (unscaled, before snapping) from noise ``[n, *latent_shape]``."""
-        net = self.network
-        net.check_ready()
-        scheduler_type = getattr(self.scheduler, "prediction_type", net.prediction_type)
-        if scheduler_type != net.prediction_type:
+    def check(self) -> None:
+        """Raise when the generator is not trained or its scheduler predicts another quantity than the UNet."""
+        diffusion = self.network.diffusion
+        diffusion.check_ready()
+        sampling_type = PREDICTION_TYPES[self.network.prediction_code]
+        if sampling_type != diffusion.prediction_type:
             raise ValueError(
-                f"the model was trained with prediction_type {net.prediction_type!r} but the sampling scheduler uses "
-                f"{scheduler_type!r}; set --prediction_type {net.prediction_type}."
+                f"the model was trained with prediction_type {diffusion.prediction_type!r} but the sampling scheduler "
+                f"uses {sampling_type!r}; set --prediction_type {diffusion.prediction_type}."
             )
-        net.eval()
-        device = net.scale_factor.device
-        shape = [int(n), *[int(s) for s in net.latent_shape]]
-        noise = torch.randn(shape, generator=generator).to(device)
-        self.scheduler.set_timesteps(self.num_inference_steps, device=device)
-        labels = None if class_labels is None else class_labels.to(device)
-        z = self.inferer.sample(noise, net, scheduler=self.scheduler, class_labels=labels, verbose=False)
-        return z / net.scale_factor
+
+    @torch.no_grad()
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: nn.Module | None = None, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        network = self.network if network is None else network
+        network.eval()
+        return network(inputs.to(self.device), *args, **kwargs)
 
     @torch.no_grad()
     def sample(
         self, n: int, class_label: int | Sequence[int] | None = None, seed: int | None = 0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``n`` images ``[n, C, *image_size]`` on the CPU and their class labels (``None`` if unconditional)."""
+        """``n`` images ``[n, C, *image_size]`` on the CPU and their class labels (``None`` if unconditional); the
+        noise ``[n, *latent_shape]`` comes from a generator seeded with ``seed``, drawn on the CPU."""
+        self.check()
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         labels = self.class_labels(n, class_label)
-        size = [int(s) for s in self.network.image_size] or None
+        shape = [int(n), *[int(s) for s in self.network.diffusion.latent_shape]]
+        noise = torch.randn(shape, generator=generator)
         out = []
         start, cpu_start = time.perf_counter(), time.process_time()
         for i in range(0, n, self.batch_size):
-            m = min(self.batch_size, n - i)
-            z = self.sample_latents(m, None if labels is None else labels[i : i + m], generator)
-            images = self.autoencoder.decode(z, size if size and all(size) else None)
-            if self.clip is not None:
-                images = images.clamp(*self.clip)
-            out.append(images.cpu())
+            batch_labels = None if labels is None else labels[i : i + self.batch_size].to(self.device)
+            out.append(self(noise[i : i + self.batch_size], class_labels=batch_labels).float().cpu())
         self.last_seconds_per_sample = (time.perf_counter() - start) / max(n, 1)
         self.last_cpu_seconds_per_sample = (time.process_time() - cpu_start) / max(n, 1)
         logger.info(
             f"sampled {n} images in {self.last_seconds_per_sample * n:.1f} s ({self.last_seconds_per_sample:.2f} s per "
             f"sample, {self.last_cpu_seconds_per_sample:.2f} CPU-s of this process per sample, "
-            f"{self.num_inference_steps} {type(self.scheduler).__name__} steps, {torch.get_num_threads()} threads)"
+            f"{self.num_inference_steps} {self.scheduler_name} steps, {torch.get_num_threads()} threads)"
         )
         return torch.cat(out), labels
 
@@ -229,12 +225,12 @@ def generate(
         "seconds_per_sample": sampler.last_seconds_per_sample,
         "cpu_seconds_per_sample": sampler.last_cpu_seconds_per_sample,
         "num_inference_steps": sampler.num_inference_steps,
-        "scheduler": type(sampler.scheduler).__name__,
+        "scheduler": sampler.scheduler_name,
         "batch_size": sampler.batch_size,
-        "device": str(sampler.network.scale_factor.device),
+        "device": str(sampler.device),
         "threads": torch.get_num_threads(),
-        "image_size": [int(s) for s in sampler.network.image_size],
-        "latent_shape": [int(s) for s in sampler.network.latent_shape],
+        "image_size": [int(s) for s in sampler.network.diffusion.image_size],
+        "latent_shape": [int(s) for s in sampler.network.diffusion.latent_shape],
         "labels": None if labels is None else [int(c) for c in labels],
     }
     atomic_write_json(info, Path(output_dir) / "sampling.json")

@@ -1,12 +1,14 @@
-"""Subclasses of MONAI's diffusion UNet pieces that TorchScript can compile."""
+"""Subclasses of MONAI's diffusion UNet pieces that TorchScript can compile, and a scriptable copy of a network."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from monai.networks.blocks.spatialattention import SpatialAttentionBlock
 from monai.networks.nets import diffusion_model_unet as _dmu
 
-__all__ = []
+__all__ = ["scriptable_copy"]
 
 
 class _ScriptableSpatialAttentionBlock(SpatialAttentionBlock):
@@ -71,3 +73,14 @@ _SCRIPTABLE = {
     _dmu.WrappedUpsample: _ScriptableWrappedUpsample,
     SpatialAttentionBlock: _ScriptableSpatialAttentionBlock,
 }
+
+
+def scriptable_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module`` in which every MONAI UNet piece that TorchScript cannot compile is replaced by its
+    subclass above (same parameters, same computation); ``module`` itself is left as it is. Networks return this
+    from ``__prepare_scriptable__``, which ``torch.jit.script`` calls on the module it is given (not on submodules)."""
+    scriptable = copy.deepcopy(module)
+    for sub in scriptable.modules():
+        if type(sub) in _SCRIPTABLE:
+            sub.__class__ = _SCRIPTABLE[type(sub)]
+    return scriptable

@@ -7,16 +7,17 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch  # noqa: E402
-from ignite.engine import Engine, Events  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from ignite.engine import Engine, Events
+from monai.inferers import Inferer
+from torch import nn
 
-from vqvae_medical.evaluation.figures import save_image_grid  # noqa: E402
+from vqvae_medical.evaluation.figures import save_image_grid
 from vqvae_medical.stages.prior.network import prior_of
-from vqvae_medical.stages.prior.sampling import prior_device, sample  # noqa: E402
-from vqvae_medical.training.checkpoints import atomic_save  # noqa: E402
+from vqvae_medical.stages.prior.sampling import prior_device, sample
+from vqvae_medical.training.checkpoints import atomic_save
 
-__all__ = ["code_size", "sample_and_decode", "save_samples", "PriorSampleWriter"]
+__all__ = ["PriorSampleWriter", "PriorSampler", "code_size", "sample_and_decode", "save_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,20 +87,56 @@ def sample_and_decode(
     return codes.cpu(), images.float().clamp(0.0, 1.0).cpu()
 
 
+class PriorSampler(Inferer):
+    """The prior bundle's sampler (``inferer`` of ``inference.json``): code maps drawn from the prior, decoded by the
+    frozen VQ-VAE (:func:`sample_and_decode`).
+
+    As a MONAI ``Inferer``, ``sampler(class_labels, network)`` returns one decoded image per entry of the int tensor
+    ``class_labels`` ``[B]`` (all entries the same class; ``-1`` for an unconditioned prior), drawn with ``seed``.
+
+    Args:
+        vqvae: the frozen autoencoder whose codes the prior models.
+        image_size: decoded image size ``(H, W)``.
+        temperature: softmax temperature.
+        seed: seed of the sampler's own generator (the global RNG is untouched).
+    """
+
+    def __init__(self, vqvae: nn.Module, image_size: Sequence[int], temperature: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}.")
+        self.vqvae = vqvae
+        self.image_size = [int(s) for s in image_size]
+        self.temperature = float(temperature)
+        self.seed = int(seed)
+
+    def sample(
+        self, network: nn.Module, num_samples: int, class_label: int | None = None, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``[N, h, w]`` and images ``[N, C, H, W]`` (see :func:`sample_and_decode`)."""
+        seed = self.seed if seed is None else int(seed)
+        return sample_and_decode(network, self.vqvae, num_samples, self.image_size, class_label, self.temperature, seed)
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
+        labels = torch.as_tensor(inputs).reshape(-1).long()
+        if labels.numel() == 0 or bool((labels != labels[0]).any()):
+            raise ValueError("PriorSampler samples one class per call: class_labels must be [B] equal values.")
+        label = int(labels[0])
+        return self.sample(network, labels.numel(), None if label < 0 else label)[1]
+
+
 def save_samples(
     output_dir: str | os.PathLike,
+    sampler: PriorSampler,
     prior: nn.Module,
-    vqvae: nn.Module,
     num_samples: int = 16,
-    image_size: Sequence[int] = (256, 256),
     class_label: int | None = None,
     class_names: Sequence[str] | None = None,
-    temperature: float = 1.0,
     seed: int = 0,
     ncols: int = 4,
     prefix: str = "samples",
 ) -> list[Path]:
-    """Sample, decode and save PNG grids and code maps.
+    """Sample with ``sampler``, decode and save PNG grids and code maps.
 
     For an unconditioned prior: ``<prefix>.png`` and ``<prefix>_codes.pt``. For a class-conditioned prior, per
     class (``class_label``, or every class when ``None``): ``<prefix>_class<c>.png`` and ``<prefix>_class<c>_codes.pt``,
@@ -123,14 +160,14 @@ def save_samples(
     all_images: list[torch.Tensor] = []
     titles: list[str] = []
     for c in classes:
-        codes, images = sample_and_decode(prior, vqvae, num_samples, image_size, c, temperature, seed + (c or 0))
+        codes, images = sampler.sample(prior, num_samples, c, seed + (c or 0))
         stem = prefix if c is None else f"{prefix}_class{c}"
         name = "" if c is None else (class_names[c] if class_names and c < len(class_names) else f"class {c}")
         written.append(save_image_grid(out / f"{stem}.png", list(images), ncols=ncols))
         payload = {
             "codes": codes.to(torch.int16),
             "class_label": -1 if c is None else c,
-            "temperature": float(temperature),
+            "temperature": float(sampler.temperature),
             "seed": int(seed + (c or 0)),
         }
         written.append(atomic_save(payload, out / f"{stem}_codes.pt"))
@@ -185,12 +222,5 @@ class PriorSampleWriter:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
     def __call__(self, engine: Engine) -> None:
-        save_samples(
-            self.output_dir / f"epoch={engine.state.epoch}",
-            self.prior,
-            self.vqvae,
-            self.num_samples,
-            self.image_size,
-            temperature=self.temperature,
-            seed=self.seed,
-        )
+        sampler = PriorSampler(self.vqvae, self.image_size, self.temperature, self.seed)
+        save_samples(self.output_dir / f"epoch={engine.state.epoch}", sampler, self.prior, self.num_samples, seed=self.seed)

@@ -1,0 +1,177 @@
+"""The latent diffusion bundle's ``network_def``: deterministic DDIM sampling and decoding, latent noise in, image out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from monai.networks.schedulers import DDIMScheduler
+from torch import nn
+
+from vqvae_medical.networks.vqvae import crop_to
+from vqvae_medical.stages.diffusion.network import (
+    PREDICTION_TYPES,
+    LatentDiffusionNetwork,
+)
+from vqvae_medical.stages.diffusion.torchscript import scriptable_copy
+from vqvae_medical.training.checkpoints import safe_load
+
+__all__ = ["LatentDiffusionGenerator", "load_generator"]
+
+
+class LatentDiffusionGenerator(nn.Module):
+    """``forward(noise) -> images``: the deterministic DDIM sampler (eta = 0) in the latent space of a frozen VQ-VAE,
+    followed by its decoder (Song et al., DDIM, ICLR 2021, arXiv:2010.02502; Rombach et al., LDM, CVPR 2022).
+
+    ``noise`` is ``x_T`` ``[B, D, *latent_spatial]`` (standard normal, the size of the scaled latents); every one of
+    the scheduler's ``num_inference_steps`` timesteps runs the UNet of ``diffusion`` and MONAI's ``DDIMScheduler.step``
+    update with ``eta = 0``, written out here with the same operations so that TorchScript compiles the whole loop.
+    The final latent is divided by ``scale_factor``, snapped to the codebook (``snap_to_codebook``), decoded,
+    cropped to the training image size (the ``image_size`` buffer, when set) and clipped. A class-conditioned UNet
+    takes ``class_labels`` ``[B]`` as an optional second argument. The same noise gives the same images, in eager
+    mode and from the TorchScript module (``monai.bundle ckpt_export``).
+
+    State-dict keys (``models/model.pt`` of the bundle): ``diffusion.*`` (the :class:`LatentDiffusionNetwork`
+    trained by ``train.json``, with the averaged weights: ``diffusion.unet.*``, ``diffusion.scale_factor``,
+    ``diffusion.latent_shape``, ``diffusion.image_size``, ``diffusion.prediction_code``), ``decoder.*`` and
+    ``quantizer.*`` (the frozen VQ-VAE's decoder and codebook, as in its own checkpoint under ``model.``). The
+    scheduler's tables are derived from the scheduler settings of the config and are not saved.
+
+    Args:
+        diffusion: the noise-prediction network.
+        autoencoder: the frozen VQ-VAE (a :class:`~vqvae_medical.networks.VQVAE`, its ``ReconstructionNetwork`` or
+            a :class:`~vqvae_medical.stages.frozen.FrozenAutoencoder`); its decoder and quantizer are shared, not copied.
+        scheduler: MONAI ``DDIMScheduler`` with the training schedule (betas, ``prediction_type``, clipping).
+        num_inference_steps: DDIM steps.
+        snap_to_codebook: replace each final latent vector by its nearest codebook vector before decoding.
+        clip: range the images are clipped to, or ``None``.
+    """
+
+    def __init__(
+        self,
+        diffusion: LatentDiffusionNetwork,
+        autoencoder: nn.Module,
+        scheduler: DDIMScheduler,
+        num_inference_steps: int = 50,
+        snap_to_codebook: bool = True,
+        clip: Sequence[float] | None = (0.0, 1.0),
+    ) -> None:
+        super().__init__()
+        if not isinstance(scheduler, DDIMScheduler):
+            raise ValueError(f"scheduler must be a MONAI DDIMScheduler, got {type(scheduler).__name__}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
+        if clip is not None and len(clip) != 2:
+            raise ValueError(f"clip must be (min, max) or None, got {clip}.")
+        vqvae = getattr(autoencoder, "autoencoder", autoencoder)  # FrozenAutoencoder
+        vqvae = getattr(vqvae, "model", vqvae)  # ReconstructionNetwork
+        for name in ("decoder", "quantizer"):
+            if not isinstance(getattr(vqvae, name, None), nn.Module):
+                raise ValueError(f"the autoencoder must be a VQVAE with a {name}; got {type(vqvae).__name__}.")
+        self.diffusion = diffusion
+        self.decoder = vqvae.decoder
+        self.quantizer = vqvae.quantizer
+        self.decoder.requires_grad_(False).eval()
+        self.quantizer.requires_grad_(False).eval()
+        self.snap_to_codebook = bool(snap_to_codebook)
+        self.clip = clip is not None
+        self.clip_min, self.clip_max = (0.0, 0.0) if clip is None else (float(clip[0]), float(clip[1]))
+        self.scheduler_name = type(scheduler).__name__
+        self.prediction_code = PREDICTION_TYPES.index(str(scheduler.prediction_type))
+        self.clip_sample = bool(scheduler.clip_sample)
+        self.clip_sample_min, self.clip_sample_max = (float(v) for v in scheduler.clip_sample_values)
+        # the DDIMScheduler's own timesteps and alphas (set_timesteps and step), tabulated per step
+        scheduler.set_timesteps(int(num_inference_steps))
+        timesteps = scheduler.timesteps.long().cpu()
+        previous = timesteps - scheduler.num_train_timesteps // scheduler.num_inference_steps
+        table = scheduler.alphas_cumprod.float().cpu()
+        alpha_prev = [table[int(p)] if p >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod) for p in previous]
+        self.num_inference_steps = int(num_inference_steps)
+        self.register_buffer("timesteps", timesteps, persistent=False)
+        self.register_buffer("alpha", table[timesteps], persistent=False)
+        self.register_buffer("alpha_prev", torch.stack(alpha_prev).float(), persistent=False)
+
+    def train(self, mode: bool = True) -> LatentDiffusionGenerator:
+        """The generator is never trained: it stays in eval mode (the VQ-VAE's EMA codebook must not move)."""
+        return super().train(False)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles: a copy with MONAI's UNet pieces made scriptable (see
+        :func:`~vqvae_medical.stages.diffusion.torchscript.scriptable_copy`); this module stays as it is."""
+        return scriptable_copy(self)
+
+    def denoise(self, x: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The DDIM loop: ``x_T`` (scaled latent space) -> ``x_0``."""
+        if int(self.diffusion.prediction_code) != self.prediction_code:
+            raise ValueError("the network was trained with another prediction_type than the sampling scheduler's.")
+        batch = x.shape[0]
+        for i in range(self.timesteps.shape[0]):
+            out = self.diffusion(x, self.timesteps[i].expand([batch]), None, class_labels)
+            alpha, alpha_prev = self.alpha[i], self.alpha_prev[i]
+            beta = 1 - alpha
+            if self.prediction_code == 0:  # epsilon
+                x0 = (x - (beta**0.5) * out) / (alpha**0.5)
+                eps = out
+            elif self.prediction_code == 2:  # sample
+                x0 = out
+                eps = (x - (alpha**0.5) * x0) / (beta**0.5)
+            else:  # v_prediction
+                x0 = (alpha**0.5) * x - (beta**0.5) * out
+                eps = (alpha**0.5) * out + (beta**0.5) * x
+            if self.clip_sample:
+                x0 = torch.clamp(x0, self.clip_sample_min, self.clip_sample_max)
+            x = alpha_prev**0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
+        return x
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images: ``/ scale_factor``, codebook snap, decoder, crop, clip."""
+        z = x / self.diffusion.scale_factor
+        if self.snap_to_codebook:
+            z = self.quantizer.embed(self.quantizer.quantize_indices(z))
+        images = self.decoder(z)
+        size: list[int] = self.diffusion.image_size.tolist()
+        if len(size) > 0 and min(size) > 0:
+            images = crop_to(images, size)
+        if self.clip:
+            images = images.clamp(self.clip_min, self.clip_max)
+        return images
+
+    def forward(self, x: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(self.denoise(x, class_labels))
+
+
+def load_generator(
+    generator: LatentDiffusionGenerator,
+    ckpt_path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    autoencoder: nn.Module | None = None,
+) -> LatentDiffusionGenerator:
+    """Load ``models/model.pt`` into ``generator`` (``weights_only``), check it is trained, return it in eval mode.
+
+    A ``models/model.pt`` of bundle version 0.1.x holds the UNet's keys only (no ``diffusion.`` prefix): it loads
+    into ``generator.diffusion`` when ``autoencoder`` (the frozen VQ-VAE it was trained on, e.g. from
+    :func:`~vqvae_medical.stages.frozen.load_autoencoder`) gives the decoder and codebook.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no diffusion checkpoint; train the latent_diffusion bundle first.")
+    state = safe_load(path, map_location="cpu")
+    if "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    if any(k.startswith("diffusion.") for k in state):
+        generator.load_state_dict(state)
+    elif autoencoder is None:
+        raise ValueError(
+            f"{path} holds the diffusion UNet only (a model.pt of bundle version 0.1.x): pass the frozen VQ-VAE it "
+            "was trained on as autoencoder=, or re-save it with the decoder (see the bundle's changelog)."
+        )
+    else:
+        generator.diffusion.load_state_dict(state)
+        vqvae = getattr(autoencoder, "autoencoder", autoencoder)
+        vqvae = getattr(vqvae, "model", vqvae)
+        generator.decoder.load_state_dict(vqvae.decoder.state_dict())
+        generator.quantizer.load_state_dict(vqvae.quantizer.state_dict())
+    generator.diffusion.check_ready()
+    return generator.to(device).eval()
