@@ -10,7 +10,7 @@ __all__ = ["install_error_hook", "select_device", "amp_enabled"]
 
 
 #: exceptions whose message already says what is wrong and how to fix it
-_USER_ERRORS = ("DataError", "NonFiniteLossError", "UntrustedCheckpointError")
+_USER_ERRORS = ("DataError", "NonFiniteLossError", "UntrustedCheckpointError", "AutoencoderDirError")
 
 
 def _user_error(exc: BaseException | None) -> BaseException | None:

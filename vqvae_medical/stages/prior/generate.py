@@ -12,19 +12,14 @@ from ignite.engine import Engine, Events  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vqvae_medical.evaluation.figures import save_image_grid  # noqa: E402
+from vqvae_medical.stages.frozen import grid_size
 from vqvae_medical.stages.prior.network import prior_of
 from vqvae_medical.stages.prior.sampling import sample  # noqa: E402
 from vqvae_medical.training.checkpoints import atomic_save  # noqa: E402
 
-__all__ = ["code_size", "sample_and_decode", "save_samples", "PriorSampleWriter"]
+__all__ = ["sample_and_decode", "save_samples", "PriorSampleWriter"]
 
 logger = logging.getLogger(__name__)
-
-
-def code_size(vqvae: nn.Module, image_size: Sequence[int]) -> list[int]:
-    """Code map size of an image of ``image_size`` through ``vqvae`` (``ceil(size / downsample_factor)``)."""
-    f = int(vqvae.downsample_factor)
-    return [-(-int(s) // f) for s in image_size]
 
 
 def sample_and_decode(
@@ -67,7 +62,7 @@ def sample_and_decode(
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
     device = model.embedding.weight.device
-    h, w = code_size(vqvae, image_size)
+    h, w = grid_size(vqvae, image_size)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     old_threads = torch.get_num_threads()
     if threads is not None and device.type == "cpu":
