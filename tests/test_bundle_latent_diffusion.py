@@ -26,7 +26,11 @@ from PIL import Image
 
 from vqvae_medical.data import volume_transforms_3d
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
-from vqvae_medical.stages.autoencoder.record import data_settings, state_fingerprint, write_record
+from vqvae_medical.stages.autoencoder.record import (
+    data_settings,
+    state_fingerprint,
+    write_record,
+)
 from vqvae_medical.stages.diffusion.latents import LatentSet
 from vqvae_medical.stages.frozen import load_autoencoder
 from vqvae_medical.training.checkpoints import atomic_save, safe_load

@@ -13,6 +13,11 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from vqvae_medical.data import image_transforms_2d
 from vqvae_medical.evaluation.diversity import ms_ssim_settings, pairwise_ms_ssim
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
+from vqvae_medical.stages.autoencoder.record import (
+    data_settings,
+    state_fingerprint,
+    write_record,
+)
 from vqvae_medical.stages.diffusion.handlers import EMAWeights
 from vqvae_medical.stages.diffusion.latents import LatentSet, extract_latents
 from vqvae_medical.stages.diffusion.network import (
@@ -21,7 +26,6 @@ from vqvae_medical.stages.diffusion.network import (
 )
 from vqvae_medical.stages.diffusion.sampling import LatentSampler
 from vqvae_medical.stages.diffusion.training import LatentDiffusionPrepareBatch
-from vqvae_medical.stages.autoencoder.record import data_settings, state_fingerprint, write_record
 from vqvae_medical.stages.frozen import FrozenAutoencoder, load_autoencoder
 from vqvae_medical.training.checkpoints import atomic_save
 

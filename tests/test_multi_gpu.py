@@ -12,7 +12,6 @@ import shutil
 import pytest
 import torch
 from bundle_runner import (
-    BUNDLES,
     TINY_VQVAE_2D,
     bundle_network,
     read_metrics,
