@@ -109,3 +109,35 @@ def test_swapped_checkpoint_is_one_line(stage_one, tmp_path):
     assert proc.returncode != 0
     assert f"autoencoder_dir {copy}: models/model.pt does not match models/autoencoder.json" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_3d_chain_to_latent_diffusion(tmp_path):
+    """vqvae_3d on the embedded MNI152 volumes (no dataset_dir) records 3D preprocessing; latent diffusion with
+    3d.json, given only that folder, encodes the same volumes and samples NIfTI volumes of the recorded size."""
+    vq = tmp_path / "vqvae_3d"
+    tiny_3d = {
+        "network_def#model#channels": [8, 16],
+        "network_def#model#res_channels": [8, 8],
+        "network_def#model#num_res_units": 1,
+        "num_embeddings": 16,
+        "embedding_dim": 8,
+        "spatial_size": [32, 32, 32],
+        "batch_size": 2,
+        "max_epochs": 1,
+    }
+    run_bundle("vqvae_3d", ["train.json"], {**tiny_3d, "output_dir": vq})
+    record = json.loads((vq / "models" / "autoencoder.json").read_text())
+    assert record["spatial_dims"] == 3 and record["image_size"] == [32, 32, 32]
+    assert record["preprocessing"]["transforms"] == "volume_transforms_3d"
+    assert record["preprocessing"]["spatial_size"] == [32, 32, 32] and record["preprocessing"]["orientation"] == "RAS"
+    out = tmp_path / "ldm"
+    configs = ["train.json", "3d.json"]
+    overrides = {**TINY_UNET, "autoencoder_dir": vq, "output_dir": out, "max_epochs": 1, "batch_size": 2, "sample_interval": 0}
+    train = run_bundle("latent_diffusion", configs, overrides)
+    assert "encoded 6 images [32, 32, 32] -> latents [8, 8, 8, 8]" in _log(train)
+    infer = {**TINY_UNET, "autoencoder_dir": vq, "output_dir": out, "ckpt_path": out / "models" / "model.pt", "n_samples": 1}
+    run_bundle("latent_diffusion", ["inference.json", "3d.json"], infer)
+    (sample,) = (out / "inference").glob("sample_*.nii.gz")
+    import nibabel as nib
+
+    assert nib.load(sample).shape == (32, 32, 32)
