@@ -68,7 +68,7 @@ def trained(tmp_path_factory, isic_dir):
 def test_train_writes_model_logs_checkpoints_and_samples(trained):
     out = trained["out"]
     log = trained["first"].stdout + trained["first"].stderr
-    assert "extracted" in log and "code maps [8, 8]" in log
+    assert "-> codes [8, 8]" in log
     assert (out / "models" / "model.pt").is_file() and (out / "models" / "checkpoint_epoch=2.pt").is_file()
     assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
     history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
@@ -81,7 +81,7 @@ def test_train_writes_model_logs_checkpoints_and_samples(trained):
         assert grid.size[0] > 100
     # the code maps were cached, with the labels of the ISIC metadata
     cache = torch.load(out / "cache" / "codes_training.pt", weights_only=True)
-    assert cache["codes"].dtype == torch.int16 and cache["codes"].shape[1:] == (8, 8)
+    assert cache["values"].dtype == torch.int16 and cache["values"].shape[1:] == (8, 8)
     assert set(cache["labels"].tolist()) <= {0, 1}
     # the VQ-VAE checkpoint is untouched
     assert _sha256(trained["vq_ckpt"]) == trained["vq_hash"]
@@ -90,8 +90,8 @@ def test_train_writes_model_logs_checkpoints_and_samples(trained):
 def test_resume_reads_the_cache_and_continues(trained):
     log = trained["resumed"].stdout + trained["resumed"].stderr
     assert "resumed from" in log
-    assert "loaded" in log and "cached code maps" in log
-    assert "extracted" not in log, "the second run extracted the code maps again"
+    assert "cached codes from" in log
+    assert "-> codes" not in log, "the second run encoded the code maps again"
 
 
 def test_evaluate_writes_bits_per_code(trained):
@@ -162,7 +162,7 @@ def test_ckpt_export_torchscript_equals_eager(trained, tmp_path):
 def test_prior_step_learns_the_cached_codes(trained):
     """PriorTrainStep in MONAI's SupervisedTrainer fits the real code maps: the training NLL falls well below its start."""
     cache = torch.load(trained["out"] / "cache" / "codes_training.pt", weights_only=True)
-    ds = CodeMapDataset(cache["codes"], cache["labels"], 16, num_classes=2)
+    ds = CodeMapDataset(cache["values"], cache["labels"], 16, num_classes=2)
     torch.manual_seed(0)
     network = PriorNetwork(GatedPixelCNN(2, 16, 16, 2, num_classes=2))
     losses: list[float] = []
