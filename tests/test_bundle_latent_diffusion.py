@@ -26,21 +26,19 @@ from PIL import Image
 
 from vqvae_medical.data import volume_transforms_3d
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
+from vqvae_medical.stages.autoencoder.record import (
+    data_settings,
+    state_fingerprint,
+    write_record,
+)
 from vqvae_medical.stages.diffusion.latents import LatentSet
 from vqvae_medical.stages.diffusion.sampling import LatentSampler
-from vqvae_medical.stages.frozen import load_autoencoder, state_fingerprint
+from vqvae_medical.stages.frozen import load_autoencoder
 from vqvae_medical.training.checkpoints import atomic_save, safe_load
 
 BUNDLE = "latent_diffusion"
 SIZE_2D = [96, 80]  # centre crop of the 208 x 176 slices: latents 24 x 20
 SIZE_3D = [32, 32, 32]
-TINY_AE = {
-    "autoencoder_def#channels": [8, 16],
-    "autoencoder_def#res_channels": [8, 8],
-    "autoencoder_def#num_res_units": 1,
-    "num_embeddings": 16,
-    "embedding_dim": 8,
-}
 TINY_UNET = {
     "unet_def#channels": [16, 32],
     "unet_def#attention_levels": [False, False],
@@ -48,7 +46,7 @@ TINY_UNET = {
     "unet_def#norm_num_groups": 8,
     "unet_def#num_head_channels": 8,
 }
-TINY = {**TINY_AE, **TINY_UNET, "num_inference_steps": 4}
+TINY = {**TINY_UNET, "num_inference_steps": 4, "embedding_dim": 8}  # the UNet takes the 8 latent channels
 TRAIN = {"batch_size": 4, "max_epochs": 1, "sample_interval": 1, "n_monitor_samples": 2, "val_fraction": 0.2, "test_fraction": 0.2}
 
 
@@ -79,10 +77,10 @@ def brain_2d(tmp_path_factory, brain_dir):
         "spatial_size": SIZE_2D,
     }
     run_bundle("vqvae_2d", ["train.json"], {**vq, "dataset_dir": data, "output_dir": vq_out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2})
-    ckpt = vq_out / "models" / "model.pt"
-    assert ckpt.is_file()
-    common = {**TINY, "dataset_dir": data, "data_layout": "folder", "spatial_size": SIZE_2D, "autoencoder_ckpt": ckpt}
-    return data, ckpt, common
+    assert (vq_out / "models" / "model.pt").is_file()
+    # the data set, its split and the preprocessing (96 x 80) come from the VQ-VAE's record
+    common = {**TINY, "autoencoder_dir": vq_out}
+    return data, vq_out, common
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +121,7 @@ def test_model_pt_is_the_generator_with_the_averaged_weights_and_the_frozen_deco
     """models/model.pt = generator state: ``diffusion.*`` are the EMA weights of the checkpoint (not the raw
     weights), ``decoder.*`` / ``quantizer.*`` the VQ-VAE's own decoder and codebook."""
     out, _ = trained_2d
-    _, ckpt, _ = brain_2d
+    _, vq_out, _ = brain_2d
     generator = safe_load(out / "models" / "model.pt")
     assert {k.split(".")[0] for k in generator} == {"diffusion", "decoder", "quantizer"}
     checkpoint = safe_load(out / "models" / "checkpoint_epoch=1.pt")
@@ -132,19 +130,20 @@ def test_model_pt_is_the_generator_with_the_averaged_weights_and_the_frozen_deco
     for key, value in ema.items():
         assert torch.equal(generator[f"diffusion.{key}"], value), key
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if k.startswith("unet."))
-    vqvae = {k[len("model.") :]: v for k, v in safe_load(ckpt).items()}
+    vqvae = {k[len("model.") :]: v for k, v in safe_load(vq_out / "models" / "model.pt").items()}
     for key in (k for k in generator if k.split(".")[0] in ("decoder", "quantizer")):
         assert torch.equal(generator[key], vqvae[key]), key
 
 
-def test_inference_2d_writes_png_samples(trained_2d, tmp_path):
+def test_inference_2d_writes_png_samples(trained_2d, brain_2d, tmp_path):
     """inference.json needs only models/model.pt (the VQ-VAE decoder is in it); its inferer writes the samples."""
     out, _ = trained_2d
+    _, vq_out, _ = brain_2d
     result = tmp_path / "result"
     run_bundle(
         BUNDLE,
         ["inference.json"],
-        {**TINY, "ckpt_path": out / "models" / "model.pt", "output_dir": result, "n_samples": 3},
+        {**TINY, "ckpt_path": out / "models" / "model.pt", "autoencoder_dir": vq_out, "output_dir": result, "n_samples": 3},
     )
     files = sorted((result / "inference").glob("sample_*.png"))
     assert len(files) == 3
@@ -205,9 +204,9 @@ def test_model_zoo_ckpt_export_torchscript_equals_eager(trained_2d, tmp_path):
 def test_vqvae_frozen_bit_identical_and_resume(brain_2d, tmp_path):
     """Diffusion training with the encoder running every iteration (no latent cache, augmentation on) leaves the
     VQ-VAE (codebook included) bit-identical to its checkpoint; a second run resumes with the same scale factor."""
-    _, ckpt, common = brain_2d
+    _, vq_out, common = brain_2d
     overrides = {**common, **TRAIN, "output_dir": tmp_path, "cache_latents": False, "augment": True, "sample_interval": 0}
-    reference = state_fingerprint(load_autoencoder(VQVAE(2, 1, channels=(8, 16), num_res_units=1, res_channels=(8, 8), num_embeddings=16, embedding_dim=8), ckpt).autoencoder)
+    reference = state_fingerprint(load_autoencoder(vq_out).autoencoder)
     parser = _parse(["train.json"], overrides)
     autoencoder = parser.get_parsed_content("autoencoder")
     assert state_fingerprint(autoencoder.autoencoder) == reference
@@ -233,7 +232,7 @@ def test_vqvae_frozen_bit_identical_and_resume(brain_2d, tmp_path):
 
 def test_class_conditioned_training_and_sampling(brain_dir, brain_2d, tmp_path):
     """AD/NC-style class folders -> labels -> the UNet's class embedding; samples are drawn per class."""
-    _, ckpt, common = brain_2d
+    _, _, common = brain_2d
     root = tmp_path / "AD_NC"
     for split, offset in (("train", 0), ("test", 6)):
         for cls, folder in (("AD", "MildDemented"), ("NC", "NonDemented")):
@@ -270,13 +269,16 @@ def ixi_3d(tmp_path_factory, ixi_dir):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ckpt = atomic_save(ReconstructionNetwork(model).state_dict(), data.parent / "vqvae3d.pt")
-    common = {**TINY, "dataset_dir": data, "spatial_size": SIZE_3D, "autoencoder_ckpt": ckpt}
-    return data, ckpt, common
+    network = ReconstructionNetwork(model)
+    ckpt = atomic_save(network.state_dict(), data.parent / "vqvae3d" / "models" / "model.pt")
+    preprocessing = {"transforms": "volume_transforms_3d", "channels": 1, "spatial_size": SIZE_3D}
+    write_record(ckpt, network, preprocessing, data_settings(data), SIZE_3D)
+    common = {**TINY, "autoencoder_dir": ckpt.parent.parent}
+    return data, ckpt.parent.parent, common
 
 
 def test_3d_train_inference_evaluate(ixi_3d, tmp_path):
-    _, _, common = ixi_3d
+    _, vq_out, common = ixi_3d
     out = tmp_path / "out"
     train = {**common, "batch_size": 2, "max_epochs": 1, "sample_interval": 1, "n_monitor_samples": 1, "val_fraction": 0.15, "test_fraction": 0.3, "output_dir": out}
     run_bundle(BUNDLE, ["train.json", "3d.json"], train)
@@ -288,7 +290,7 @@ def test_3d_train_inference_evaluate(ixi_3d, tmp_path):
     run_bundle(
         BUNDLE,
         ["inference.json", "3d.json"],
-        {**TINY, "ckpt_path": out / "models" / "model.pt", "output_dir": result, "n_samples": 2, "voxel_size": 2.0},
+        {**TINY, "ckpt_path": out / "models" / "model.pt", "autoencoder_dir": vq_out, "output_dir": result, "n_samples": 2, "voxel_size": 2.0},
     )
     files = sorted((result / "inference").glob("sample_*.nii.gz"))
     assert len(files) == 2

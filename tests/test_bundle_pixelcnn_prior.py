@@ -31,7 +31,7 @@ VQ_TINY = {
     "num_embeddings": 16,
     "embedding_dim": 8,
 }
-PRIOR_NET = {"num_embeddings": 16, "channels": 8, "num_layers": 2}
+PRIOR_NET = {"num_embeddings": 16, "channels": 8, "num_layers": 2, "num_classes": 2, "class_names": ["benign", "malignant"]}
 SIZE = [32, 32]  # images -> 8 x 8 code maps
 SPLIT = {"val_fraction": 0.2, "test_fraction": 0.2}
 
@@ -58,18 +58,8 @@ def trained(tmp_path_factory, isic_dir):
     vq_ckpt = vq_out / "models" / "model.pt"
     vq_hash = _sha256(vq_ckpt)
     out = tmp_path_factory.mktemp("prior")
-    common = {
-        **PRIOR_NET,
-        **SPLIT,
-        "vqvae_bundle_dir": BUNDLES / "vqvae_2d",
-        "vqvae_ckpt": vq_ckpt,
-        "vqvae_overrides": VQ_TINY,
-        "dataset_dir": data,
-        "output_dir": out,
-        "spatial_size": SIZE,
-        "image_size": SIZE,
-        "batch_size": 4,
-    }
+    # the data set, its split and the preprocessing (32 x 32) come from the VQ-VAE's record
+    common = {**PRIOR_NET, "autoencoder_dir": vq_out, "output_dir": out, "batch_size": 4}
     first = run_bundle(BUNDLE, ["train.json"], {**common, "max_epochs": 1, "sample_interval": 1})
     resumed = run_bundle(BUNDLE, ["train.json"], {**common, "max_epochs": 2})
     return {"data": data, "out": out, "vq_ckpt": vq_ckpt, "vq_hash": vq_hash, "common": common, "first": first, "resumed": resumed}
@@ -78,7 +68,7 @@ def trained(tmp_path_factory, isic_dir):
 def test_train_writes_model_logs_checkpoints_and_samples(trained):
     out = trained["out"]
     log = trained["first"].stdout + trained["first"].stderr
-    assert "extracted" in log and "code maps [8, 8]" in log
+    assert "-> codes [8, 8]" in log
     assert (out / "models" / "model.pt").is_file() and (out / "models" / "checkpoint_epoch=2.pt").is_file()
     assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
     history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
@@ -91,7 +81,7 @@ def test_train_writes_model_logs_checkpoints_and_samples(trained):
         assert grid.size[0] > 100
     # the code maps were cached, with the labels of the ISIC metadata
     cache = torch.load(out / "cache" / "codes_training.pt", weights_only=True)
-    assert cache["codes"].dtype == torch.int16 and cache["codes"].shape[1:] == (8, 8)
+    assert cache["values"].dtype == torch.int16 and cache["values"].shape[1:] == (8, 8)
     assert set(cache["labels"].tolist()) <= {0, 1}
     # the VQ-VAE checkpoint is untouched
     assert _sha256(trained["vq_ckpt"]) == trained["vq_hash"]
@@ -100,8 +90,8 @@ def test_train_writes_model_logs_checkpoints_and_samples(trained):
 def test_resume_reads_the_cache_and_continues(trained):
     log = trained["resumed"].stdout + trained["resumed"].stderr
     assert "resumed from" in log
-    assert "loaded" in log and "cached code maps" in log
-    assert "extracted" not in log, "the second run extracted the code maps again"
+    assert "cached codes from" in log
+    assert "-> codes" not in log, "the second run encoded the code maps again"
 
 
 def test_evaluate_writes_bits_per_code(trained):
@@ -119,8 +109,7 @@ def test_evaluate_writes_bits_per_code(trained):
 
 def test_inference_samples_each_class_and_decodes(trained, tmp_path):
     out = trained["out"]
-    keys = ("vqvae_bundle_dir", "vqvae_ckpt", "vqvae_overrides", "image_size", *PRIOR_NET)
-    overrides = {k: trained["common"][k] for k in keys}
+    overrides = {**PRIOR_NET, "autoencoder_dir": trained["common"]["autoencoder_dir"]}
     result = tmp_path / "result"
     run_bundle(BUNDLE, ["inference.json"], {**overrides, "output_dir": result, "ckpt_path": out / "models" / "model.pt", "num_samples": 4})
     inf = result / "inference"
@@ -142,14 +131,14 @@ def _bundle_args(*overrides: dict) -> dict:
 
 def test_verify_net_in_out(trained):
     meta = "_meta_#network_data_format"
-    # class-conditioned (the default): codes and class channels in, K logits out
-    monai.bundle.verify_net_in_out("network_def", **_bundle_args(PRIOR_NET, {f"{meta}#outputs#pred#num_channels": 16}))
-    # unconditioned: one channel in
+    net = {"num_embeddings": 16, "channels": 8, "num_layers": 2}
+    # unconditioned (the default): one code channel in, K logits out
+    monai.bundle.verify_net_in_out("network_def", **_bundle_args(net, {f"{meta}#outputs#pred#num_channels": 16}))
+    # class-conditioned: codes and class channels in
     monai.bundle.verify_net_in_out(
         "network_def",
         **_bundle_args(
-            PRIOR_NET,
-            {"num_classes": 0, f"{meta}#inputs#image#num_channels": 1, f"{meta}#outputs#pred#num_channels": 16},
+            net, {"num_classes": 2, f"{meta}#inputs#image#num_channels": 2, f"{meta}#outputs#pred#num_channels": 16}
         ),
     )
 
@@ -173,7 +162,7 @@ def test_ckpt_export_torchscript_equals_eager(trained, tmp_path):
 def test_prior_step_learns_the_cached_codes(trained):
     """PriorTrainStep in MONAI's SupervisedTrainer fits the real code maps: the training NLL falls well below its start."""
     cache = torch.load(trained["out"] / "cache" / "codes_training.pt", weights_only=True)
-    ds = CodeMapDataset(cache["codes"], cache["labels"], 16, num_classes=2)
+    ds = CodeMapDataset(cache["values"], cache["labels"], 16, num_classes=2)
     torch.manual_seed(0)
     network = PriorNetwork(GatedPixelCNN(2, 16, 16, 2, num_classes=2))
     losses: list[float] = []

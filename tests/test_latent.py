@@ -13,19 +13,20 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from vqvae_medical.data import image_transforms_2d
 from vqvae_medical.evaluation.diversity import ms_ssim_settings, pairwise_ms_ssim
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
+from vqvae_medical.stages.autoencoder.record import (
+    data_settings,
+    state_fingerprint,
+    write_record,
+)
 from vqvae_medical.stages.diffusion.generator import LatentDiffusionGenerator
-from vqvae_medical.stages.diffusion.latents import extract_latents
+from vqvae_medical.stages.diffusion.latents import LatentSet, extract_latents
 from vqvae_medical.stages.diffusion.network import (
     LatentDiffusionNetwork,
     load_diffusion_network,
 )
 from vqvae_medical.stages.diffusion.sampling import LatentSampler
 from vqvae_medical.stages.diffusion.training import LatentDiffusionPrepareBatch
-from vqvae_medical.stages.frozen import (
-    FrozenAutoencoder,
-    load_autoencoder,
-    state_fingerprint,
-)
+from vqvae_medical.stages.frozen import FrozenAutoencoder, load_autoencoder
 from vqvae_medical.training.checkpoints import atomic_save
 
 SIZE = (64, 48)  # crop of the brain slices: latents 16 x 12
@@ -109,36 +110,38 @@ def test_latent_kinds_and_snapping(trained_vqvae):
     assert torch.equal(raw.decode(z, size), model.decode(z, size))
 
 
-def test_load_autoencoder_from_bundle_checkpoint(trained_vqvae, tmp_path):
+def test_load_autoencoder_from_stage_one_folder(trained_vqvae, tmp_path):
     model, images = trained_vqvae
-    path = atomic_save(ReconstructionNetwork(model).state_dict(), tmp_path / "model.pt")
-    frozen = load_autoencoder(ReconstructionNetwork(tiny_vqvae()), path)
-    assert state_fingerprint(frozen.autoencoder) == state_fingerprint(model)
-    wrong = VQVAE(2, 1, channels=(8, 16), num_res_units=1, num_embeddings=32, embedding_dim=4)
-    with pytest.raises(ValueError, match="autoencoder_def"):
-        load_autoencoder(wrong, path)
-    with pytest.raises(FileNotFoundError):
-        load_autoencoder(tiny_vqvae(), tmp_path / "missing.pt")
+    network = ReconstructionNetwork(model)
+    path = atomic_save(network.state_dict(), tmp_path / "models" / "model.pt")
+    write_record(path, network, {"transforms": "image_transforms_2d", "spatial_size": list(SIZE)}, data_settings(None))
+    frozen = load_autoencoder(tmp_path, latent="quantized")
+    assert state_fingerprint(frozen.autoencoder) == state_fingerprint(model) == frozen.fingerprint
+    assert frozen.latent == "quantized" and frozen.latent_channels == 4 and frozen.spatial_dims == 2
+    assert torch.equal(frozen.encode(images), FrozenAutoencoder(model, latent="quantized").encode(images))
 
 
 def test_scale_factor_is_inverse_std_of_training_latents_and_cached(trained_vqvae, slices, tmp_path):
     model, images = trained_vqvae
     items, transform = slices
     frozen = FrozenAutoencoder(model)
-    latents = extract_latents(frozen, items, transform, cache_dir=tmp_path, batch_size=4, key=list(SIZE))
+    cache = tmp_path / "latents_training.pt"
+    latents = extract_latents(frozen, items, cache, transform, {"size": list(SIZE)}, batch_size=4)
     expected = frozen.encode(images)
     assert torch.equal(latents.latents, expected)
     assert latents.scale_factor == pytest.approx(1.0 / expected.double().std().item(), rel=1e-9)
     assert (latents.latents * latents.scale_factor).std().item() == pytest.approx(1.0, abs=1e-5)
     assert latents.labels.tolist() == [i % 2 for i in range(len(items))]
     assert latents.image_size == list(SIZE)
-    files = list(tmp_path.glob("latents_*.pt"))
-    assert len(files) == 1
-    again = extract_latents(frozen, items, transform, cache_dir=tmp_path, batch_size=4, key=list(SIZE))
+    stamp = cache.stat().st_mtime_ns
+    again = extract_latents(frozen, items, cache, transform, {"size": list(SIZE)}, batch_size=4)
     assert torch.equal(again.latents, latents.latents) and again.fingerprint == latents.fingerprint
-    # another preprocessing key or other weights are not served from the stale cache
-    extract_latents(frozen, items, transform, cache_dir=tmp_path, batch_size=4, key=[1, 2])
-    assert len(list(tmp_path.glob("latents_*.pt"))) == 2
+    assert cache.stat().st_mtime_ns == stamp and LatentSet.load(cache).fingerprint == latents.fingerprint
+    # other preprocessing settings are not served from the stale cache
+    other = extract_latents(frozen, items, cache, transform, {"size": [1, 2]}, batch_size=4)
+    assert other.fingerprint != latents.fingerprint and cache.stat().st_mtime_ns != stamp
+    with pytest.raises(ValueError, match="class conditioning"):
+        extract_latents(frozen, [{"image": i["image"]} for i in items], None, transform, {"size": list(SIZE)})
 
 
 def test_noise_has_the_latent_shape_not_the_image_shape(trained_vqvae):

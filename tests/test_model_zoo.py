@@ -61,7 +61,6 @@ def test_bundle_files(bundle):
         # the diffusion network_def of inference.json is the generator around the trained network; the training
         # network_def needs the training latents (scale factor), so its UNet and VQ-VAE are compared
         ("latent_diffusion", "unet_def", "diffusion_def#unet"),
-        ("latent_diffusion", "autoencoder_def", "autoencoder_def"),
     ],
 )
 def test_inference_network_matches_training_network(bundle, train_id, inference_id):

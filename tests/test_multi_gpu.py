@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from bundle_runner import (
-    BUNDLES,
     TINY_VQVAE_2D,
     bundle_network,
     read_metrics,
@@ -19,12 +18,12 @@ from bundle_runner import (
 )
 from monai.bundle import ConfigParser
 from test_bundle_latent_diffusion import TINY as LDM_TINY
-from test_bundle_latent_diffusion import TINY_AE as LDM_TINY_AE
 from test_bundle_pixelcnn_prior import PRIOR_NET, SPLIT, VQ_TINY
 from test_bundle_vqvae2 import TINY_NET as VQVAE2_TINY
 from test_bundle_vqvae_3d import TINY as VQVAE3D_TINY
 
 from vqvae_medical.data import image_transforms_2d
+from vqvae_medical.stages.autoencoder.record import data_settings, write_record
 from vqvae_medical.training.checkpoints import atomic_save
 
 RANK_FILE = "os.path.join(@output_dir, f'rank{torch.distributed.get_rank()}.pt')"
@@ -100,17 +99,20 @@ def _assert_same(rank0: dict, rank1: dict) -> None:
     assert not differ, f"differ between ranks: {differ}"
 
 
-def _tiny_vqvae_checkpoint(path, images, overrides: dict):
+def _tiny_vqvae_checkpoint(folder, images, overrides: dict):
     """A tiny vqvae_2d network (built from that bundle's inference.json) whose EMA codebook is initialised from
-    the encodings of ``images`` by one training-mode forward pass: a VQ-VAE checkpoint for the prior and the
-    diffusion bundles without a training run."""
+    the encodings of ``images`` by one training-mode forward pass, saved as a stage-1 output folder (model.pt and
+    its record, 32 x 32 images): a VQ-VAE for the prior and the diffusion bundles without a training run."""
     torch.manual_seed(0)
     net = bundle_network("vqvae_2d", overrides)
     net.model.train()
     with torch.no_grad():
         net.model(images)
     assert bool(net.model.quantizer.initialized)
-    return atomic_save(net.state_dict(), path)
+    path = atomic_save(net.state_dict(), folder / "models" / "model.pt")
+    preprocessing = {"transforms": "image_transforms_2d", "channels": images.shape[1], "spatial_size": [32, 32]}
+    write_record(path, net, preprocessing, data_settings(None), [32, 32])
+    return folder
 
 
 @pytest.mark.timeout(300)
@@ -194,18 +196,14 @@ def test_pixelcnn_prior_two_processes(isic_folder, tmp_path):
     photos = sorted((data / "images").glob("*.jpg"))
     transform = image_transforms_2d(channels=3, spatial_size=[32, 32])
     images = torch.stack([transform({"image": str(f)})["image"].as_tensor() for f in photos[:4]])
-    vq_ckpt = _tiny_vqvae_checkpoint(tmp_path / "vqvae.pt", images, VQ_TINY)
+    vq_dir = _tiny_vqvae_checkpoint(tmp_path / "vqvae", images, VQ_TINY)
     out = tmp_path / "out"
     overrides = {
         **PRIOR_NET,
         **SPLIT,
-        "vqvae_bundle_dir": BUNDLES / "vqvae_2d",
-        "vqvae_ckpt": vq_ckpt,
-        "vqvae_overrides": VQ_TINY,
+        "autoencoder_dir": vq_dir,
         "dataset_dir": data,
         "output_dir": out,
-        "spatial_size": [32, 32],
-        "image_size": [32, 32],
         "batch_size": 2,
         "max_epochs": 1,
         "sample_interval": 1,
@@ -213,7 +211,7 @@ def test_pixelcnn_prior_two_processes(isic_folder, tmp_path):
     proc = torchrun_bundle("pixelcnn_prior", ["train.json", "multi_gpu_train.json"], {**overrides, "finalize": [DUMP, DESTROY]})
     log = proc.stdout + proc.stderr
     # one extraction per section (by rank 0); rank 1 read rank 0's cache
-    assert log.count("extracted") == 2 and log.count("cached code maps") == 2, log[-4000:]
+    assert log.count("-> codes") == 2 and log.count("cached codes") == 2, log[-4000:]
 
     rank0, rank1 = _rank_states(out)
     _assert_same(rank0, rank1)
@@ -231,15 +229,14 @@ def test_latent_diffusion_two_processes(brain_slices, tmp_path):
     transform = image_transforms_2d(channels=1, spatial_size=[32, 32])
     files = sorted(brain_slices.glob("*.jpg"))
     images = torch.stack([transform({"image": str(f)})["image"].as_tensor() for f in files[:4]])
-    vq = {k.replace("autoencoder_def#", "network_def#model#"): v for k, v in LDM_TINY_AE.items()}
-    vq_ckpt = _tiny_vqvae_checkpoint(tmp_path / "vqvae.pt", images, vq)
+    vq = {k: v for k, v in TINY_VQVAE_2D.items() if k != "batch_size"}
+    vq_dir = _tiny_vqvae_checkpoint(tmp_path / "vqvae", images, vq)
     out = tmp_path / "out"
-    common = {**LDM_TINY, "autoencoder_ckpt": vq_ckpt, "num_inference_steps": 2}
+    common = {**LDM_TINY, "autoencoder_dir": vq_dir, "num_inference_steps": 2}
     overrides = {
         **common,
         "dataset_dir": brain_slices,
         "data_layout": "folder",
-        "spatial_size": [32, 32],
         "output_dir": out,
         "val_fraction": 0.2,
         "test_fraction": 0.2,

@@ -46,6 +46,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from vqvae_medical.data import DataError
+from vqvae_medical.stages.autoencoder.record import data_settings, write_record
 from vqvae_medical.training.checkpoints import atomic_save, safe_load
 from vqvae_medical.training.steps import NonFiniteLossError
 
@@ -77,18 +78,11 @@ TINY = {
         "channels": 8,
         "num_layers": 2,
         "num_classes": 0,
-        "vqvae_bundle_dir": str(BUNDLES / "vqvae_2d"),
-        "vqvae_overrides": {**VQ_NET, "in_channels": 1},
-        "spatial_size": [32, 32],
         "image_size": [32, 32],
         "batch_size": 2,
         "data_layout": "decathlon",
     },
     "latent_diffusion": {
-        "autoencoder_def#channels": [8, 16],
-        "autoencoder_def#res_channels": [8, 8],
-        "autoencoder_def#num_res_units": 1,
-        "num_embeddings": 16,
         "embedding_dim": 8,
         "unet_def#channels": [16, 32],
         "unet_def#attention_levels": [False, False],
@@ -96,7 +90,6 @@ TINY = {
         "unet_def#norm_num_groups": 8,
         "unet_def#num_head_channels": 8,
         "sample_interval": 0,
-        "spatial_size": [32, 32],
         "batch_size": 2,
         "data_layout": "decathlon",
     },
@@ -152,8 +145,9 @@ def brain_slices(brain_dir, tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def vq_ckpt(tmp_path_factory) -> Path:
-    """``models/model.pt`` of a tiny grey vqvae_2d bundle network; the codebook is initialised from one batch of
-    random images (a trained VQ-VAE is not needed to test the prior and the diffusion bundles' machinery)."""
+    """``models/model.pt`` (and its record, 32 x 32 images) of a tiny grey vqvae_2d bundle network; the codebook is
+    initialised from one batch of random images (a trained VQ-VAE is not needed to test the prior and the diffusion
+    bundles' machinery)."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / "vqvae_2d" / "configs" / "train.json"))
     parser.update({"bundle_root": str(BUNDLES / "vqvae_2d"), **VQ_NET, "in_channels": 1})
@@ -162,7 +156,10 @@ def vq_ckpt(tmp_path_factory) -> Path:
     net.train()
     with torch.no_grad():
         net.model(torch.rand(8, 1, 32, 32))
-    return atomic_save(net.state_dict(), tmp_path_factory.mktemp("vqvae") / "model.pt")
+    path = atomic_save(net.state_dict(), tmp_path_factory.mktemp("vqvae") / "models" / "model.pt")
+    preprocessing = {"transforms": "image_transforms_2d", "channels": 1, "spatial_size": [32, 32]}
+    write_record(path, net, preprocessing, data_settings(None), [32, 32])
+    return path
 
 
 def _dataset(bundle: str, request: pytest.FixtureRequest, folder: Path) -> Path:
@@ -179,10 +176,8 @@ def _dataset(bundle: str, request: pytest.FixtureRequest, folder: Path) -> Path:
 
 def _overrides(bundle: str, request: pytest.FixtureRequest, folder: Path) -> dict[str, Any]:
     overrides = {**COMMON, **TINY[bundle], "dataset_dir": str(_dataset(bundle, request, folder))}
-    if bundle == "pixelcnn_prior":
-        overrides["vqvae_ckpt"] = str(request.getfixturevalue("vq_ckpt"))
-    if bundle == "latent_diffusion":
-        overrides["autoencoder_ckpt"] = str(request.getfixturevalue("vq_ckpt"))
+    if bundle in ("pixelcnn_prior", "latent_diffusion"):
+        overrides["autoencoder_dir"] = str(request.getfixturevalue("vq_ckpt").parent.parent)
     return overrides
 
 
@@ -399,9 +394,7 @@ def _smaller_copy(path: Path, folder: Path) -> Path:
 NATIVE_SIZE = {
     "vqvae_3d": {"spatial_size": None, "patch_size": None, "batch_size": 2},
     "vqvae2_2d": {"spatial_size": None},
-    "pixelcnn_prior": {"spatial_size": None},
-    "latent_diffusion": {"spatial_size": None},
-}
+}  # stage 2 (prior, diffusion) preprocesses as its autoencoder did: the size check follows the stage-1 record
 
 
 @pytest.mark.parametrize("bundle", list(NATIVE_SIZE))
@@ -443,11 +436,12 @@ def test_mixed_sizes_of_multi_file_volumes_are_found(volumes, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ untrusted checkpoints
-@pytest.mark.parametrize("bundle, key", [("pixelcnn_prior", "vqvae_ckpt"), ("latent_diffusion", "autoencoder_ckpt")])
-def test_vqvae_checkpoint_with_pickled_code_is_refused(bundle, key, request, tmp_path):
-    evil = tmp_path / "evil.pt"
+@pytest.mark.parametrize("bundle", ["pixelcnn_prior", "latent_diffusion"])
+def test_vqvae_checkpoint_with_pickled_code_is_refused(bundle, request, tmp_path):
+    evil = tmp_path / "evil" / "models" / "model.pt"
+    shutil.copytree(request.getfixturevalue("vq_ckpt").parent, evil.parent)
     torch.save({"model": {}, "payload": argparse.Namespace(cmd="echo owned")}, evil)
-    overrides = {**_overrides(bundle, request, tmp_path), key: str(evil), "output_dir": tmp_path / "out"}
+    overrides = {**_overrides(bundle, request, tmp_path), "autoencoder_dir": str(evil.parent.parent), "output_dir": tmp_path / "out"}
     proc = run_bundle(bundle, ["train.json"], overrides, expect_ok=False)
     assert proc.returncode != 0
     last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]

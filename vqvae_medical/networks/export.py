@@ -11,9 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vqvae_medical.networks.config import recorded
+
 __all__ = ["ReconstructionNetwork"]
 
 
+@recorded
 class ReconstructionNetwork(nn.Module):
     """``forward(image) -> reconstruction`` through the codebook, for any autoencoder of this package.
 

@@ -33,6 +33,7 @@ from vqvae_medical.networks.blocks import (
     make_downsample,
     make_upsample,
 )
+from vqvae_medical.networks.config import recorded
 from vqvae_medical.networks.quantizers import (
     EMAVectorQuantizer,
     GradientVectorQuantizer,
@@ -183,6 +184,7 @@ class CheckpointedSequential(nn.Module):
         return x
 
 
+@recorded
 class VQVAE(nn.Module):
     """Vector-quantised variational autoencoder for 2D or 3D images.
 

@@ -37,6 +37,7 @@ from vqvae_medical.networks.blocks import (
     make_downsample,
     make_upsample,
 )
+from vqvae_medical.networks.config import recorded
 from vqvae_medical.networks.vqvae import (
     CheckpointedSequential,
     VQOutput,
@@ -56,6 +57,7 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+@recorded
 class VQVAE2(nn.Module):
     """Hierarchical VQ-VAE with a top (``1/8``) and a bottom (``1/4``) code level, for 2D or 3D images.
 

@@ -1,136 +1,162 @@
-"""The frozen stage-1 autoencoder that every stage-2 bundle builds on."""
+"""The frozen stage-1 autoencoder that every stage-2 bundle builds on, read from the stage-1 output folder alone.
+
+One loader (:func:`load_autoencoder`: ``models/autoencoder.json`` + ``models/model.pt`` of an autoencoder bundle's
+``output_dir``), one weights fingerprint (checked against the record, and keying every cache), one grid size
+(:func:`grid_size`), one encode-and-cache mechanism (:func:`encode_cached`) for the prior's code maps and the
+diffusion model's latents, and one error type (:class:`AutoencoderDirError`) whose message names the folder.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from monai.bundle import ConfigParser
+from monai.data import DataLoader, Dataset
+from monai.transforms import Compose
 from torch import nn
 
-from vqvae_medical.training.checkpoints import safe_load
+from vqvae_medical.networks.config import build_network
+from vqvae_medical.stages.autoencoder.record import (
+    RECORD_FILE,
+    preprocessing_transforms,
+    record_datalist,
+    state_fingerprint,
+    weights_of,
+)
+from vqvae_medical.training.checkpoints import atomic_save, safe_load
+from vqvae_medical.training.distributed import rank_zero_first
 
-__all__ = ["model_state_dict", "load_vqvae", "file_sha256", "state_digest", "LATENT_KINDS", "FrozenAutoencoder", "state_fingerprint", "load_autoencoder"]
+__all__ = [
+    "recorded_architecture",
+    "AutoencoderDirError",
+    "LATENT_KINDS",
+    "ENCODINGS",
+    "read_record",
+    "grid_size",
+    "FrozenAutoencoder",
+    "load_autoencoder",
+    "Encoded",
+    "encode_cached",
+]
 
+logger = logging.getLogger(__name__)
 
-def model_state_dict(state: Any) -> Mapping[str, torch.Tensor]:
-    """The network state dict of a ``model.pt`` (a state dict) or of a training checkpoint (``{"model": ...}``)."""
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        return state["model"]
-    if not isinstance(state, Mapping):
-        raise ValueError("the VQ-VAE checkpoint must hold a state dict or a {'model': state dict} checkpoint.")
-    return state
-
-
-def load_vqvae(
-    bundle_dir: str | os.PathLike,
-    ckpt_path: str | os.PathLike | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    config_file: str = "inference.json",
-    net_id: str = "network_def",
-    device: str | torch.device = "cpu",
-) -> nn.Module:
-    """The trained autoencoder of a VQ-VAE bundle, in eval mode, with gradients off.
-
-    The network definition is read from the bundle's own config with :class:`monai.bundle.ConfigParser`, so the
-    architecture is not repeated in the prior's config; ``overrides`` change it as on that bundle's command line
-    (e.g. ``{"in_channels": 3, "network_def#model#channels": [32, 64]}``). The weights are loaded with
-    ``weights_only=True``. Relative paths resolve against the working directory.
-
-    Args:
-        bundle_dir: the VQ-VAE bundle folder (with ``configs/<config_file>``).
-        ckpt_path: its checkpoint (default ``<bundle_dir>/models/model.pt``): the state dict of ``net_id`` or a
-            training checkpoint ``{"model": state dict, ...}``.
-        overrides: config id -> value, applied before the network is built.
-        config_file: config file of the bundle holding the network definition.
-        net_id: id of the network definition.
-        device: device of the returned module.
-
-    Returns:
-        the autoencoder (the ``model`` inside a :class:`~vqvae_medical.networks.ReconstructionNetwork`).
-    """
-    bundle_dir = Path(bundle_dir).absolute()
-    config = bundle_dir / "configs" / config_file
-    if not config.is_file():
-        raise ValueError(f"{config} does not exist: vqvae_bundle_dir must be a VQ-VAE bundle folder.")
-    ckpt = Path(ckpt_path) if ckpt_path is not None else bundle_dir / "models" / "model.pt"
-    if not ckpt.is_file():
-        raise ValueError(f"VQ-VAE checkpoint {ckpt} does not exist. Train the VQ-VAE bundle first or set vqvae_ckpt.")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    parser["bundle_root"] = str(bundle_dir)
-    for key, value in (overrides or {}).items():
-        parser[key] = value
-    net = parser.get_parsed_content(net_id, instantiate=True)
-    try:
-        net.load_state_dict(model_state_dict(safe_load(ckpt)))
-    except RuntimeError as e:
-        raise ValueError(
-            f"{ckpt} does not fit the network of {config} with overrides {dict(overrides or {})}: pass the "
-            f"overrides the VQ-VAE was trained with (vqvae_overrides). {e}"
-        ) from e
-    model = getattr(net, "model", net)
-    if not hasattr(model, "encode_to_indices") or not hasattr(model, "decode_from_indices"):
-        raise ValueError(f"{net_id} of {config} is not a VQ-VAE (no encode_to_indices/decode_from_indices).")
-    model = model.to(device).eval()
-    model.requires_grad_(False)
-    return model
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def state_digest(module: nn.Module) -> str:
-    """SHA-256 of every tensor of ``module.state_dict()`` (names, dtypes, shapes and bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
+_RECORD_KEYS = ("version", "weights_sha256", "network_def", "spatial_dims", "preprocessing", "data")
+_CACHE_VERSION = 2
+_INT16_MAX_CODES = 32768
 
 LATENT_KINDS: tuple[str, ...] = ("encoder", "quantized")
 """``"encoder"``: continuous encoder output before quantization; ``"quantized"``: its nearest codebook vectors."""
 
+ENCODINGS: tuple[str, ...] = ("codes", "latents")
+"""What :func:`encode_cached` stores: code indices (the prior) or latents (diffusion)."""
+
+_TRAIN_HINT = (
+    "Train an autoencoder bundle first (e.g. in bundles/vqvae_2d: python -m monai.bundle run --config_file "
+    "configs/train.json) and pass its output_dir as --autoencoder_dir."
+)
+
+
+class AutoencoderDirError(ValueError):
+    """``autoencoder_dir`` is not the output of a trained autoencoder bundle, or its checkpoint does not match
+    its record. The message names the folder and what is missing."""
+
+
+def read_record(autoencoder_dir: str | os.PathLike) -> dict[str, Any]:
+    """The record (``models/autoencoder.json``) of a stage-1 output folder, checked for what stage 2 needs.
+
+    Raises:
+        AutoencoderDirError: no such folder, no ``models/model.pt`` or ``models/autoencoder.json``, or a record
+            that is not valid JSON or lacks keys.
+    """
+    folder = Path(autoencoder_dir).absolute()
+    if not folder.is_dir():
+        raise AutoencoderDirError(f"autoencoder_dir {folder} does not exist. {_TRAIN_HINT}")
+    wanted = [folder / "models" / "model.pt", folder / "models" / RECORD_FILE]
+    missing = [str(p.relative_to(folder)) for p in wanted if not p.is_file()]
+    if missing:
+        raise AutoencoderDirError(
+            f"autoencoder_dir {folder} is not the output of a trained autoencoder bundle: it has no "
+            f"{' and no '.join(missing)}. {_TRAIN_HINT}"
+        )
+    try:
+        record = json.loads(wanted[1].read_text())
+    except (OSError, ValueError) as e:
+        raise AutoencoderDirError(f"autoencoder_dir {folder}: models/{RECORD_FILE} is not readable JSON ({e}).") from e
+    lacking = [k for k in _RECORD_KEYS if not isinstance(record, dict) or k not in record]
+    if lacking:
+        raise AutoencoderDirError(
+            f"autoencoder_dir {folder}: models/{RECORD_FILE} lacks {', '.join(lacking)}; train the autoencoder "
+            "bundle again to rewrite it."
+        )
+    return record
+
+
+def grid_size(autoencoder: nn.Module, image_size: Sequence[int]) -> list[int] | tuple[list[int], ...]:
+    """Spatial size of the code map (or latent) of an image of ``image_size``.
+
+    Inputs are padded to a multiple of ``downsample_factor``; a level downsampled by ``f`` then has
+    ``padded / f`` positions per axis. A VQ-VAE gives one grid; a VQ-VAE-2 a tuple ``(top, bottom)``.
+    """
+    model = getattr(autoencoder, "autoencoder", autoencoder)
+    model = getattr(model, "model", model)
+    pad = int(model.downsample_factor)
+    padded = [-(-int(s) // pad) * pad for s in image_size]
+    factors = getattr(model, "level_factors", None)
+    if factors is None:
+        return [p // pad for p in padded]
+    return tuple([p // int(f) for p in padded] for f in factors)
+
 
 class FrozenAutoencoder(nn.Module):
-    """A trained VQ-VAE that stays frozen: eval mode whatever ``train()`` is called with, no gradients.
+    """A trained VQ-VAE (or VQ-VAE-2) that stays frozen: eval mode whatever ``train()`` is called with, no gradients.
 
-    Only paths that never change state are used: ``encode`` (convolutions), ``quantizer.quantize_indices`` and
-    ``quantizer.embed`` (look-ups) and ``decode``; the quantizer's ``forward`` (which updates an EMA codebook in
-    training mode) is never called.
+    Only paths that never change state are used: ``encode`` (convolutions), ``encode_to_indices``, the quantizer's
+    ``quantize_indices``/``embed`` (look-ups) and ``decode``; the quantizer's ``forward`` (which updates an EMA
+    codebook in training mode) is never called.
 
     Args:
-        autoencoder: a :class:`~vqvae_medical.networks.VQVAE` (or a wrapper with it as ``model``).
-        latent: ``"encoder"`` (pre-quantization output) or ``"quantized"`` (nearest codebook vectors).
-        snap_to_codebook: before decoding, replace each latent vector by its nearest codebook vector (always done
+        autoencoder: a :class:`~vqvae_medical.networks.VQVAE` or :class:`~vqvae_medical.networks.VQVAE2` (or a
+            wrapper with it as ``model``).
+        latent: ``"encoder"`` (pre-quantization output) or ``"quantized"`` (nearest codebook vectors); latents
+            are for single-level VQ-VAEs.
+        snap_to_codebook: before decoding latents, replace each vector by its nearest codebook vector (always done
             for ``"quantized"``; the decoder was trained on codebook vectors only).
+        record: the stage-1 record it was loaded with (preprocessing, data, image size), if any.
+        directory: the stage-1 output folder it was loaded from, if any.
     """
 
-    def __init__(self, autoencoder: nn.Module, latent: str = "encoder", snap_to_codebook: bool = True) -> None:
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        latent: str = "encoder",
+        snap_to_codebook: bool = True,
+        record: Mapping[str, Any] | None = None,
+        directory: str | os.PathLike | None = None,
+    ) -> None:
         super().__init__()
         if latent not in LATENT_KINDS:
             raise ValueError(f"latent must be one of {LATENT_KINDS}, got {latent!r}.")
         model = getattr(autoencoder, "model", autoencoder)
-        for name in ("encode", "decode", "quantizer", "embedding_dim", "downsample_factor", "spatial_dims"):
+        for name in ("encode_to_indices", "decode_from_indices", "downsample_factor", "spatial_dims", "in_channels"):
             if not hasattr(model, name):
-                raise TypeError(f"the autoencoder must be a VQVAE (it has no {name!r}); got {type(model).__name__}.")
+                raise TypeError(f"the autoencoder must be a VQ-VAE (it has no {name!r}); got {type(model).__name__}.")
         self.autoencoder = model
         self.latent = latent
         self.snap_to_codebook = bool(snap_to_codebook) or latent == "quantized"
+        self.record = dict(record) if record is not None else None
+        self.directory = Path(directory) if directory is not None else None
         self.requires_grad_(False)
         super().train(False)
+        self.fingerprint = state_fingerprint(model)
+        """:func:`~vqvae_medical.stages.autoencoder.record.state_fingerprint` of the weights (keys every cache)."""
 
     def train(self, mode: bool = True) -> FrozenAutoencoder:
         """Stays in eval mode: a trainer calling ``train()`` on its modules cannot unfreeze the autoencoder."""
@@ -141,8 +167,23 @@ class FrozenAutoencoder(nn.Module):
         return int(self.autoencoder.spatial_dims)
 
     @property
+    def in_channels(self) -> int:
+        return int(self.autoencoder.in_channels)
+
+    @property
+    def levels(self) -> int:
+        """Number of code levels: 1 (VQ-VAE) or 2 (VQ-VAE-2)."""
+        return len(getattr(self.autoencoder, "level_factors", (1,)))
+
+    @property
+    def num_embeddings(self) -> int | tuple[int, ...]:
+        """Codebook size (a tuple per level for a VQ-VAE-2)."""
+        n = self.autoencoder.num_embeddings
+        return tuple(int(k) for k in n) if isinstance(n, (tuple, list)) else int(n)
+
+    @property
     def latent_channels(self) -> int:
-        return int(self.autoencoder.embedding_dim)
+        return int(self._single_level("latents").embedding_dim)
 
     @property
     def downsample_factor(self) -> int:
@@ -152,92 +193,312 @@ class FrozenAutoencoder(nn.Module):
     def device(self) -> torch.device:
         return next(iter(self.autoencoder.state_dict().values())).device
 
-    def latent_size(self, image_size: Sequence[int]) -> list[int]:
-        """Spatial size of the latent of an image of ``image_size`` (inputs are padded to a multiple of ``f``)."""
-        f = self.downsample_factor
-        return [-(-int(s) // f) for s in image_size]
+    @property
+    def image_size(self) -> list[int] | None:
+        """Spatial size of the images the autoencoder was validated on (from its record), if known."""
+        size = (self.record or {}).get("image_size")
+        return None if size is None else [int(s) for s in size]
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing settings of the record (``{"transforms": name, **arguments}``)."""
+        if self.record is None:
+            raise ValueError("this autoencoder was not loaded from a stage-1 folder: it has no preprocessing record.")
+        return dict(self.record["preprocessing"])
+
+    def grid_size(self, image_size: Sequence[int]) -> list[int] | tuple[list[int], ...]:
+        """See :func:`grid_size`."""
+        return grid_size(self.autoencoder, image_size)
+
+    def transforms(self, **overrides: Any) -> Compose:
+        """The stage-1 preprocessing (``overrides`` e.g. ``augment=True``)."""
+        return preprocessing_transforms(self.preprocessing, **overrides)
+
+    def datalist(
+        self,
+        cache_dir: str | os.PathLike,
+        dataset_dir: str | os.PathLike | None = None,
+        layout: str | None = None,
+        val_fraction: float | None = None,
+        test_fraction: float | None = None,
+        skip_bad_files: bool | None = None,
+    ) -> dict[str, list[dict]]:
+        """The training/validation/test datalist of the autoencoder's data and split; each argument that is not
+        ``None`` replaces the recorded setting (``dataset_dir``: another data set, same preprocessing).
+
+        Args:
+            cache_dir: where the embedded MNI152 data is written when the record has no data set folder.
+            dataset_dir: data folder instead of the recorded one.
+            layout: datalist layout instead of the recorded one.
+            val_fraction: validation fraction instead of the recorded one.
+            test_fraction: test fraction instead of the recorded one.
+            skip_bad_files: skip unusable files instead of the recorded setting.
+        """
+        if self.record is None:
+            raise ValueError("this autoencoder was not loaded from a stage-1 folder: it has no data record.")
+        data = dict(self.record["data"])
+        if dataset_dir not in (None, "", "None"):
+            data["dataset_dir"] = data["source"] = os.path.abspath(os.fspath(dataset_dir))
+        given = {"layout": layout, "val_fraction": val_fraction, "test_fraction": test_fraction}
+        data.update({k: v for k, v in {**given, "skip_bad_files": skip_bad_files}.items() if v is not None})
+        same_size = self.preprocessing.get("spatial_size") is None
+        return record_datalist(self.spatial_dims, self.in_channels, data, cache_dir, require_same_size=same_size)
+
+    def _single_level(self, what: str) -> nn.Module:
+        if self.levels != 1:
+            where = f" of {self.directory}" if self.directory else ""
+            raise ValueError(
+                f"{what} need a single-level VQ-VAE (vqvae_2d, vqvae_3d); the autoencoder{where} is a "
+                f"{type(self.autoencoder).__name__} with {self.levels} code levels."
+            )
+        return self.autoencoder
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Latents ``[B, D, *spatial / f]`` (float32, contiguous) of images ``[B, C, *spatial]``."""
+        model = self._single_level("latents")
         images = images.as_tensor() if hasattr(images, "as_tensor") else images
-        z = self.autoencoder.encode(images.float())
+        z = model.encode(images.float())
         if self.latent == "quantized":
-            z = self.autoencoder.quantizer.embed(self.autoencoder.quantizer.quantize_indices(z))
+            z = model.quantizer.embed(model.quantizer.quantize_indices(z))
         return z.float().contiguous()
+
+    @torch.no_grad()
+    def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Code indices ``[B, *grid]`` of images ``[B, C, *spatial]`` (a ``(top, bottom)`` tuple for a VQ-VAE-2)."""
+        images = images.as_tensor() if hasattr(images, "as_tensor") else images
+        return self.autoencoder.encode_to_indices(images.float())
 
     @torch.no_grad()
     def snap(self, latents: torch.Tensor) -> torch.Tensor:
         """Nearest codebook vector of every latent vector."""
-        return self.autoencoder.quantizer.embed(self.autoencoder.quantizer.quantize_indices(latents.float()))
+        quantizer = self._single_level("latents").quantizer
+        return quantizer.embed(quantizer.quantize_indices(latents.float()))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
         """Images from (unscaled) latents, snapped to the codebook first when configured so."""
+        model = self._single_level("latents")
         z = self.snap(latents) if self.snap_to_codebook else latents.float()
-        if getattr(self.autoencoder, "channels_last", False):
+        if getattr(model, "channels_last", False):
             z = z.contiguous(memory_format=torch.channels_last if z.ndim == 4 else torch.channels_last_3d)
         size = None if output_size is None else [int(s) for s in output_size]
-        return self.autoencoder.decode(z, size).float().contiguous()
+        return model.decode(z, size).float().contiguous()
 
-
-def state_fingerprint(module: nn.Module | Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict (names, dtypes, shapes and bytes): equal iff the tensors are bit-identical."""
-    state = module.state_dict() if isinstance(module, nn.Module) else module
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key]
-        if not isinstance(t, torch.Tensor):
-            h.update(f"{key}={t!r}".encode())
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _autoencoder_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The VQ-VAE's own keys from a ``models/model.pt`` (``ReconstructionNetwork``: ``model.*``), a training
-    checkpoint (``{"model": {...}, "optimizer": ...}``) or a bare VQ-VAE state dict."""
-    if "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
-    if state and all(k.startswith("model.") for k in state):
-        state = {k[len("model.") :]: v for k, v in state.items()}
-    return dict(state)
+    @torch.no_grad()
+    def decode_from_indices(
+        self, codes: torch.Tensor | Sequence[torch.Tensor], output_size: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Images from code indices (a ``(top, bottom)`` pair for a VQ-VAE-2)."""
+        size = None if output_size is None else [int(s) for s in output_size]
+        codes = tuple(c.long() for c in codes) if isinstance(codes, (tuple, list)) else codes.long()
+        return self.autoencoder.decode_from_indices(codes, size).float()
 
 
 def load_autoencoder(
-    autoencoder_def: nn.Module,
-    ckpt_path: str | os.PathLike,
+    autoencoder_dir: str | os.PathLike,
     latent: str = "encoder",
     snap_to_codebook: bool = True,
-    device: torch.device | str = "cpu",
+    device: str | torch.device = "cpu",
 ) -> FrozenAutoencoder:
-    """Load a trained VQ-VAE checkpoint into ``autoencoder_def`` and freeze it.
+    """The frozen autoencoder of a stage-1 output folder (an autoencoder bundle's ``output_dir``).
+
+    The network is rebuilt from the record's ``network_def`` with ``monai.bundle.ConfigParser``; ``model.pt`` is
+    read with ``weights_only=True`` and must carry the weights the record was written for.
 
     Args:
-        autoencoder_def: the VQ-VAE with the architecture the checkpoint was trained with (or its
-            ``ReconstructionNetwork`` wrapper).
-        ckpt_path: ``models/model.pt`` of a VQ-VAE bundle, one of its training checkpoints, or a bare state dict.
+        autoencoder_dir: the folder with ``models/model.pt`` and ``models/autoencoder.json``.
         latent: see :class:`FrozenAutoencoder`.
         snap_to_codebook: see :class:`FrozenAutoencoder`.
         device: where the autoencoder runs.
+
+    Raises:
+        AutoencoderDirError: the folder is not a stage-1 output, or ``model.pt`` does not match the record.
     """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no VQ-VAE checkpoint. Train a VQ-VAE bundle first (e.g. bundles/vqvae_2d, which writes "
-            "models/model.pt) or point autoencoder_ckpt at its model.pt."
+    folder = Path(autoencoder_dir).absolute()
+    record = read_record(folder)
+    ckpt = folder / "models" / "model.pt"
+    state = weights_of(safe_load(ckpt))
+    if state_fingerprint(state) != record["weights_sha256"]:
+        raise AutoencoderDirError(
+            f"autoencoder_dir {folder}: models/model.pt does not match models/{RECORD_FILE} (the record was written "
+            "for other weights, so the checkpoint was replaced after training). Train the autoencoder bundle "
+            "again, which rewrites both, or put back the model.pt it wrote."
         )
-    model = getattr(autoencoder_def, "model", autoencoder_def)
-    state = _autoencoder_state(safe_load(path, map_location="cpu"))
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(
-            f"{path} does not fit autoencoder_def ({e}). Set autoencoder_def (channels, res_channels, "
-            "num_res_units, num_embeddings, embedding_dim, spatial_dims, ...) to the values the VQ-VAE was trained "
-            "with: an override --network_def#model#KEY V of the VQ-VAE bundle is --autoencoder_def#KEY V here."
-        ) from None
-    frozen = FrozenAutoencoder(model, latent=latent, snap_to_codebook=snap_to_codebook)
+        network = build_network(record["network_def"])
+        network.load_state_dict(state)
+    except Exception as e:  # a record and checkpoint that disagree, whichever way the build or load fails
+        raise AutoencoderDirError(
+            f"autoencoder_dir {folder}: models/model.pt does not fit the network_def of models/{RECORD_FILE} ({e})."
+        ) from e
+    frozen = FrozenAutoencoder(network, latent, snap_to_codebook, record=record, directory=folder)
+    logger.info(f"loaded the frozen {type(frozen.autoencoder).__name__} of {folder}")
     return frozen.to(device)
+
+
+def recorded_architecture(autoencoder_dir: str | os.PathLike | None, default: nn.Module) -> nn.Module:
+    """The untrained autoencoder network of a stage-1 output folder's record, or ``default`` when the folder has no
+    record (for example a Model Zoo check that builds ``network_def`` from the configs alone).
+
+    Stage-2 networks that carry the decoder (the latent diffusion generator) need its architecture before any
+    weights are loaded; this reads it from ``models/autoencoder.json`` so it is never typed out twice.
+    """
+    if autoencoder_dir is None or not (Path(autoencoder_dir) / "models" / RECORD_FILE).is_file():
+        return default
+    network = build_network(read_record(autoencoder_dir)["network_def"])
+    return getattr(network, "model", network)
+
+
+class Encoded(NamedTuple):
+    """Encodings of a datalist section.
+
+    Attributes:
+        values: latents ``[N, D, *grid]`` (float32) or codes ``[N, *grid]`` (int16); a tuple per level for the
+            codes of a VQ-VAE-2.
+        labels: ``[N]`` int64 labels, ``-1`` where an item has none.
+        paths: the image of each item.
+        image_size: spatial size of the preprocessed images.
+        fingerprint: hash of the weights, encoding, preprocessing and files the values come from.
+        extracted: ``True`` when encoded by this call, ``False`` when read from the cache.
+    """
+
+    values: torch.Tensor | tuple[torch.Tensor, ...]
+    labels: torch.Tensor
+    paths: list[str]
+    image_size: list[int]
+    fingerprint: str
+    extracted: bool
+
+
+def _item_key(item: Mapping[str, Any], image_key: str, label_key: str | None) -> list:
+    image = item[image_key]
+    files = [os.path.abspath(os.fspath(f)) for f in (image if isinstance(image, (list, tuple)) else [image])]
+    stamps = [[os.stat(f).st_size, os.stat(f).st_mtime_ns] if os.path.exists(f) else None for f in files]
+    label = item.get(label_key) if label_key else None
+    return [files, stamps, None if label is None else int(label)]
+
+
+def _encode(
+    autoencoder: FrozenAutoencoder,
+    items: Sequence[Mapping[str, Any]],
+    kind: str,
+    transform: Any,
+    batch_size: int,
+    image_key: str,
+    label_key: str | None,
+    num_workers: int,
+) -> tuple[Any, torch.Tensor, list[int]]:
+    """Values, labels and image size of ``items``, in batches through the frozen autoencoder."""
+    device = autoencoder.device
+    loader = DataLoader(Dataset(list(items), transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    parts: list[Any] = []
+    image_size: list[int] | None = None
+    for batch in loader:
+        images = batch[image_key]
+        size = [int(s) for s in images.shape[2:]]
+        if image_size is not None and size != image_size:
+            raise ValueError(
+                f"images come out of the preprocessing in different sizes ({image_size} and {size}), so they cannot "
+                "be encoded to one size; all images must have one size or the autoencoder a spatial_size."
+            )
+        image_size = size
+        images = images.to(device)
+        if kind == "latents":
+            parts.append(autoencoder.encode(images).cpu())
+        else:
+            out = autoencoder.encode_to_indices(images)
+            parts.append(tuple(o.to("cpu", torch.int16) for o in out) if isinstance(out, tuple) else out.to("cpu", torch.int16))
+    values = tuple(torch.cat(level) for level in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
+    labels = [item.get(label_key) if label_key else None for item in items]
+    return values, torch.tensor([-1 if v is None else int(v) for v in labels], dtype=torch.long), image_size or []
+
+
+def encode_cached(
+    autoencoder: FrozenAutoencoder,
+    items: Sequence[Mapping[str, Any]],
+    kind: str = "codes",
+    cache_path: str | os.PathLike | None = None,
+    transform: Any = None,
+    settings: Any = None,
+    batch_size: int = 16,
+    image_key: str = "image",
+    label_key: str | None = "label",
+    num_workers: int = 0,
+) -> Encoded:
+    """The codes or latents of every item, read from ``cache_path`` when its fingerprint matches, else encoded (in
+    eval mode, the weights checked unchanged afterwards) and written there atomically.
+
+    The fingerprint covers the autoencoder's weights, ``kind`` and latent kind, the preprocessing ``settings``,
+    each file's path, size and modification time, and the labels, so a changed autoencoder, data set or
+    preprocessing is encoded again instead of read stale. Under ``torch.distributed`` rank 0 encodes and writes
+    first; the other ranks then read its file.
+
+    Args:
+        autoencoder: the frozen autoencoder.
+        items: datalist items with ``image_key`` (and ``label_key`` when present).
+        kind: ``"codes"`` (int16 indices, for the prior) or ``"latents"`` (float32, for diffusion).
+        cache_path: the ``.pt`` cache file (read with ``weights_only=True``), or ``None`` to encode in memory.
+        transform: the preprocessing; ``None``: the autoencoder's own (:meth:`FrozenAutoencoder.transforms`).
+        settings: JSON-able description of ``transform`` (required with a ``transform``).
+        batch_size: images per encoder call.
+        image_key: key of the image in the items.
+        label_key: key of the int class label, or ``None`` to ignore labels.
+        num_workers: data loader workers.
+    """
+    if kind not in ENCODINGS:
+        raise ValueError(f"kind must be one of {ENCODINGS}, got {kind!r}.")
+    items = list(items)
+    if not items:
+        raise ValueError("no images to encode: the datalist section is empty.")
+    if transform is None:
+        transform, settings = autoencoder.transforms(), autoencoder.preprocessing
+    elif settings is None:
+        raise ValueError("give the settings that describe a custom transform (they key the cache).")
+    codebooks = autoencoder.num_embeddings
+    if kind == "codes" and max(codebooks if isinstance(codebooks, tuple) else (codebooks,)) > _INT16_MAX_CODES:
+        raise ValueError(f"codes are stored as int16: at most {_INT16_MAX_CODES} codes, got {codebooks}.")
+    spec = {
+        "version": _CACHE_VERSION,
+        "autoencoder": autoencoder.fingerprint,
+        "kind": kind,
+        "latent": autoencoder.latent if kind == "latents" else None,
+        "settings": settings,
+        "items": [_item_key(item, image_key, label_key) for item in items],
+    }
+    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    path = Path(cache_path) if cache_path is not None else None
+    with rank_zero_first():
+        if path is not None and path.is_file():
+            try:
+                cached = safe_load(path)
+            except Exception as e:  # a broken cache is rebuilt, never trusted
+                logger.warning(f"{path}: unreadable cache ({e}); encoding again")
+                cached = None
+            if isinstance(cached, dict) and cached.get("fingerprint") == fingerprint:
+                values = cached["values"]
+                values = tuple(values) if isinstance(values, (list, tuple)) else values
+                logger.info(f"read {len(cached['paths'])} cached {kind} from {path}")
+                return Encoded(values, cached["labels"], list(cached["paths"]), list(cached["image_size"]), fingerprint, False)
+            logger.info(f"{path}: autoencoder, data or preprocessing changed; encoding the {kind} again")
+        start = time.perf_counter()
+        values, labels, image_size = _encode(autoencoder, items, kind, transform, batch_size, image_key, label_key, num_workers)
+        if state_fingerprint(autoencoder.autoencoder) != autoencoder.fingerprint:
+            raise RuntimeError("the autoencoder's weights changed while encoding; its codebook must stay frozen.")
+        paths = [str(_item_key(item, image_key, None)[0]) if isinstance(item[image_key], (list, tuple))
+                 else os.path.abspath(os.fspath(item[image_key])) for item in items]
+        grids = [list(v.shape[1:]) for v in values] if isinstance(values, tuple) else list(values.shape[1:])
+        logger.info(f"encoded {len(items)} images {image_size} -> {kind} {grids} in {time.perf_counter() - start:.1f} s")
+        if path is not None:
+            state = {
+                "version": _CACHE_VERSION,
+                "fingerprint": fingerprint,
+                "kind": kind,
+                "values": list(values) if isinstance(values, tuple) else values,
+                "labels": labels,
+                "paths": paths,
+                "image_size": image_size,
+            }
+            atomic_save(state, path)
+        return Encoded(values, labels, paths, image_size, fingerprint, True)
+

@@ -24,6 +24,7 @@ _USER_ERRORS = (
     "CheckpointError",
     "MissingCheckpointError",
     "UntrustedCheckpointError",
+    "AutoencoderDirError",
 )
 
 

@@ -13,19 +13,14 @@ from monai.inferers import Inferer
 from torch import nn
 
 from vqvae_medical.evaluation.figures import save_image_grid
+from vqvae_medical.stages.frozen import grid_size
 from vqvae_medical.stages.prior.network import prior_of
 from vqvae_medical.stages.prior.sampling import prior_device, sample
 from vqvae_medical.training.checkpoints import atomic_save
 
-__all__ = ["PriorSampleWriter", "PriorSampler", "code_size", "sample_and_decode", "save_samples"]
+__all__ = ["PriorSampleWriter", "PriorSampler", "sample_and_decode", "save_samples"]
 
 logger = logging.getLogger(__name__)
-
-
-def code_size(vqvae: nn.Module, image_size: Sequence[int]) -> list[int]:
-    """Code map size of an image of ``image_size`` through ``vqvae`` (``ceil(size / downsample_factor)``)."""
-    f = int(vqvae.downsample_factor)
-    return [-(-int(s) // f) for s in image_size]
 
 
 def sample_and_decode(
@@ -69,7 +64,7 @@ def sample_and_decode(
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
     device = prior_device(model)
-    h, w = code_size(vqvae, image_size)
+    h, w = grid_size(vqvae, image_size)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     old_threads = torch.get_num_threads()
     if threads is not None and device.type == "cpu":

@@ -9,8 +9,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN
-from vqvae_medical.networks.transformer_prior import TransformerPrior  # noqa: E402
-from vqvae_medical.stages.frozen import model_state_dict  # noqa: E402
+from vqvae_medical.networks.transformer_prior import TransformerPrior
+from vqvae_medical.stages.autoencoder.record import weights_of
 from vqvae_medical.training.checkpoints import safe_load  # noqa: E402
 from vqvae_medical.training.steps import unwrap  # noqa: E402
 
@@ -76,5 +76,5 @@ def load_prior(network: nn.Module, ckpt_path: str | os.PathLike, device: str | t
     ``weights_only=True``; returns ``network`` on ``device`` in eval mode."""
     if not Path(ckpt_path).is_file():
         raise ValueError(f"prior checkpoint {ckpt_path} does not exist. Train the prior first or set ckpt_path.")
-    network.load_state_dict(model_state_dict(safe_load(ckpt_path)))
+    network.load_state_dict(weights_of(safe_load(ckpt_path)))
     return network.to(device).eval()

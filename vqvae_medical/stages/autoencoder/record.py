@@ -1,0 +1,232 @@
+"""The stage-1 record: ``models/autoencoder.json``, what a later stage needs to rebuild and feed the autoencoder.
+
+Written by every autoencoder bundle next to ``models/model.pt``, each time ``model.pt`` is written, as plain JSON
+(atomically): the resolved ``network_def`` (see :mod:`vqvae_medical.networks.config`), the preprocessing settings
+(the same dict the bundle's transforms are built from, so the two cannot disagree), the data settings (data set
+folder or the embedded MNI152 data, layout, split fractions and seed), the size of the images it was validated on,
+and :func:`state_fingerprint` of the weights in ``model.pt``, so that a checkpoint swapped under the record is
+detected. :mod:`vqvae_medical.stages.frozen` reads it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.transforms import Compose
+from torch import nn
+
+from vqvae_medical.data import image_transforms_2d, volume_transforms_3d
+from vqvae_medical.data.lists import training_datalist
+from vqvae_medical.data.volumes import volume_training_datalist
+from vqvae_medical.networks.config import network_config
+from vqvae_medical.training.checkpoints import atomic_write_json, safe_load
+
+__all__ = [
+    "RECORD_FILE",
+    "RECORD_VERSION",
+    "EMBEDDED_DATA",
+    "TRANSFORMS",
+    "state_fingerprint",
+    "weights_of",
+    "preprocessing_transforms",
+    "data_settings",
+    "record_datalist",
+    "write_record",
+    "AutoencoderRecordWriter",
+]
+
+logger = logging.getLogger(__name__)
+
+RECORD_FILE = "autoencoder.json"
+"""File name of the record, in the ``models`` folder next to ``model.pt``."""
+
+RECORD_VERSION = 1
+
+EMBEDDED_DATA = "embedded MNI152"
+"""``data.source`` of a model trained without ``dataset_dir`` (the MNI152 template shipped with nilearn)."""
+
+TRANSFORMS = {"image_transforms_2d": image_transforms_2d, "volume_transforms_3d": volume_transforms_3d}
+"""Transform factories a record may name (``preprocessing.transforms``); a record cannot import anything else."""
+
+
+def state_fingerprint(state: nn.Module | Mapping[str, Any]) -> str:
+    """SHA-256 of a state dict (sorted names, dtypes, shapes and bytes): equal iff the tensors are bit-identical."""
+    state = state.state_dict() if isinstance(state, nn.Module) else state
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key]
+        if not isinstance(t, torch.Tensor):
+            digest.update(f"{key}={t!r}".encode())
+            continue
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def weights_of(state: Any) -> Mapping[str, torch.Tensor]:
+    """The network state dict of a ``model.pt`` (a state dict) or of a training checkpoint (``{"model": ...}``)."""
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping):
+        raise ValueError("a checkpoint must hold a state dict or a {'model': state dict} training checkpoint.")
+    return state
+
+
+def preprocessing_transforms(settings: Mapping[str, Any], **overrides: Any) -> Compose:
+    """The transform chain of a preprocessing dict ``{"transforms": name, **arguments}``.
+
+    The bundle builds its training and validation transforms from this dict and writes the same dict into the
+    record. ``overrides`` add the settings that are not part of the autoencoder's input (``augment``,
+    ``patch_size`` for training).
+    """
+    settings = dict(settings)
+    name = settings.pop("transforms", None)
+    if name not in TRANSFORMS:
+        raise ValueError(f"preprocessing 'transforms' must be one of {sorted(TRANSFORMS)}, got {name!r}.")
+    return TRANSFORMS[name](**settings, **overrides)
+
+
+def data_settings(
+    dataset_dir: str | os.PathLike | None,
+    layout: str = "auto",
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    skip_bad_files: bool = False,
+) -> dict[str, Any]:
+    """The data settings of a run as the record stores them (``dataset_dir`` absolute, or ``None``: embedded)."""
+    embedded = dataset_dir in (None, "", "None")
+    folder = None if embedded else os.path.abspath(os.fspath(dataset_dir))
+    return {
+        "source": EMBEDDED_DATA if embedded else folder,
+        "dataset_dir": folder,
+        "layout": layout,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "skip_bad_files": bool(skip_bad_files),
+    }
+
+
+def record_datalist(
+    spatial_dims: int,
+    channels: int,
+    data: Mapping[str, Any],
+    cache_dir: str | os.PathLike,
+    require_same_size: bool = False,
+    min_size: int | None = None,
+) -> dict[str, list[dict]]:
+    """The training/validation/test datalist of the data settings ``data`` (see :func:`data_settings`), built as the
+    autoencoder bundle built it (2D: ``training_datalist``, where ``min_size`` refuses a folder whose images are all
+    smaller than that; 3D: ``volume_training_datalist``)."""
+    kwargs = {
+        "layout": data.get("layout", "auto"),
+        "val_fraction": data.get("val_fraction", 0.1),
+        "test_fraction": data.get("test_fraction", 0.1),
+        "seed": data.get("seed", 0),
+        "skip_bad": bool(data.get("skip_bad_files", False)),
+        "require_same_size": require_same_size,
+    }
+    if int(spatial_dims) == 3:
+        return volume_training_datalist(data.get("dataset_dir"), cache_dir, channels=channels, **kwargs)
+    return training_datalist(
+        data.get("dataset_dir"), cache_dir, spatial_dims=2, channels=channels, min_size=min_size, **kwargs
+    )
+
+
+
+
+def write_record(
+    model_path: str | os.PathLike,
+    network: nn.Module,
+    preprocessing: Mapping[str, Any],
+    data: Mapping[str, Any],
+    image_size: list[int] | None = None,
+) -> Path:
+    """Write ``<folder of model_path>/autoencoder.json`` for the weights now in ``model_path``.
+
+    Args:
+        model_path: the ``models/model.pt`` just written (its weights are fingerprinted).
+        network: the bundle's ``network_def`` (its recorded architecture is written).
+        preprocessing: the preprocessing dict the bundle's transforms are built from.
+        data: data settings (:func:`data_settings`).
+        image_size: spatial size of the (validation) images the autoencoder was run on.
+    """
+    model_path = Path(model_path)
+    preprocessing = dict(preprocessing)
+    preprocessing_transforms(preprocessing)  # refuse settings a later stage could not rebuild
+    architecture = network_config(network)
+    model = architecture.get("model", architecture)
+    record = {
+        "version": RECORD_VERSION,
+        "model_file": model_path.name,
+        "weights_sha256": state_fingerprint(weights_of(safe_load(model_path))),
+        "network_def": architecture,
+        "spatial_dims": int(model["spatial_dims"]),
+        "preprocessing": preprocessing,
+        "image_size": None if image_size is None else [int(s) for s in image_size],
+        "data": dict(data),
+    }
+    json.dumps(record)  # plain JSON only
+    return atomic_write_json(record, model_path.parent / RECORD_FILE)
+
+
+class AutoencoderRecordWriter:
+    """Writes the record whenever ``model_path`` has been (re)written; attach to the validation evaluator after
+    the handler that saves ``model.pt`` (``BestModelSaver``).
+
+    Args:
+        model_path: ``models/model.pt``.
+        network: the bundle's ``network_def``.
+        preprocessing: the preprocessing dict of the bundle (:func:`preprocessing_transforms`).
+        data: data settings (:func:`data_settings`).
+        image_key: key of the images in the evaluator's batches (their size is recorded).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        network: nn.Module,
+        preprocessing: Mapping[str, Any],
+        data: Mapping[str, Any],
+        image_key: str = "image",
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.network = network
+        self.preprocessing = dict(preprocessing)
+        self.data = dict(data)
+        self.image_key = image_key
+        self._written: tuple[int, int] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.model_path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def __call__(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return  # rank 0 writes model.pt and its record
+        stamp = self._stamp()
+        record = self.model_path.parent / RECORD_FILE
+        if stamp is None or (stamp == self._written and record.is_file()):
+            return
+        batch = engine.state.batch
+        images = batch.get(self.image_key) if isinstance(batch, Mapping) else None
+        size = list(images.shape[2:]) if images is not None else None
+        path = write_record(self.model_path, self.network, self.preprocessing, self.data, size)
+        self._written = stamp
+        logger.info(f"wrote {path}")
