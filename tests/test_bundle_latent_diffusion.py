@@ -104,7 +104,7 @@ def test_train_2d_writes_model_checkpoint_logs_and_samples(trained_2d):
 
 def test_scale_factor_is_inverse_std_of_training_latents_and_stored(trained_2d):
     out, _ = trained_2d
-    (cache,) = (out / "cache").glob("latents_*.pt")
+    cache = out / "cache" / "latents_training.pt"
     latents = LatentSet.load(cache)
     assert latents.latent_shape == [8, SIZE_2D[0] // 4, SIZE_2D[1] // 4]
     expected = 1.0 / latents.latents.double().std().item()
