@@ -177,18 +177,20 @@ def test_model_zoo_verify_net_in_out(tmp_path):
     assert "verified with no error" in proc.stdout + proc.stderr
 
 
-def test_model_zoo_ckpt_export_torchscript_equals_eager(trained_2d, tmp_path):
+def test_model_zoo_ckpt_export_torchscript_equals_eager(trained_2d, brain_2d, tmp_path):
     """``ckpt_export`` compiles the trained generator (``network_def``: the DDIM loop, the UNet and the VQ-VAE
     decoder) in TorchScript script mode; the exported module turns noise into the same images as the eager one
     and as the bundle's sampler, and carries the buffers sampling needs."""
     out, _ = trained_2d
+    _, vq_out, _ = brain_2d
+    tiny = {**TINY, "autoencoder_dir": str(vq_out)}  # the generator's VQ-VAE architecture comes from the record
     ckpt = out / "models" / "model.pt"
     configs = BUNDLES / BUNDLE / "configs"
     files = {"meta_file": str(configs / "metadata.json"), "config_file": str(configs / "inference.json")}
     ts = tmp_path / "model.ts"
-    monai.bundle.ckpt_export("network_def", filepath=str(ts), ckpt_file=str(ckpt), **files, **TINY)
+    monai.bundle.ckpt_export("network_def", filepath=str(ts), ckpt_file=str(ckpt), **files, **tiny)
     exported = torch.jit.load(str(ts))
-    eager = bundle_network(BUNDLE, TINY, ckpt)
+    eager = bundle_network(BUNDLE, tiny, ckpt)
     assert type(eager.diffusion.unet) is DiffusionModelUNet  # scripting compiles a copy; the eager network stays
     noise = torch.randn(2, 8, SIZE_2D[0] // 4, SIZE_2D[1] // 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
