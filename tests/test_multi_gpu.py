@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from bundle_runner import (
+    BUNDLES,
     TINY_VQVAE_2D,
     bundle_network,
     read_metrics,
@@ -35,6 +36,7 @@ DESTROY = "$torch.distributed.destroy_process_group()"
 WRITERS = {
     "CheckpointSaver",
     "BestModelSaver",
+    "AutoencoderRecordWriter",
     "StatsHandler",
     "TensorBoardStatsHandler",
     "TensorBoardImageHandler",
