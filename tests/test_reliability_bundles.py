@@ -447,7 +447,8 @@ def test_vqvae_checkpoint_with_pickled_code_is_refused(bundle, request, tmp_path
     last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
     assert last.startswith(f"ERROR (UntrustedCheckpointError): {evil}: refused to load"), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "out" / "models").exists()
+    # the output folders are created (and checked writable) before anything loads; no checkpoint is written
+    assert not list((tmp_path / "out" / "models").glob("*.pt"))
 
 
 # ------------------------------------------------------------------------------------------ interrupted training
@@ -482,7 +483,7 @@ def test_prior_sigkill_then_rerun_resumes_and_matches_uninterrupted(request, tmp
     rerun = subprocess.run(cmd, cwd=BUNDLES / "pixelcnn_prior", env=env, capture_output=True, text=True, timeout=200)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = rerun.stdout + rerun.stderr
-    assert "resumed from" in log and "cached code maps" in log and "extracted" not in log, log[-3000:]
+    assert "resumed from" in log and "cached codes from" in log and "encoded " not in log, log[-3000:]
     assert (killed / "models" / f"checkpoint_epoch={epochs}.pt").is_file()
     assert not [p.name for p in (killed / "models").iterdir() if p.name.endswith(".tmp")]
 
