@@ -35,6 +35,15 @@ def to_display(image: Any) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
+def _save_figure(fig: Any, path: str | os.PathLike, dpi: int = 90) -> Path:
+    """Write ``fig`` to the PNG ``path`` (folders created) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def mid_slices(volume: Any) -> list[np.ndarray]:
     """Axial, coronal and sagittal mid-slices ``[H, W]`` of ``[C, X, Y, Z]`` (first channel), rotated for display."""
     v = np.asarray(volume.detach().cpu() if hasattr(volume, "detach") else volume, dtype=np.float32)[0]
@@ -207,11 +216,7 @@ def save_evaluation_report(
     ax = fig.add_subplot(grid[-1, :] if curves_row else grid[-1, 2:ncol])
     plot_training_curves(history, ax=ax)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def save_image_grid(path: str | os.PathLike, images: Sequence[Any], ncols: int = 4, titles: Sequence[str] | None = None) -> Path:
@@ -227,11 +232,7 @@ def save_image_grid(path: str | os.PathLike, images: Sequence[Any], ncols: int =
             if titles is not None:
                 ax.set_title(titles[i], fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def save_sample_grid(
@@ -287,8 +288,4 @@ def save_prior_report(
     axes[0].legend(fontsize=7)
     plot_training_curves(history, ax=axes[1])
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)

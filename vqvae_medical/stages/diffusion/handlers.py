@@ -12,7 +12,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import EMAHandler
 from torch import nn
 
-from vqvae_medical.stages.diffusion.sampling import LatentSampler, _save_grid
+from vqvae_medical.evaluation.figures import save_sample_grid
+from vqvae_medical.stages.diffusion.sampling import LatentSampler
 from vqvae_medical.training.checkpoints import atomic_save
 
 __all__ = ["DiffusionEMA", "ModelWriter", "SampleGrid"]
@@ -117,5 +118,5 @@ class SampleGrid:
     def __call__(self, engine: Engine) -> None:
         images, labels = self.sampler.sample(self.n, seed=self.seed)
         path = self.output_dir / f"samples_epoch={engine.state.epoch}.png"
-        _save_grid(path, images, labels)
+        save_sample_grid(path, images, labels)
         logger.info(f"wrote {path}")

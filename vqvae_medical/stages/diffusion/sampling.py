@@ -15,7 +15,7 @@ import torch
 from monai.inferers import DiffusionInferer, Inferer
 from torch import nn
 
-from vqvae_medical.evaluation.figures import save_image_grid
+from vqvae_medical.evaluation.figures import save_sample_grid
 from vqvae_medical.stages.diffusion.generator import LatentDiffusionGenerator
 from vqvae_medical.stages.diffusion.network import PREDICTION_TYPES
 from vqvae_medical.training.checkpoints import atomic_write_json
@@ -155,29 +155,6 @@ class LatentSampler(Inferer):
         return torch.cat(out), labels
 
 
-def _mid_slices(volume: torch.Tensor) -> list[np.ndarray]:
-    v = np.asarray(volume[0], dtype=np.float32)
-    x, y, z = (s // 2 for s in v.shape)
-    return [np.rot90(v[:, :, z])[None], np.rot90(v[:, y, :])[None], np.rot90(v[x, :, :])[None]]
-
-
-def _save_grid(
-    path: Path,
-    images: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    ncols: int | None = None,
-    names: Sequence[str] | None = None,
-) -> Path:
-    names = list(names) if names is not None else [f"#{i}" for i in range(len(images))]
-    if labels is not None:
-        names = [f"{name} class {int(c)}" for name, c in zip(names, labels)]
-    if images.ndim == 5:  # 3D: one row of axial, coronal, sagittal mid-slices per sample
-        tiles = [s for img in images for s in _mid_slices(img)]
-        titles = [f"{name} {v}" for name in names for v in ("ax", "cor", "sag")]
-        return save_image_grid(path, tiles, ncols=3, titles=titles)
-    return save_image_grid(path, list(images), ncols=ncols or min(8, max(1, len(images))), titles=names)
-
-
 def write_samples(
     images: torch.Tensor,
     output_dir: str | os.PathLike,
@@ -205,7 +182,7 @@ def write_samples(
             path = out / f"{prefix}_{i:03d}.nii.gz"
             nib.save(nib.Nifti1Image(data.astype(np.float32), np.diag([*vs, 1.0])), path)
         written.append(path)
-    written.append(_save_grid(out / "samples.png", images, labels))
+    written.append(save_sample_grid(out / "samples.png", images, labels))
     return written
 
 
