@@ -51,6 +51,10 @@ def test_bundle_files(bundle):
     assert "executable code" in readme or "arbitrary code" in readme, "README must warn that configs are code"
 
 
+#: constructor arguments that act only in training (codebook updates, memory), free to differ in inference.json
+TRAINING_ONLY = {"decay", "epsilon", "codebook_init", "dead_code_threshold", "commitment_cost", "use_checkpointing", "ddp_sync"}
+
+
 @pytest.mark.parametrize(
     "bundle, train_id, inference_id",
     [
@@ -64,16 +68,26 @@ def test_bundle_files(bundle):
     ],
 )
 def test_inference_network_matches_training_network(bundle, train_id, inference_id):
-    """train.json and inference.json define the same network, so a trained checkpoint loads for inference."""
+    """train.json and inference.json define the same network (weights and constructor settings, e.g.
+    ``normalize_latents``, which changes the encoder's output but no weight), so a trained checkpoint loads for
+    inference and computes there what it computed in training."""
     from monai.bundle import ConfigParser
 
-    shapes = []
+    from vqvae_medical.networks.config import network_config
+
+    shapes, settings = [], []
     for config, net_id in (("train.json", train_id), ("inference.json", inference_id)):
         parser = ConfigParser()
         parser.read_config(str(BUNDLES / bundle / "configs" / config))
         net = parser.get_parsed_content(net_id)
         shapes.append({k: tuple(v.shape) for k, v in net.state_dict().items()})
+        try:
+            recorded = network_config(getattr(net, "model", net))
+        except ValueError:  # not a recorded class (the prior, the diffusion UNet): the shapes say it all
+            recorded = {}
+        settings.append({k: v for k, v in recorded.items() if k not in TRAINING_ONLY})
     assert shapes[0] == shapes[1]
+    assert settings[0] == settings[1]
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
