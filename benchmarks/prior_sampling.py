@@ -9,6 +9,13 @@ columns either side), cached with :class:`~vqvae_medical.networks.pixelcnn.Pixel
 context over the 1,024 positions), cached with
 :class:`~vqvae_medical.networks.transformer_prior.TransformerPriorCache` (keys and values of past positions).
 
+``--prior hierarchical``: the VQ-VAE-2 prior
+(:class:`~vqvae_medical.stages.prior.hierarchical.HierarchicalPrior`, Razavi et al. 2019): a top gated PixelCNN
+over ``size / 2 x size / 2`` top maps and a bottom gated PixelCNN over ``size x size`` bottom maps conditioned on the
+top codes (embedded and nearest-upsampled), both of the PixelCNN settings above, sampled top then bottom
+(:func:`~vqvae_medical.stages.prior.hierarchical.sample_hierarchical`), each level cached with ``PixelCNNCache``.
+Identical means both levels are.
+
 Either prior samples ``8`` code maps of ``32 x 32`` twice in the same process, from generators seeded alike:
 naively (a full forward pass per position, 1,024 of them) and cached. The samples must be identical. Wall and
 process CPU times (user + system, all threads) are reported; on a shared machine the CPU times are the steadier.
@@ -22,6 +29,7 @@ Usage::
     python benchmarks/prior_sampling.py            # human-readable line
     python benchmarks/prior_sampling.py --json     # {"cached_s": ..., "naive_s": ..., "speedup": ..., "identical": ...}
     python benchmarks/prior_sampling.py --prior transformer --json
+    python benchmarks/prior_sampling.py --prior hierarchical --json   # VQ-VAE-2: top 16 x 16, bottom 32 x 32
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import torch
 
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN
 from vqvae_medical.networks.transformer_prior import TransformerPrior
+from vqvae_medical.stages.prior.hierarchical import HierarchicalPrior, pack_hierarchical_inputs, sample_hierarchical
 from vqvae_medical.stages.prior.sampling import sample
 
 __all__ = ["bench", "main"]
@@ -55,11 +64,14 @@ def bench(
 ) -> dict:
     """Wall and CPU times of cached and naive sampling of ``[batch, size, size]`` code maps, and whether they agree.
 
-    ``kernel_size`` applies to the PixelCNN, ``num_heads`` and ``flash_attention`` to the transformer.
+    ``kernel_size`` applies to the PixelCNN, ``num_heads`` and ``flash_attention`` to the transformer. For
+    ``prior="hierarchical"`` ``size`` is the bottom map's (the top map is half of it).
     """
     torch.manual_seed(seed)
     shape = (batch, size, size)
     model: torch.nn.Module
+    if prior == "hierarchical":
+        return _bench_hierarchical(batch, size, num_embeddings, channels, num_layers, kernel_size, temperature, seed)
     if prior == "pixelcnn":
         model = GatedPixelCNN(2, num_embeddings, channels, num_layers, kernel_size)
     elif prior == "transformer":
@@ -67,7 +79,7 @@ def bench(
             2, num_embeddings, size * size, channels, num_layers, num_heads, use_flash_attention=flash_attention
         )
     else:
-        raise ValueError(f"prior must be 'pixelcnn' or 'transformer', got {prior!r}.")
+        raise ValueError(f"prior must be 'pixelcnn', 'transformer' or 'hierarchical', got {prior!r}.")
     model.eval()
     with torch.no_grad():
         model(torch.zeros(shape, dtype=torch.long))  # warm-up
@@ -92,11 +104,60 @@ def bench(
     }
 
 
+def _timed(fn):
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _bench_hierarchical(
+    batch: int,
+    size: int,
+    num_embeddings: int,
+    channels: int,
+    num_layers: int,
+    kernel_size: int,
+    temperature: float,
+    seed: int,
+) -> dict:
+    """Cached vs naive sampling of ``batch`` VQ-VAE-2 code pairs (top ``size / 2``, bottom ``size``)."""
+    if size % 2:
+        raise ValueError(f"the bottom map size must be even (the top map is half of it), got {size}.")
+    top = GatedPixelCNN(2, num_embeddings, channels, num_layers, kernel_size)
+    bottom = GatedPixelCNN(
+        2, num_embeddings, channels, num_layers, kernel_size, conditioning_num_embeddings=num_embeddings
+    )
+    model = HierarchicalPrior(top, bottom).eval()
+    half = size // 2
+    with torch.no_grad():  # warm-up
+        zeros = torch.zeros(batch, half, half, dtype=torch.long)
+        model(pack_hierarchical_inputs(zeros, torch.zeros(batch, size, size, dtype=torch.long)))
+
+    def run(cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        return sample_hierarchical(model, batch, (half, half), None, temperature, generator, cached)
+
+    cached, cached_s, cached_cpu_s = _timed(lambda: run(True))
+    naive, naive_s, naive_cpu_s = _timed(lambda: run(False))
+    return {
+        "prior": "hierarchical",
+        "top_size": half,
+        "bottom_size": size,
+        "cached_s": round(cached_s, 3),
+        "naive_s": round(naive_s, 3),
+        "speedup": round(naive_s / cached_s, 1),
+        "cached_cpu_s": round(cached_cpu_s, 3),
+        "naive_cpu_s": round(naive_cpu_s, 3),
+        "speedup_cpu": round(naive_cpu_s / cached_cpu_s, 1),
+        "identical": bool(torch.equal(cached[0], naive[0]) and torch.equal(cached[1], naive[1])),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prior", choices=["pixelcnn", "transformer"], default="pixelcnn")
+    parser.add_argument("--prior", choices=["pixelcnn", "transformer", "hierarchical"], default="pixelcnn")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=32, help="code map height and width")
+    parser.add_argument("--size", type=int, default=32, help="code map height and width (hierarchical: bottom map)")
     parser.add_argument("--num-embeddings", type=int, default=512, help="codebook size K")
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--layers", type=int, default=None, help="gated layers / blocks (default 10 / 4)")

@@ -14,6 +14,8 @@ from torch import nn
 
 from vqvae_medical.evaluation.figures import save_image_grid
 from vqvae_medical.stages.frozen import grid_size
+from vqvae_medical.stages.prior.codes import check_codebooks
+from vqvae_medical.stages.prior.hierarchical import LEVELS, HierarchicalPrior, sample_hierarchical
 from vqvae_medical.stages.prior.network import prior_of
 from vqvae_medical.stages.prior.sampling import prior_device, sample
 from vqvae_medical.training.checkpoints import atomic_save
@@ -32,12 +34,16 @@ def sample_and_decode(
     temperature: float = 1.0,
     seed: int = 0,
     threads: int | None = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Draw code maps from the prior (cached ancestral sampling) and decode them with the VQ-VAE.
 
+    A :class:`~vqvae_medical.stages.prior.hierarchical.HierarchicalPrior` draws the top map, then the bottom map
+    given it (:func:`~vqvae_medical.stages.prior.hierarchical.sample_hierarchical`), and the VQ-VAE-2 decodes the
+    pair.
+
     Args:
-        prior: a :class:`PriorNetwork`, :class:`~vqvae_medical.networks.GatedPixelCNN` or
-            :class:`~vqvae_medical.networks.TransformerPrior`.
+        prior: a :class:`PriorNetwork`, :class:`~vqvae_medical.networks.GatedPixelCNN`,
+            :class:`~vqvae_medical.networks.TransformerPrior` or a hierarchical prior.
         vqvae: the autoencoder whose codes the prior models (``decode_from_indices``).
         num_samples: number of samples.
         image_size: decoded image size ``(H, W)``; the code maps are ``ceil(size / f)``.
@@ -48,13 +54,12 @@ def sample_and_decode(
             ``None`` keeps the current setting.
 
     Returns:
-        int64 codes ``[N, h, w]`` and images ``[N, C, H, W]`` clipped to [0, 1], on the CPU.
+        int64 codes ``[N, h, w]`` (a ``(top, bottom)`` pair for a hierarchical prior) and images ``[N, C, H, W]``
+        clipped to [0, 1], on the CPU.
     """
     model = prior_of(prior)
-    if int(model.num_embeddings) != int(vqvae.num_embeddings):
-        raise ValueError(
-            f"the prior models {model.num_embeddings} codes but the VQ-VAE codebook has {vqvae.num_embeddings}."
-        )
+    num_embeddings = list(model.num_embeddings) if isinstance(model, HierarchicalPrior) else model.num_embeddings
+    check_codebooks(vqvae, num_embeddings)
     if model.class_conditioned and class_label is None:
         raise ValueError("this prior is class-conditioned: give a class_label.")
     if model.class_conditioned and not 0 <= int(class_label) < int(model.num_classes):
@@ -64,7 +69,7 @@ def sample_and_decode(
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
     device = prior_device(model)
-    h, w = grid_size(vqvae, image_size)
+    grids = grid_size(vqvae, image_size)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     old_threads = torch.get_num_threads()
     if threads is not None and device.type == "cpu":
@@ -72,14 +77,19 @@ def sample_and_decode(
     was_training = model.training
     model.eval()
     try:
-        codes = sample(model, (num_samples, h, w), class_label, temperature=temperature, generator=generator)
+        if isinstance(model, HierarchicalPrior):
+            codes = sample_hierarchical(model, num_samples, grids[0], class_label, temperature, generator)
+        else:
+            codes = sample(model, (num_samples, *grids), class_label, temperature=temperature, generator=generator)
     finally:
         model.train(was_training)
         torch.set_num_threads(old_threads)
     vq_device = next(vqvae.parameters()).device
     with torch.no_grad():
-        images = vqvae.decode_from_indices(codes.to(vq_device), [int(s) for s in image_size])
-    return codes.cpu(), images.float().clamp(0.0, 1.0).cpu()
+        on_vq = tuple(c.to(vq_device) for c in codes) if isinstance(codes, tuple) else codes.to(vq_device)
+        images = vqvae.decode_from_indices(on_vq, [int(s) for s in image_size])
+    codes = tuple(c.cpu() for c in codes) if isinstance(codes, tuple) else codes.cpu()
+    return codes, images.float().clamp(0.0, 1.0).cpu()
 
 
 class PriorSampler(Inferer):
@@ -107,8 +117,9 @@ class PriorSampler(Inferer):
 
     def sample(
         self, network: nn.Module, num_samples: int, class_label: int | None = None, seed: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes ``[N, h, w]`` and images ``[N, C, H, W]`` (see :func:`sample_and_decode`)."""
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Codes ``[N, h, w]`` (a ``(top, bottom)`` pair for a hierarchical prior) and images ``[N, C, H, W]`` (see
+        :func:`sample_and_decode`)."""
         seed = self.seed if seed is None else int(seed)
         return sample_and_decode(network, self.vqvae, num_samples, self.image_size, class_label, self.temperature, seed)
 
@@ -136,7 +147,8 @@ def save_samples(
     For an unconditioned prior: ``<prefix>.png`` and ``<prefix>_codes.pt``. For a class-conditioned prior, per
     class (``class_label``, or every class when ``None``): ``<prefix>_class<c>.png`` and ``<prefix>_class<c>_codes.pt``,
     plus ``<prefix>.png`` with all classes when there are several. The ``.pt`` files hold ``codes`` (int16
-    ``[N, h, w]``), ``class_label``, ``temperature`` and ``seed`` (``torch.load(weights_only=True)`` reads them).
+    ``[N, h, w]``; for a hierarchical prior ``codes_top`` and ``codes_bottom`` instead), ``class_label``,
+    ``temperature`` and ``seed`` (``torch.load(weights_only=True)`` reads them).
     Class ``c`` is sampled with seed ``seed + c``, so one class gives the same samples alone or with the others.
 
     Returns:
@@ -159,8 +171,9 @@ def save_samples(
         stem = prefix if c is None else f"{prefix}_class{c}"
         name = "" if c is None else (class_names[c] if class_names and c < len(class_names) else f"class {c}")
         written.append(save_image_grid(out / f"{stem}.png", list(images), ncols=ncols))
+        levels = dict(zip([f"codes_{lv}" for lv in LEVELS], codes)) if isinstance(codes, tuple) else {"codes": codes}
         payload = {
-            "codes": codes.to(torch.int16),
+            **{k: v.to(torch.int16) for k, v in levels.items()},
             "class_label": -1 if c is None else c,
             "temperature": float(sampler.temperature),
             "seed": int(seed + (c or 0)),
@@ -169,7 +182,8 @@ def save_samples(
         all_images += list(images)
         titles += [name] + [""] * (len(images) - 1)
         of = "" if c is None else f" of {name}"
-        logger.info(f"sampled {num_samples} code maps {list(codes.shape[1:])}{of} -> {out / stem}.png")
+        shapes = " + ".join(str(list(v.shape[1:])) for v in levels.values())
+        logger.info(f"sampled {num_samples} code maps {shapes}{of} -> {out / stem}.png")
     if len(classes) > 1:
         written.append(save_image_grid(out / f"{prefix}.png", all_images, ncols=max(ncols, 8), titles=titles))
     return written

@@ -1,4 +1,5 @@
-"""The prior's ``network_def``: a one-tensor wrapper of the PixelCNN, and loading it."""
+"""The prior's ``network_def``: a one-tensor wrapper of the PixelCNN, and loading it (the VQ-VAE-2's two-level
+``network_def`` is :class:`~vqvae_medical.stages.prior.hierarchical.HierarchicalPrior`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn  # noqa: E402
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN
 from vqvae_medical.networks.transformer_prior import TransformerPrior
 from vqvae_medical.stages.autoencoder.record import weights_of
+from vqvae_medical.stages.prior.hierarchical import HierarchicalPrior
 from vqvae_medical.training.checkpoints import safe_load  # noqa: E402
 from vqvae_medical.training.steps import unwrap  # noqa: E402
 
@@ -59,14 +61,18 @@ def pack_inputs(codes: torch.Tensor, class_label: torch.Tensor | None = None) ->
     return torch.cat([x, label], dim=1)
 
 
-def prior_of(network: nn.Module) -> GatedPixelCNN | TransformerPrior:
-    """The :class:`GatedPixelCNN` or :class:`TransformerPrior` inside a :class:`PriorNetwork` (or DDP wrapper), or
-    ``network`` itself."""
+def prior_of(network: nn.Module) -> GatedPixelCNN | TransformerPrior | HierarchicalPrior:
+    """The :class:`GatedPixelCNN` or :class:`TransformerPrior` inside a :class:`PriorNetwork` (or DDP wrapper), a
+    :class:`~vqvae_medical.stages.prior.hierarchical.HierarchicalPrior` itself (top and bottom priors of a
+    VQ-VAE-2), or ``network`` itself."""
     network = unwrap(network)
+    if isinstance(network, HierarchicalPrior):
+        return network
     network = getattr(network, "model", network)
     if not isinstance(network, (GatedPixelCNN, TransformerPrior)):
         raise ValueError(
-            f"expected a GatedPixelCNN, a TransformerPrior or a PriorNetwork, got {type(network).__name__}."
+            f"expected a GatedPixelCNN, a TransformerPrior, a PriorNetwork or a HierarchicalPrior, got "
+            f"{type(network).__name__}."
         )
     return network
 

@@ -15,6 +15,7 @@ from ignite.engine import Engine, Events
 
 from vqvae_medical.evaluation.figures import save_prior_report
 from vqvae_medical.networks.quantizers import perplexity
+from vqvae_medical.stages.prior.hierarchical import LEVEL_KEYS, LEVELS
 from vqvae_medical.training.checkpoints import atomic_write_json
 from vqvae_medical.training.handlers import read_history
 
@@ -32,9 +33,14 @@ class PriorEvaluationReport:
     with labels, ``nll_bits_per_code_class<c>``. ``report.png``: the per-map bits-per-code histogram (by class) and
     the training curves from ``history_path``.
 
+    For the hierarchical prior of a VQ-VAE-2 (``num_embeddings`` a ``(top, bottom)`` pair) the same keys cover all
+    codes of both levels (``n_maps`` counts images; the uniform and marginal references are the per-level ones
+    weighted by each level's codes), and each level adds ``nll_bits_per_code_<level>``,
+    ``uniform_bits_per_code_<level>``, ``marginal_bits_per_code_<level>`` and ``n_codes_<level>``.
+
     Args:
         output_dir: folder of the two files.
-        num_embeddings: number of codes ``K``.
+        num_embeddings: number of codes ``K`` (a ``(top, bottom)`` pair for a VQ-VAE-2).
         history_path: the training :class:`~vqvae_medical.training.handlers.MetricsHistory` file.
         class_names: display names of the classes.
     """
@@ -42,12 +48,17 @@ class PriorEvaluationReport:
     def __init__(
         self,
         output_dir: str | os.PathLike,
-        num_embeddings: int,
+        num_embeddings: int | Sequence[int],
         history_path: str | os.PathLike | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
-        self.num_embeddings = int(num_embeddings)
+        if isinstance(num_embeddings, (list, tuple)):
+            if len(num_embeddings) != len(LEVELS):
+                raise ValueError(f"num_embeddings must be one int or a (top, bottom) pair, got {num_embeddings}.")
+            self.levels: dict[str, int] = {lv: int(k) for lv, k in zip(LEVELS, num_embeddings)}
+        else:
+            self.levels = {"": int(num_embeddings)}
         self.history_path = history_path
         self.class_names = list(class_names) if class_names else None
 
@@ -57,42 +68,59 @@ class PriorEvaluationReport:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
-        self.bits: list[float] = []
+        self.bits: dict[str, list[float]] = {lv: [] for lv in self.levels}
         self.labels: list[int] = []
-        self.counts = np.zeros(self.num_embeddings, dtype=np.int64)
-        self.n_codes = 0
+        self.counts = {lv: np.zeros(k, dtype=np.int64) for lv, k in self.levels.items()}
+        self.n_codes = dict.fromkeys(self.levels, 0)
 
     def _collect(self, engine: Engine) -> None:
         out = engine.state.output
-        self.bits += out["nll_bits"].double().cpu().tolist()
         self.labels += out["label"].cpu().tolist()
-        self.n_codes = int(out["n_codes"])
-        self.counts += np.bincount(out["codes"].reshape(-1).cpu().numpy(), minlength=self.num_embeddings)
+        for lv, k in self.levels.items():
+            suffix = f"_{lv}" if lv else ""
+            self.bits[lv] += out[f"nll_bits{suffix}"].double().cpu().tolist()
+            self.n_codes[lv] = int(out[f"n_codes{suffix}"])
+            codes = out[LEVEL_KEYS[lv]] if lv else out["codes"]
+            self.counts[lv] += np.bincount(codes.reshape(-1).cpu().numpy(), minlength=k)
 
     def _name(self, c: int) -> str:
         return self.class_names[c] if self.class_names and 0 <= c < len(self.class_names) else f"class {c}"
 
     def _write(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        bits = np.asarray(self.bits, dtype=np.float64)
+        bits = sum(np.asarray(b, dtype=np.float64) for b in self.bits.values())
         labels = np.asarray(self.labels, dtype=np.int64)
-        uniform = math.log2(self.num_embeddings)
-        nll = float(bits.sum() / (len(bits) * self.n_codes))
+        n_codes = sum(self.n_codes.values())
+        per_level: dict[str, Any] = {}
+        uniform = marginal = 0.0
+        for lv, k in self.levels.items():
+            share = self.n_codes[lv] / n_codes
+            level_marginal = math.log2(float(perplexity(torch.from_numpy(self.counts[lv]).double())))
+            uniform += share * math.log2(k)
+            marginal += share * level_marginal
+            if lv:
+                n_level = len(self.bits[lv]) * self.n_codes[lv]
+                per_level[f"nll_bits_per_code_{lv}"] = float(np.sum(self.bits[lv]) / n_level)
+                per_level[f"uniform_bits_per_code_{lv}"] = math.log2(k)
+                per_level[f"marginal_bits_per_code_{lv}"] = level_marginal
+                per_level[f"n_codes_{lv}"] = int(n_level)
+        nll = float(bits.sum() / (len(bits) * n_codes))
         metrics: dict[str, Any] = {
             "nll_bits_per_code": nll,
             "uniform_bits_per_code": uniform,
-            "marginal_bits_per_code": math.log2(float(perplexity(torch.from_numpy(self.counts).double()))),
+            "marginal_bits_per_code": marginal,
             "nll_fraction_of_uniform": nll / uniform,
             "n_maps": len(bits),
-            "n_codes": int(len(bits) * self.n_codes),
+            "n_codes": int(len(bits) * n_codes),
+            **per_level,
         }
         classes = sorted(int(c) for c in set(labels.tolist()) if c >= 0)
         for c in classes:
-            metrics[f"nll_bits_per_code_class{c}"] = float(bits[labels == c].sum() / ((labels == c).sum() * self.n_codes))
+            metrics[f"nll_bits_per_code_class{c}"] = float(bits[labels == c].sum() / ((labels == c).sum() * n_codes))
             metrics[f"n_maps_class{c}"] = int((labels == c).sum())
         atomic_write_json(metrics, self.output_dir / "metrics.json")
-        per_map = bits / max(self.n_codes, 1)
+        per_map = bits / max(n_codes, 1)
         groups = [(self._name(c), per_map[labels == c]) for c in classes] if classes else [("all", per_map)]
         history = read_history(self.history_path) if self.history_path else []
-        save_prior_report(self.output_dir / "report.png", groups, nll, uniform, metrics["marginal_bits_per_code"], history)
+        save_prior_report(self.output_dir / "report.png", groups, nll, uniform, marginal, history)
         logger.info(f"evaluation: {metrics} -> {self.output_dir}")
