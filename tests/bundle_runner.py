@@ -88,13 +88,14 @@ def run_bundle(
     overrides: Mapping[str, Any] | None = None,
     timeout: float = 600,
     expect_ok: bool = True,
+    threads: int = 2,
 ) -> subprocess.CompletedProcess:
-    """``monai.bundle run`` with one or more config files (later files override earlier ones)."""
+    """``monai.bundle run`` with one or more config files (later files override earlier ones), on ``threads``
+    OpenMP threads."""
     files = [f"configs/{c}" for c in configs]
     config_arg = files[0] if len(files) == 1 else json.dumps(files).replace('"', "'")
-    return monai_bundle(
-        bundle, "run", ["--config_file", config_arg], {"bundle_root": ".", **(overrides or {})}, timeout, expect_ok=expect_ok
-    )
+    overrides = {"bundle_root": ".", **(overrides or {})}
+    return monai_bundle(bundle, "run", ["--config_file", config_arg], overrides, timeout, threads, expect_ok)
 
 
 def torchrun_bundle(

@@ -31,6 +31,7 @@ from vqvae_medical.stages.autoencoder.record import (
     state_fingerprint,
     write_record,
 )
+from vqvae_medical.stages.diffusion.evaluation import evaluate_samples
 from vqvae_medical.stages.diffusion.latents import LatentSet
 from vqvae_medical.stages.diffusion.sampling import LatentSampler
 from vqvae_medical.stages.frozen import load_autoencoder
@@ -156,16 +157,24 @@ def test_inference_2d_writes_png_samples(trained_2d, brain_2d, tmp_path):
     assert info["seconds_per_sample"] > 0 and info["latent_shape"] == [8, 24, 20]
 
 
-def test_evaluate_2d_writes_diversity_and_mmd(trained_2d, brain_2d):
+def test_evaluate_2d_writes_sample_quality_diversity_and_mmd(trained_2d, brain_2d):
     out, _ = trained_2d
     _, _, common = brain_2d
-    run_bundle(BUNDLE, ["train.json", "evaluate.json"], {**common, **TRAIN, "output_dir": out, "n_samples": 4})
+    proc = run_bundle(BUNDLE, ["train.json", "evaluate.json"], {**common, **TRAIN, "output_dir": out, "n_samples": 4})
     metrics = read_metrics(out)
-    assert metrics["n_samples"] == 4 and metrics["n_real"] >= 2
+    # the whole (tiny) test split is the real set: 12 slices, val and test fractions 0.2
+    assert metrics["n_samples"] == metrics["n_generated"] == 4 and 2 <= metrics["n_real"] <= 3
     for key in ("ms_ssim_diversity_samples", "ms_ssim_diversity_real"):
         assert 0.0 <= metrics[key] <= 1.0
+    ratio = metrics["ms_ssim_diversity_samples"] / metrics["ms_ssim_diversity_real"]
+    assert metrics["ms_ssim_diversity_ratio"] == pytest.approx(ratio)
     assert np.isfinite(metrics["mmd"]) and "mmd_real_reference" in metrics
     assert metrics["ms_ssim_kernel_size"] == 5  # fitted to the 96 x 80 images
+    # too few images for the classifier two-sample test: null, the reason, one warning
+    assert metrics["c2st_accuracy"] is None and metrics["c2st_power_blurred_real"] is None
+    assert metrics["c2st_n_per_set"] is None and "at least 64 real and 64 generated" in metrics["c2st_skipped"]
+    assert (proc.stdout + proc.stderr).count("no two-sample test") == 1
+    assert metrics["cpu_seconds_per_sample"] > 0 and metrics["seconds_per_sample"] > 0
     assert (out / "eval" / "samples_vs_real.png").is_file()
 
 
@@ -239,7 +248,8 @@ def test_class_conditioned_training_and_sampling(brain_dir, brain_2d, tmp_path):
     for split, offset in (("train", 0), ("test", 6)):
         for cls, folder in (("AD", "MildDemented"), ("NC", "NonDemented")):
             (root / split / cls).mkdir(parents=True)
-            for f in sorted((brain_dir / "Test" / folder).glob("*.jpg"))[offset : offset + 6]:
+            n = 12 if (split, cls) == ("test", "AD") else 6
+            for f in sorted((brain_dir / "Test" / folder).glob("*.jpg"))[offset : offset + n]:
                 shutil.copy(f, root / split / cls / f.name.replace(" ", "_"))
     overrides = {**common, **TRAIN, "dataset_dir": root, "data_layout": "class", "num_class_embeds": 2, "output_dir": tmp_path / "out", "sample_interval": 0}
     parser = _parse(["train.json"], overrides)
@@ -250,6 +260,11 @@ def test_class_conditioned_training_and_sampling(brain_dir, brain_2d, tmp_path):
     assert labels.tolist() == [0, 1, 0, 1] and list(images.shape) == [4, 1, *SIZE_2D]
     images, labels = parser.get_parsed_content("sampler").sample(2, class_label=1, seed=0)
     assert labels.tolist() == [1, 1]
+    # the evaluate samples the classes in proportion to the test split's labels (12 AD, 6 NC test slices here)
+    test = parser.get_parsed_content("datalist")["test"]
+    sampler, preprocessing = parser.get_parsed_content("sampler"), parser.get_parsed_content("preprocessing")
+    metrics = evaluate_samples(sampler, test, preprocessing, tmp_path / "eval", n_samples=6, power_check=False)
+    assert metrics["samples_per_class"] == {"0": 4, "1": 2} and metrics["c2st_accuracy"] is None
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +317,6 @@ def test_3d_train_inference_evaluate(ixi_3d, tmp_path):
 
     run_bundle(BUNDLE, ["train.json", "3d.json", "evaluate.json"], {**train, "n_samples": 2})
     metrics = read_metrics(out)
-    assert metrics["n_samples"] == 2 and metrics["n_real"] == 2
+    assert metrics["n_samples"] == 2 and metrics["n_real"] == 2 and metrics["c2st_accuracy"] is None
     assert 0.0 <= metrics["ms_ssim_diversity_samples"] <= 1.0 and 0.0 <= metrics["ms_ssim_diversity_real"] <= 1.0
     assert (metrics["ms_ssim_kernel_size"], len(metrics["ms_ssim_weights"])) == (3, 4)

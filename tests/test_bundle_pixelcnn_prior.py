@@ -18,8 +18,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vqvae_medical.networks import GatedPixelCNN, prior_cross_entropy
+from vqvae_medical.stages.frozen import load_autoencoder
 from vqvae_medical.stages.prior.codes import CodeMapDataset
-from vqvae_medical.stages.prior.network import PriorNetwork, pack_inputs
+from vqvae_medical.stages.prior.generate import PriorSampler
+from vqvae_medical.stages.prior.network import PriorNetwork, load_prior, pack_inputs
+from vqvae_medical.stages.prior.report import evaluate_prior_samples
 from vqvae_medical.stages.prior.steps import PriorTrainStep
 
 BUNDLE = "pixelcnn_prior"
@@ -94,9 +97,9 @@ def test_resume_reads_the_cache_and_continues(trained):
     assert "-> codes" not in log, "the second run encoded the code maps again"
 
 
-def test_evaluate_writes_bits_per_code(trained):
+def test_evaluate_writes_bits_per_code_and_sample_quality(trained):
     out = trained["out"]
-    run_bundle(BUNDLE, ["train.json", "evaluate.json"], trained["common"])
+    proc = run_bundle(BUNDLE, ["train.json", "evaluate.json"], {**trained["common"], "n_samples": 6}, threads=1)
     metrics = read_metrics(out)
     assert metrics["uniform_bits_per_code"] == pytest.approx(math.log2(16))
     assert metrics["n_maps"] >= 2 and metrics["n_codes"] == metrics["n_maps"] * 64
@@ -105,6 +108,19 @@ def test_evaluate_writes_bits_per_code(trained):
     assert 0.0 <= metrics["marginal_bits_per_code"] <= 4.0
     assert (out / "eval" / "report.png").is_file()
     assert (out / "cache" / "codes_test.pt").is_file()
+    # sample quality next to the bits per code: the whole (tiny) test split is the real set
+    assert metrics["n_samples"] == metrics["n_generated"] == 6 and metrics["n_real"] == metrics["n_maps"]
+    test_labels = torch.load(out / "cache" / "codes_test.pt", weights_only=True)["labels"].tolist()
+    per_class = {str(c): round(6 * test_labels.count(c) / len(test_labels)) for c in set(test_labels)}
+    assert metrics["samples_per_class"] == {c: k for c, k in per_class.items() if k}  # in proportion to the test split
+    for key in ("ms_ssim_diversity_samples", "ms_ssim_diversity_real"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["c2st_accuracy"] is None and metrics["c2st_power_blurred_real"] is None
+    assert "at least 64 real and 64 generated" in metrics["c2st_skipped"]
+    assert (proc.stdout + proc.stderr).count("no two-sample test") == 1
+    assert metrics["cpu_seconds_per_sample"] > 0 and metrics["seconds_per_sample"] > 0
+    grid = Image.open(out / "eval" / "samples_vs_real.png")
+    assert grid.size[0] > 100
 
 
 def test_inference_samples_each_class_and_decodes(trained, tmp_path):
@@ -180,3 +196,76 @@ def test_prior_step_learns_the_cached_codes(trained):
     trainer.run()
     assert losses[0] > 3.0
     assert losses[-1] < 0.75 * losses[0], losses[::4]
+
+
+def test_evaluation_samples_are_seeded_and_leave_the_global_rng(trained, tmp_path):
+    """The evaluate's samples (and every metric on them) depend on ``seed`` only; torch's global random state is
+    the same afterwards, so sampling cannot change what the evaluator computed or what runs after it."""
+    autoencoder = load_autoencoder(trained["common"]["autoencoder_dir"])
+    prior = load_prior(PriorNetwork(GatedPixelCNN(2, 16, 8, 2, num_classes=2)), trained["out"] / "models" / "model.pt")
+    sampler = PriorSampler(autoencoder, autoencoder.image_size)
+    test = autoencoder.datalist(tmp_path / "cache")["test"]
+    rng = torch.get_rng_state()
+    transform = autoencoder.transforms()
+    runs = [
+        evaluate_prior_samples(sampler, prior, test, transform, tmp_path / f"run{i}", 4, seed, merge=False)
+        for i, seed in enumerate((0, 0, 1))
+    ]
+    assert torch.equal(torch.get_rng_state(), rng)
+    drop = ("seconds_per_sample", "cpu_seconds_per_sample")
+    same = [{k: v for k, v in run.items() if k not in drop} for run in runs]
+    assert same[0] == same[1]
+    assert same[0]["ms_ssim_diversity_samples"] != same[2]["ms_ssim_diversity_samples"]
+
+
+TRANSFORMER = {"num_embeddings": 16, "channels": 8, "num_layers": 1, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def brain_transformer(tmp_path_factory, brain_files, real_folder):
+    """150 real brain slices (32 x 32 centre crops), 90 % of them in the test split; a tiny vqvae_2d and a tiny
+    transformer prior (``transformer.json``) trained one epoch each on the rest."""
+    data = real_folder(brain_files(150), tmp_path_factory.mktemp("slices"))
+    vq_out = tmp_path_factory.mktemp("vqvae_brain")
+    split = {"val_fraction": 0.05, "test_fraction": 0.9}
+    vq = {**VQ_TINY, **split, "in_channels": 1, "dataset_dir": data, "data_layout": "folder", "spatial_size": SIZE}
+    run_bundle("vqvae_2d", ["train.json"], {**vq, "output_dir": vq_out, "batch_size": 4, "max_epochs": 1}, threads=1)
+    out = tmp_path_factory.mktemp("transformer")
+    common = {**TRANSFORMER, "autoencoder_dir": vq_out, "output_dir": out, "batch_size": 4}
+    train = run_bundle(BUNDLE, ["train.json", "transformer.json"], {**common, "max_epochs": 1}, threads=1)
+    return {"out": out, "common": common, "train": train}
+
+
+def test_transformer_overlay_trains_a_transformer_over_the_code_map(brain_transformer):
+    out = brain_transformer["out"]
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert not any("gated" in k or "v_stack" in k for k in state)
+    # max_seq_len: the 8 x 8 code map of the autoencoder's 32 x 32 images; 16 codes + 1 start token
+    assert tuple(state["model.transformer.position_embeddings.embedding.weight"].shape) == (64, 8)
+    assert tuple(state["model.transformer.token_embeddings.weight"].shape) == (17, 8)
+    assert len({k.split(".")[3] for k in state if k.startswith("model.transformer.blocks.")}) == 1
+
+
+def test_transformer_overlay_evaluates_with_a_two_sample_test(brain_transformer):
+    """With at least 128 test images the evaluate runs the two-sample test and its power check: real numbers."""
+    out = brain_transformer["out"]
+    configs = ["train.json", "transformer.json", "evaluate.json"]
+    c2st = {"image_size": 32, "epochs": 5, "n_folds": 2, "channels": [8, 16]}  # fast: only the plumbing is tested
+    run_bundle(BUNDLE, configs, {**brain_transformer["common"], "n_samples": 64, "c2st_settings": c2st}, threads=1)
+    metrics = read_metrics(out)
+    assert 0.0 < metrics["nll_bits_per_code"] < 10.0 and metrics["n_maps"] >= 128
+    assert metrics["n_real"] == 128 and metrics["n_generated"] == 64 and metrics["c2st_n_per_set"] == 64
+    assert 0.0 <= metrics["c2st_accuracy"] <= 1.0 and 0.0 <= metrics["c2st_power_blurred_real"] <= 1.0
+    assert "c2st_skipped" not in metrics and "c2st_power_skipped" not in metrics
+    assert metrics["samples_per_class"] is None and metrics["cpu_seconds_per_sample"] > 0
+    assert (out / "eval" / "samples_vs_real.png").is_file()
+
+
+def test_transformer_overlay_inference(brain_transformer, tmp_path):
+    common = brain_transformer["common"]
+    ckpt = brain_transformer["out"] / "models" / "model.pt"
+    overrides = {**TRANSFORMER, "autoencoder_dir": common["autoencoder_dir"], "output_dir": tmp_path, "ckpt_path": ckpt}
+    run_bundle(BUNDLE, ["inference.json", "transformer.json"], {**overrides, "num_samples": 3}, threads=1)
+    saved = torch.load(tmp_path / "inference" / "samples_codes.pt", weights_only=True)
+    assert saved["codes"].shape == (3, 8, 8) and 0 <= int(saved["codes"].min()) and int(saved["codes"].max()) < 16
+    assert Image.open(tmp_path / "inference" / "samples.png").size[0] > 100

@@ -26,6 +26,7 @@ from vqvae_medical.stages.autoencoder.record import (
 from vqvae_medical.stages.frozen import (
     AutoencoderDirError,
     FrozenAutoencoder,
+    code_map_positions,
     encode_cached,
     grid_size,
     load_autoencoder,
@@ -124,6 +125,11 @@ def test_grid_size_matches_the_code_maps():
         assert grid_size(vq2, size) == (list(top.shape[1:]), list(bottom.shape[1:]))
     assert grid_size(vq, [30, 45]) == [8, 12]
     assert grid_size(vq2, [30, 45]) == ([4, 6], [8, 12])
+    # the sequence length of a transformer prior: the positions of the (largest) code map
+    assert code_map_positions(vq, [30, 45]) == code_map_positions(vq2, [30, 45]) == 96
+    assert code_map_positions(FrozenAutoencoder(vq, record={"image_size": [64, 64]})) == 256
+    with pytest.raises(ValueError, match="set image_size"):
+        code_map_positions(vq)
 
 
 def test_not_a_stage_one_folder_names_the_folder_and_what_is_missing(tmp_path):

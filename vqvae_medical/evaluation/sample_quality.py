@@ -35,6 +35,7 @@ __all__ = [
     "blur_images",
     "c2st_accuracy",
     "ms_ssim_diversity",
+    "diversity_pair",
     "sample_quality",
 ]
 
@@ -211,6 +212,22 @@ def ms_ssim_diversity(
     return pairwise_ms_ssim(images.detach().float().cpu(), images.ndim - 2, kernel_size, weights)
 
 
+def diversity_pair(
+    real: torch.Tensor,
+    generated: torch.Tensor,
+    max_images: int = 32,
+    seed: int = 0,
+    kernel_size: int | None = None,
+    weights: Sequence[float] | None = None,
+) -> dict[str, float]:
+    """``ms_ssim_diversity_samples`` and ``ms_ssim_diversity_real``: :func:`ms_ssim_diversity` of ``generated`` and
+    of ``real`` with the same ``max_images``, ``seed``, kernel size and weights (lower is more diverse)."""
+    return {
+        "ms_ssim_diversity_samples": ms_ssim_diversity(generated, max_images, seed, kernel_size, weights),
+        "ms_ssim_diversity_real": ms_ssim_diversity(real, max_images, seed, kernel_size, weights),
+    }
+
+
 def sample_quality(
     real: torch.Tensor,
     generated: torch.Tensor,
@@ -218,6 +235,8 @@ def sample_quality(
     power_check: bool = True,
     power_blur_sigma: float = 1.0,
     max_diversity_images: int = 32,
+    ms_ssim_kernel_size: int | None = None,
+    ms_ssim_weights: Sequence[float] | None = None,
     **c2st_kwargs,
 ) -> dict[str, float | int | None]:
     """The sample-quality yardstick of every generative bundle: generated images against held-out real images
@@ -240,6 +259,8 @@ def sample_quality(
             ``2 * MIN_C2ST_IMAGES`` real images; adds about half the time).
         power_blur_sigma: Gaussian sigma of the power check, in pixels of the given images.
         max_diversity_images: images per set for the pairwise MS-SSIM.
+        ms_ssim_kernel_size: MS-SSIM kernel size, default fitted to the image size.
+        ms_ssim_weights: MS-SSIM scale weights, default fitted to the image size.
         c2st_kwargs: passed to :func:`c2st_accuracy`.
     """
     _check_pair(real, generated)
@@ -256,8 +277,7 @@ def sample_quality(
     return {
         "c2st_accuracy": c2st_accuracy(real, generated, seed=seed, **c2st_kwargs),
         "c2st_power_blurred_real": power,
-        "ms_ssim_diversity_samples": ms_ssim_diversity(generated, max_diversity_images, seed),
-        "ms_ssim_diversity_real": ms_ssim_diversity(real, max_diversity_images, seed),
+        **diversity_pair(real, generated, max_diversity_images, seed, ms_ssim_kernel_size, ms_ssim_weights),
         "n_real": int(len(real)),
         "n_generated": int(len(generated)),
         "c2st_n_per_set": int(min(len(real), len(generated))),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "ENCODINGS",
     "read_record",
     "grid_size",
+    "code_map_positions",
     "FrozenAutoencoder",
     "load_autoencoder",
     "Encoded",
@@ -113,6 +115,27 @@ def grid_size(autoencoder: nn.Module, image_size: Sequence[int]) -> list[int] | 
     if factors is None:
         return [p // pad for p in padded]
     return tuple([p // int(f) for p in padded] for f in factors)
+
+
+def code_map_positions(autoencoder: nn.Module, image_size: Sequence[int] | None = None) -> int:
+    """Number of positions ``h * w`` of the largest code map of an image of ``image_size`` (the single map of a
+    VQ-VAE, the bottom map of a VQ-VAE-2): the sequence length a transformer prior over those codes needs
+    (its ``max_seq_len``).
+
+    Args:
+        autoencoder: the (frozen) autoencoder.
+        image_size: image size; ``None`` for the size the autoencoder was validated on (its record's ``image_size``).
+    """
+    if image_size is None:
+        image_size = getattr(autoencoder, "image_size", None)
+    if image_size is None:
+        raise ValueError(
+            "image_size is unknown: the autoencoder's record has no image_size (it was trained with spatial_size "
+            "null on images of several sizes); set image_size."
+        )
+    grids = grid_size(autoencoder, image_size)
+    grids = grids if isinstance(grids, tuple) else (grids,)
+    return max(math.prod(int(s) for s in g) for g in grids)
 
 
 class FrozenAutoencoder(nn.Module):

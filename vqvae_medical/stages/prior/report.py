@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from torch import nn
 
 from vqvae_medical.evaluation.figures import save_prior_report
+from vqvae_medical.evaluation.sample_report import (
+    load_real_images,
+    real_image_count,
+    sample_classes,
+    save_samples_vs_real,
+    score_samples,
+)
 from vqvae_medical.networks.quantizers import perplexity
 from vqvae_medical.stages.prior.hierarchical import LEVEL_KEYS, LEVELS
+from vqvae_medical.stages.prior.network import prior_of
 from vqvae_medical.training.checkpoints import atomic_write_json
 from vqvae_medical.training.handlers import read_history
 
-__all__ = ["PriorEvaluationReport"]
+__all__ = ["PriorEvaluationReport", "PriorSampleQuality", "evaluate_prior_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +135,140 @@ class PriorEvaluationReport:
         history = read_history(self.history_path) if self.history_path else []
         save_prior_report(self.output_dir / "report.png", groups, nll, uniform, marginal, history)
         logger.info(f"evaluation: {metrics} -> {self.output_dir}")
+
+
+def evaluate_prior_samples(
+    sampler: Any,
+    prior: nn.Module,
+    real_data: Sequence[Mapping[str, Any]],
+    transform: Any,
+    output_dir: str | os.PathLike,
+    n_samples: int = 128,
+    seed: int = 0,
+    power_check: bool = True,
+    c2st_settings: Mapping[str, Any] | None = None,
+    image_key: str = "image",
+    label_key: str | None = "label",
+    merge: bool = True,
+) -> dict[str, Any]:
+    """Sample ``n_samples`` images from the prior, score them against held-out real images and add the
+    sample-quality keys to ``<output_dir>/metrics.json`` (plus ``samples_vs_real.png``).
+
+    The keys are those of :func:`~vqvae_medical.evaluation.sample_report.score_samples` (shared with the latent
+    diffusion bundle), plus ``n_samples``, ``samples_per_class`` (class-conditioned prior), ``seconds_per_sample``
+    and ``cpu_seconds_per_sample`` (process CPU time of sampling and decoding, per image). The real images are
+    :func:`~vqvae_medical.evaluation.sample_report.real_image_count` items of ``real_data`` drawn with ``seed``,
+    through ``transform`` (the frozen autoencoder's preprocessing). A class-conditioned prior samples the classes in
+    proportion to the labels of ``real_data`` (equally when none is in range); class ``c`` is drawn with seed
+    ``seed + c``, as :func:`~vqvae_medical.stages.prior.generate.save_samples` does, so the samples are reproducible.
+
+    Args:
+        sampler: a :class:`~vqvae_medical.stages.prior.generate.PriorSampler` (its ``sample`` returns codes and
+            images ``[N, C, H, W]`` in [0, 1]).
+        prior: the trained prior (``network_def``).
+        real_data: datalist items of the held-out real images (the test section).
+        transform: their preprocessing.
+        output_dir: the evaluation folder.
+        n_samples: images to generate (at least 2).
+        seed: sampling and selection seed.
+        power_check: run the two-sample test's power check when there are enough real images.
+        c2st_settings: keyword arguments of :func:`~vqvae_medical.evaluation.sample_quality.c2st_accuracy`.
+        image_key: key of the images in ``real_data``.
+        label_key: key of the class labels in ``real_data``.
+        merge: add to the ``metrics.json`` of the same run (the bits per code) instead of replacing it.
+    """
+    if n_samples < 2:
+        raise ValueError(f"n_samples must be at least 2 for pairwise diversity, got {n_samples}.")
+    if len(real_data) < 2:
+        raise ValueError(f"at least two real images are needed, the test section has {len(real_data)}.")
+    real = load_real_images(real_data, transform, real_image_count(len(real_data), n_samples), image_key, seed)
+    model = prior_of(prior)
+    groups: list[tuple[int | None, int]] = [(None, int(n_samples))]
+    if model.class_conditioned:
+        labels = [item.get(label_key) for item in real_data] if label_key else []
+        classes = sample_classes(labels, int(n_samples), int(model.num_classes))
+        groups = [(int(c), int((classes == c).sum())) for c in classes.unique()]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    samples = torch.cat([sampler.sample(prior, k, c, seed + (c or 0))[1] for c, k in groups])
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    metrics = score_samples(real, samples, seed, power_check, c2st_settings=c2st_settings)
+    metrics.update(
+        {
+            "n_samples": int(n_samples),
+            "samples_per_class": {str(c): k for c, k in groups} if model.class_conditioned else None,
+            "seconds_per_sample": seconds / n_samples,
+            "cpu_seconds_per_sample": cpu_seconds / n_samples,
+        }
+    )
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "metrics.json"
+    earlier = json.loads(path.read_text()) if merge and path.is_file() else {}
+    atomic_write_json({**earlier, **metrics}, path)
+    save_samples_vs_real(out / "samples_vs_real.png", samples, real)
+    logger.info(
+        f"sampled {n_samples} images in {seconds:.1f} s ({cpu_seconds / n_samples:.3f} CPU-s per image); "
+        f"sample quality: {metrics} -> {output_dir}"
+    )
+    return metrics
+
+
+class PriorSampleQuality:
+    """When the prior's evaluator completes (after :class:`PriorEvaluationReport` wrote ``metrics.json``), samples
+    ``n_samples`` images and adds the sample-quality keys to ``metrics.json`` (:func:`evaluate_prior_samples`).
+
+    The sampler has its own seeded generator and the two-sample test a private random state: the evaluator's
+    metrics and the global random state are untouched.
+
+    Args:
+        output_dir: the evaluation folder.
+        sampler: a :class:`~vqvae_medical.stages.prior.generate.PriorSampler`.
+        prior: the prior the evaluator runs (its weights are loaded when the evaluator starts).
+        real_data: datalist items of the held-out real images.
+        transform: their preprocessing (the frozen autoencoder's ``transforms()``).
+        n_samples: images to generate; ``0`` disables the handler.
+        seed: sampling and selection seed.
+        power_check: run the power check when there are enough real images.
+        c2st_settings: keyword arguments of :func:`~vqvae_medical.evaluation.sample_quality.c2st_accuracy`.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        sampler: Any,
+        prior: nn.Module,
+        real_data: Sequence[Mapping[str, Any]],
+        transform: Any,
+        n_samples: int = 128,
+        seed: int = 0,
+        power_check: bool = True,
+        c2st_settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        if n_samples == 1 or n_samples < 0:
+            raise ValueError(f"n_samples must be 0 (no sampling) or at least 2, got {n_samples}.")
+        self.output_dir = output_dir
+        self.sampler = sampler
+        self.prior = prior
+        self.real_data = real_data
+        self.transform = transform
+        self.n_samples = int(n_samples)
+        self.seed = int(seed)
+        self.power_check = bool(power_check)
+        self.c2st_settings = dict(c2st_settings or {})
+
+    def attach(self, engine: Engine) -> None:
+        if self.n_samples > 0:
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        evaluate_prior_samples(
+            self.sampler,
+            self.prior,
+            self.real_data,
+            self.transform,
+            self.output_dir,
+            self.n_samples,
+            self.seed,
+            self.power_check,
+            self.c2st_settings,
+        )
