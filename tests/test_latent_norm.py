@@ -49,3 +49,72 @@ def test_vqvae2_normalises_both_levels_and_scripts():
     assert torch.allclose(z_top.norm(dim=1), torch.full_like(z_top[:, 0], 2.0), atol=1e-4)
     assert torch.allclose(z_bottom.norm(dim=1), torch.full_like(z_bottom[:, 0], 6**0.5), atol=1e-4)
     assert_scripted_equals_eager(ReconstructionNetwork(net).eval(), x)  # the Model Zoo's export path
+
+
+def _recorded_model(folder, **kwargs):
+    """A tiny vqvae_2d network saved as ``folder/models/model.pt`` with its stage-1 record."""
+    from vqvae_medical.stages.autoencoder.record import write_record
+
+    torch.manual_seed(0)
+    net = ReconstructionNetwork(
+        VQVAE(2, 1, channels=(8, 16), res_channels=(8, 8), num_res_units=1, num_embeddings=16, embedding_dim=8, **kwargs)
+    )
+    models = folder / "models"
+    models.mkdir(parents=True)
+    torch.save(net.state_dict(), models / "model.pt")
+    write_record(models / "model.pt", net, {"transforms": "image_transforms_2d", "channels": 1}, {"source": "test"})
+    return models / "model.pt"
+
+
+def test_a_network_that_differs_from_the_record_in_a_shape_free_setting_is_refused(tmp_path):
+    from vqvae_medical.stages.autoencoder.record import RecordMismatchError, check_against_record
+
+    model_pt = _recorded_model(tmp_path, normalize_latents=False)
+    small = {"channels": (8, 16), "res_channels": (8, 8), "num_res_units": 1, "num_embeddings": 16, "embedding_dim": 8}
+    same = ReconstructionNetwork(VQVAE(2, 1, normalize_latents=False, decay=0.5, **small))  # decay: training only
+    check_against_record(same, model_pt)
+    other = ReconstructionNetwork(VQVAE(2, 1, normalize_latents=True, **small))
+    other.load_state_dict(torch.load(model_pt, weights_only=True))  # the weights fit: only the record can tell
+    with pytest.raises(RecordMismatchError, match=r"normalize_latents=false \(config: true\).*--network_def#model#normalize_latents false"):
+        check_against_record(other, model_pt)
+
+
+def test_a_record_written_before_the_setting_existed_means_its_default(tmp_path):
+    import json
+
+    from vqvae_medical.stages.autoencoder.record import RecordMismatchError, check_against_record
+
+    model_pt = _recorded_model(tmp_path)
+    record = model_pt.parent / "autoencoder.json"
+    data = json.loads(record.read_text())
+    del data["network_def"]["model"]["normalize_latents"]  # as 0.3.0 wrote it
+    record.write_text(json.dumps(data))
+    small = {"channels": (8, 16), "res_channels": (8, 8), "num_res_units": 1, "num_embeddings": 16, "embedding_dim": 8}
+    check_against_record(ReconstructionNetwork(VQVAE(2, 1, **small)), model_pt)
+    with pytest.raises(RecordMismatchError):
+        check_against_record(ReconstructionNetwork(VQVAE(2, 1, normalize_latents=True, **small)), model_pt)
+
+
+def test_inference_bundle_stops_with_one_line_on_a_model_trained_without_normalised_latents(tmp_path, brain_files):
+    """The vqvae_2d inference config (normalize_latents true) on a model whose record says false: one line naming
+    the override, no traceback, no output written."""
+    import shutil
+
+    from bundle_runner import run_bundle
+
+    model_pt = _recorded_model(tmp_path / "run", normalize_latents=False)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(brain_files(1)[0], inputs)
+    overrides = {"input_dir": inputs, "output_dir": tmp_path / "run", "ckpt_path": model_pt, "num_embeddings": 16,
+                 "embedding_dim": 8, "network_def#model#channels": [8, 16], "network_def#model#res_channels": [8, 8],
+                 "network_def#model#num_res_units": 1, "device": "cpu"}
+    refused = run_bundle("vqvae_2d", ["inference.json"], overrides, expect_ok=False, threads=1)
+    assert refused.returncode != 0
+    assert "Traceback" not in refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "RecordMismatchError" in last and "--network_def#model#normalize_latents false" in last, last
+    assert not list((tmp_path / "run" / "inference").glob("**/*.png"))
+    ok = run_bundle("vqvae_2d", ["inference.json"], {**overrides, "network_def#model#normalize_latents": False}, threads=1)
+    assert ok.returncode == 0
+    assert len(list((tmp_path / "run" / "inference").glob("**/*_recon.png"))) == 1

@@ -51,10 +51,6 @@ def test_bundle_files(bundle):
     assert "executable code" in readme or "arbitrary code" in readme, "README must warn that configs are code"
 
 
-#: constructor arguments that act only in training (codebook updates, memory), free to differ in inference.json
-TRAINING_ONLY = {"decay", "epsilon", "codebook_init", "dead_code_threshold", "commitment_cost", "use_checkpointing", "ddp_sync"}
-
-
 @pytest.mark.parametrize(
     "bundle, train_id, inference_id",
     [
@@ -73,7 +69,7 @@ def test_inference_network_matches_training_network(bundle, train_id, inference_
     inference and computes there what it computed in training."""
     from monai.bundle import ConfigParser
 
-    from vqvae_medical.networks.config import network_config
+    from vqvae_medical.networks.config import TRAINING_ONLY, network_config
 
     shapes, settings = [], []
     for config, net_id in (("train.json", train_id), ("inference.json", inference_id)):

@@ -16,9 +16,16 @@ from typing import Any, TypeVar
 from monai.bundle import ConfigParser
 from torch import nn
 
-__all__ = ["recorded", "network_config", "build_network"]
+__all__ = ["TRAINING_ONLY", "recorded", "network_config", "build_network"]
 
 _ATTR = "_constructor_config"
+
+#: constructor arguments that act only in training (codebook updates, memory, memory format): two definitions that
+#: differ only in these compute the same function of the same weights
+TRAINING_ONLY = frozenset(
+    {"decay", "epsilon", "codebook_init", "dead_code_threshold", "commitment_cost", "use_checkpointing", "ddp_sync",
+     "channels_last", "kmeans_iters", "usage_window", "max_chunk_bytes"}
+)
 T = TypeVar("T", bound=type)
 
 

@@ -25,6 +25,7 @@ _USER_ERRORS = (
     "MissingCheckpointError",
     "UntrustedCheckpointError",
     "AutoencoderDirError",
+    "RecordMismatchError",
 )
 
 

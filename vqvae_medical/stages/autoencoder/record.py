@@ -26,8 +26,8 @@ from torch import nn
 from vqvae_medical.data import image_transforms_2d, volume_transforms_3d
 from vqvae_medical.data.lists import training_datalist
 from vqvae_medical.data.volumes import volume_training_datalist
-from vqvae_medical.networks.config import network_config
-from vqvae_medical.training.checkpoints import atomic_write_json, safe_load
+from vqvae_medical.networks.config import TRAINING_ONLY, build_network, network_config
+from vqvae_medical.training.checkpoints import CheckpointError, LoadWeights, atomic_write_json, safe_load
 
 __all__ = [
     "RECORD_FILE",
@@ -41,6 +41,9 @@ __all__ = [
     "record_datalist",
     "write_record",
     "AutoencoderRecordWriter",
+    "RecordMismatchError",
+    "check_against_record",
+    "LoadRecordedWeights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -230,3 +233,60 @@ class AutoencoderRecordWriter:
         path = write_record(self.model_path, self.network, self.preprocessing, self.data, size)
         self._written = stamp
         logger.info(f"wrote {path}")
+
+
+class RecordMismatchError(CheckpointError):
+    """The network a config builds computes something else than the one ``models/autoencoder.json`` recorded."""
+
+
+def _settings(architecture: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor settings that change what the network computes, defaults of today's code applied (a record
+    written before a setting existed gets that setting's default, which is what its network computed)."""
+    config = network_config(build_network(architecture))
+    inner = config.get("model", config)
+    return {k: v for k, v in inner.items() if k not in TRAINING_ONLY}
+
+
+def check_against_record(network: nn.Module, model_path: str | os.PathLike) -> None:
+    """Refuse to run ``network`` with the weights of ``model_path`` when the stage-1 record next to them
+    (``models/autoencoder.json``) says they were trained in a network with other settings.
+
+    Settings that change no weight's shape (``normalize_latents``, activations, ``upsample_mode`` between two modes
+    of the same shapes) would otherwise load without error and silently compute something else. Nothing is checked
+    when there is no record (a checkpoint copied on its own) or it cannot be read.
+
+    Raises:
+        RecordMismatchError: one line naming the record, each differing setting and the override to pass.
+    """
+    record_path = Path(model_path).parent / RECORD_FILE
+    if not record_path.is_file():
+        return
+    try:
+        recorded = json.loads(record_path.read_text())["network_def"]
+        trained = _settings(recorded)
+    except Exception as e:  # noqa: BLE001 - a record that cannot be rebuilt is reported by stage 2, not here
+        logger.warning(f"{record_path}: not checked against the config ({e})")
+        return
+    current = _settings(network_config(network))
+    differ = sorted(k for k in set(trained) | set(current) if trained.get(k) != current.get(k))
+    if not differ:
+        return
+    prefix = "network_def#model#" if "model" in recorded else "network_def#"
+    what = ", ".join(f"{k}={json.dumps(trained.get(k))} (config: {json.dumps(current.get(k))})" for k in differ)
+    fix = " ".join(f"--{prefix}{k} {json.dumps(trained.get(k))}" for k in differ)
+    raise RecordMismatchError(
+        f"{model_path} was trained with {what} according to {record_path}; run it with the settings it was trained "
+        f"with: {fix}"
+    )
+
+
+class LoadRecordedWeights(LoadWeights):
+    """:class:`~vqvae_medical.training.checkpoints.LoadWeights` for an autoencoder: before loading, checks the
+    network against the record next to the checkpoint (:func:`check_against_record`), so an ``inference.json``
+    or ``evaluate.json`` whose ``network_def`` differs from the trained one in a shape-free setting stops with one
+    line instead of producing wrong images."""
+
+    def __call__(self, engine: Engine) -> None:
+        if self.load_path not in (None, "", "None"):
+            check_against_record(self.network, self.load_path)
+        super().__call__(engine)
