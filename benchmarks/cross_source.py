@@ -32,13 +32,22 @@ __all__ = ["load_bundle_network", "main", "percentile_scale", "score"]
 
 
 def load_bundle_network(run_dir: Path, overrides: dict | None = None) -> torch.nn.Module:
-    """The ``vqvae_2d`` network of a training run (its ``models/model.pt``), in eval mode on the CPU."""
+    """The ``vqvae_2d`` network of a training run (its ``models/model.pt``), in eval mode on the CPU: built from the
+    run's ``models/autoencoder.json`` when it has one (the architecture it was trained with), else from today's
+    ``train.json`` with ``overrides`` (runs of versions before 0.3, e.g. ``{"network_def#model#normalize_latents":
+    false}`` for one made before 0.4)."""
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / "vqvae_2d" / "configs" / "train.json"))
-    parser.update({"in_channels": 1, **(overrides or {})})
-    wrapper = parser.get_parsed_content("network_def")
+    from vqvae_medical.networks.config import build_network
+
+    record = run_dir / "models" / "autoencoder.json"
+    if record.is_file():
+        wrapper = build_network(json.loads(record.read_text())["network_def"])
+    else:
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "bundles" / "vqvae_2d" / "configs" / "train.json"))
+        parser.update({"in_channels": 1, **(overrides or {})})
+        wrapper = parser.get_parsed_content("network_def")
     state = torch.load(run_dir / "models" / "model.pt", map_location="cpu", weights_only=True)
     wrapper.load_state_dict(state)
     return wrapper.model.eval()
@@ -92,10 +101,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--ixi-zoom", type=float, default=2.0, help="resize factor of the 2 mm IXI slices")
     p.add_argument("--ixi-normalise", choices=("minmax", "percentile"), default="minmax")
     p.add_argument("--max-ixi", type=int, default=None, help="score at most this many IXI slices (evenly spaced)")
+    p.add_argument("--override", default="{}", help="JSON config overrides for a run without models/autoencoder.json")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    network = load_bundle_network(args.run_dir)
+    network = load_bundle_network(args.run_dir, json.loads(args.override))
     # the bundle's own split of the documented brain_mri_2d run
     own = build_datalist(args.brain_dir, layout="folder", val_fraction=0.02, test_fraction=0.1, seed=0)["test"]
     ixi = build_datalist(args.ixi_dir, layout="split")["test"]
