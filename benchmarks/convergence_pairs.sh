@@ -36,5 +36,5 @@ for side in before after; do
       --config_file "['configs/train.json','configs/evaluate.json']" $ARGS --output_dir "$OUT/${SET}_$side" >> "$OUT/${SET}_$side.log" 2>&1 )
 done
 PYTHONPATH=$AFTER python "$AFTER/benchmarks/convergence_figure.py" --out "$AFTER/bundles/$B/docs/${SET}_convergence.png" \
-  --title "$SET: 0.2.0 (fb48b58) vs clamped-output step, side by side, one thread each" \
-  "0.2.0=$OUT/${SET}_before/logs/history.jsonl" "clamped=$OUT/${SET}_after/logs/history.jsonl"
+  --title "$SET: 0.2.0 (fb48b58) vs this version, side by side, one thread each" \
+  "0.2.0=$OUT/${SET}_before/logs/history.jsonl" "this version=$OUT/${SET}_after/logs/history.jsonl"
