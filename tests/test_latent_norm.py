@@ -95,14 +95,14 @@ def test_a_record_written_before_the_setting_existed_means_its_default(tmp_path)
         check_against_record(ReconstructionNetwork(VQVAE(2, 1, normalize_latents=True, **small)), model_pt)
 
 
-def test_inference_bundle_stops_with_one_line_on_a_model_trained_without_normalised_latents(tmp_path, brain_files):
-    """The vqvae_2d inference config (normalize_latents true) on a model whose record says false: one line naming
-    the override, no traceback, no output written."""
+def test_inference_bundle_stops_with_one_line_on_a_model_trained_with_normalised_latents(tmp_path, brain_files):
+    """The vqvae_2d inference config (normalize_latents false) on a model whose record says true: one line naming
+    the override, no traceback, no output written; with the override it runs."""
     import shutil
 
     from bundle_runner import run_bundle
 
-    model_pt = _recorded_model(tmp_path / "run", normalize_latents=False)
+    model_pt = _recorded_model(tmp_path / "run", normalize_latents=True)
     inputs = tmp_path / "in"
     inputs.mkdir()
     shutil.copy(brain_files(1)[0], inputs)
@@ -113,8 +113,8 @@ def test_inference_bundle_stops_with_one_line_on_a_model_trained_without_normali
     assert refused.returncode != 0
     assert "Traceback" not in refused.stderr
     last = refused.stderr.strip().splitlines()[-1]
-    assert "RecordMismatchError" in last and "--network_def#model#normalize_latents false" in last, last
+    assert "RecordMismatchError" in last and "--network_def#model#normalize_latents true" in last, last
     assert not list((tmp_path / "run" / "inference").glob("**/*.png"))
-    ok = run_bundle("vqvae_2d", ["inference.json"], {**overrides, "network_def#model#normalize_latents": False}, threads=1)
+    ok = run_bundle("vqvae_2d", ["inference.json"], {**overrides, "network_def#model#normalize_latents": True}, threads=1)
     assert ok.returncode == 0
     assert len(list((tmp_path / "run" / "inference").glob("**/*_recon.png"))) == 1
