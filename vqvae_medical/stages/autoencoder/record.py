@@ -239,21 +239,25 @@ class RecordMismatchError(CheckpointError):
     """The network a config builds computes something else than the one ``models/autoencoder.json`` recorded."""
 
 
-def _settings(architecture: Mapping[str, Any]) -> dict[str, Any]:
-    """The constructor settings that change what the network computes, defaults of today's code applied (a record
-    written before a setting existed gets that setting's default, which is what its network computed)."""
-    config = network_config(build_network(architecture))
+def _settings(network: nn.Module) -> dict[str, Any]:
+    """The constructor settings of a recorded network that change what it computes."""
+    config = network_config(network)
     inner = config.get("model", config)
     return {k: v for k, v in inner.items() if k not in TRAINING_ONLY}
+
+
+def _shapes(network: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in network.state_dict().items()}
 
 
 def check_against_record(network: nn.Module, model_path: str | os.PathLike) -> None:
     """Refuse to run ``network`` with the weights of ``model_path`` when the stage-1 record next to them
     (``models/autoencoder.json``) says they were trained in a network with other settings.
 
-    Settings that change no weight's shape (``normalize_latents``, activations, ``upsample_mode`` between two modes
-    of the same shapes) would otherwise load without error and silently compute something else. Nothing is checked
-    when there is no record (a checkpoint copied on its own) or it cannot be read.
+    Only settings that change no weight's shape are checked here (``normalize_latents``, activations,
+    ``upsample_mode`` between two modes of the same shapes): they would otherwise load without error and silently
+    compute something else; a shape mismatch is left to the loader, whose message names the tensor and the bundle
+    setting. Nothing is checked when there is no record (a checkpoint copied on its own) or it cannot be read.
 
     Raises:
         RecordMismatchError: one line naming the record, each differing setting and the override to pass.
@@ -263,11 +267,15 @@ def check_against_record(network: nn.Module, model_path: str | os.PathLike) -> N
         return
     try:
         recorded = json.loads(record_path.read_text())["network_def"]
-        trained = _settings(recorded)
+        # rebuilt with today's code: a record written before a setting existed gets that setting's default, which
+        # is what its network computed
+        trained_network = build_network(recorded)
     except Exception as e:  # noqa: BLE001 - a record that cannot be rebuilt is reported by stage 2, not here
         logger.warning(f"{record_path}: not checked against the config ({e})")
         return
-    current = _settings(network_config(network))
+    if _shapes(trained_network) != _shapes(network):
+        return  # the weights do not fit: loading says which tensor and which setting, in the bundle's own terms
+    trained, current = _settings(trained_network), _settings(network)
     differ = sorted(k for k in set(trained) | set(current) if trained.get(k) != current.get(k))
     if not differ:
         return
