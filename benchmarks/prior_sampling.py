@@ -84,30 +84,31 @@ def bench(
     with torch.no_grad():
         model(torch.zeros(shape, dtype=torch.long))  # warm-up
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    cached = sample(model, shape, temperature=temperature, generator=torch.Generator().manual_seed(seed))
-    cached_s, cached_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    def run(cached: bool) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return sample(model, shape, temperature=temperature, generator=generator, cached=cached)
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    naive = sample(model, shape, temperature=temperature, generator=torch.Generator().manual_seed(seed), cached=False)
-    naive_s, naive_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-
-    return {
-        "prior": prior,
-        "cached_s": round(cached_s, 3),
-        "naive_s": round(naive_s, 3),
-        "speedup": round(naive_s / cached_s, 1),
-        "cached_cpu_s": round(cached_cpu_s, 3),
-        "naive_cpu_s": round(naive_cpu_s, 3),
-        "speedup_cpu": round(naive_cpu_s / cached_cpu_s, 1),
-        "identical": bool(torch.equal(cached, naive)),
-    }
+    cached, *cached_times = _timed(lambda: run(True))
+    naive, *naive_times = _timed(lambda: run(False))
+    return {"prior": prior, **_speed(cached_times, naive_times), "identical": bool(torch.equal(cached, naive))}
 
 
 def _timed(fn):
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _speed(cached: list[float], naive: list[float]) -> dict:
+    """Wall and CPU seconds (``[wall, cpu]`` each) of the cached and naive samplers, and their ratios."""
+    return {
+        "cached_s": round(cached[0], 3),
+        "naive_s": round(naive[0], 3),
+        "speedup": round(naive[0] / cached[0], 1),
+        "cached_cpu_s": round(cached[1], 3),
+        "naive_cpu_s": round(naive[1], 3),
+        "speedup_cpu": round(naive[1] / cached[1], 1),
+    }
 
 
 def _bench_hierarchical(
@@ -137,18 +138,13 @@ def _bench_hierarchical(
         generator = torch.Generator().manual_seed(seed)
         return sample_hierarchical(model, batch, (half, half), None, temperature, generator, cached)
 
-    cached, cached_s, cached_cpu_s = _timed(lambda: run(True))
-    naive, naive_s, naive_cpu_s = _timed(lambda: run(False))
+    cached, *cached_times = _timed(lambda: run(True))
+    naive, *naive_times = _timed(lambda: run(False))
     return {
         "prior": "hierarchical",
         "top_size": half,
         "bottom_size": size,
-        "cached_s": round(cached_s, 3),
-        "naive_s": round(naive_s, 3),
-        "speedup": round(naive_s / cached_s, 1),
-        "cached_cpu_s": round(cached_cpu_s, 3),
-        "naive_cpu_s": round(naive_cpu_s, 3),
-        "speedup_cpu": round(naive_cpu_s / cached_cpu_s, 1),
+        **_speed(cached_times, naive_times),
         "identical": bool(torch.equal(cached[0], naive[0]) and torch.equal(cached[1], naive[1])),
     }
 
