@@ -43,7 +43,10 @@ stage1() {  # stage1 BUNDLE: train + evaluate unless done
     bundle "$b" "$b" --config_file "['configs/train.json','configs/evaluate.json']" $ARGS --output_dir "$OUT/$b"
   fi
 }
-stage1 vqvae_2d & P1=$!; stage1 vqvae2_2d & P2=$!; wait $P1 $P2
+S1=()  # the stage-1 bundles that the chosen generators need
+case " $GENS " in *" gated "*|*" transformer "*|*" diffusion "*) stage1 vqvae_2d & S1+=($!) ;; esac
+case " $GENS " in *" hierarchical "*) stage1 vqvae2_2d & S1+=($!) ;; esac
+wait "${S1[@]}"
 BUDGET2="--max_epochs 10000 --time_budget_minutes $GEN_MIN --time_budget_clock process --sample_interval 0"
 gen() {  # gen NAME: train then evaluate one generator unless done
   local g=$1 b=pixelcnn_prior vq=vqvae_2d overlay="" extra=""
