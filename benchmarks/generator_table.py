@@ -111,7 +111,7 @@ def figure(out: Path, generators: list[str], path: Path, title: str) -> None:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
