@@ -149,3 +149,16 @@ def test_generative_bundles_expose_the_sampler_as_inferer(bundle, sampler):
     assert target.rsplit(".", 1)[1] == sampler and issubclass(locate(target), Inferer)
     (run,) = inference["run"]
     assert isinstance(run, dict) and "@inferer" in run.values() and callable(locate(run["_target_"]))
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_config_lines_are_under_140_characters(bundle):
+    """Model Zoo style: config lines (not the prose of metadata.json) stay under 140 characters."""
+    long_lines = [
+        f"{path.name}:{number}"
+        for path in sorted((BUNDLES / bundle / "configs").glob("*.json"))
+        if path.name != "metadata.json"
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if len(line) > 140
+    ]
+    assert not long_lines, f"lines over 140 characters: {long_lines}"
