@@ -17,8 +17,10 @@ __all__ = [
     "BUNDLES",
     "REPO_ROOT",
     "TINY_VQVAE_2D",
+    "default_threads",
     "monai_bundle",
     "run_bundle",
+    "run_bundle_in_process",
     "torchrun_bundle",
     "bundle_network",
     "read_metrics",
@@ -34,6 +36,15 @@ TINY_VQVAE_2D = {
     "embedding_dim": 8,
     "batch_size": 2,
 }
+
+
+def default_threads() -> int:
+    """OpenMP threads of one bundle run: the CPU cores of this machine shared among the pytest-xdist workers
+    (``PYTEST_XDIST_WORKER_COUNT``; 1 on 2 cores with the default ``-n 2``), at most 2 (2 when run serially on 2
+    cores). More threads than cores make OpenMP spin and every run slower."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, cores // workers))
 
 
 def _plain(value: Any) -> Any:
@@ -64,10 +75,11 @@ def monai_bundle(
     args: Sequence[str] = (),
     overrides: Mapping[str, Any] | None = None,
     timeout: float = 600,
-    threads: int = 2,
+    threads: int | None = None,
     expect_ok: bool = True,
 ) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle <command> <args> --bundle_root <bundle> --key value ...`` run inside the bundle folder.
+    """``python -m monai.bundle <command> <args> --bundle_root <bundle> --key value ...`` run inside the bundle folder,
+    on ``threads`` OpenMP threads (:func:`default_threads` when ``None``).
 
     Raises ``AssertionError`` with the tail of the output when the command fails and ``expect_ok`` is set.
     """
@@ -75,6 +87,7 @@ def monai_bundle(
     cmd = [sys.executable, "-m", "monai.bundle", command, *args]
     for key, value in (overrides or {}).items():
         cmd += [f"--{key}", _arg(value)]
+    threads = default_threads() if threads is None else threads
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
     proc = subprocess.run(cmd, cwd=bundle_dir, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_ok:
@@ -88,14 +101,37 @@ def run_bundle(
     overrides: Mapping[str, Any] | None = None,
     timeout: float = 600,
     expect_ok: bool = True,
-    threads: int = 2,
+    threads: int | None = None,
 ) -> subprocess.CompletedProcess:
     """``monai.bundle run`` with one or more config files (later files override earlier ones), on ``threads``
-    OpenMP threads."""
+    OpenMP threads (:func:`default_threads` when ``None``)."""
     files = [f"configs/{c}" for c in configs]
     config_arg = files[0] if len(files) == 1 else json.dumps(files).replace('"', "'")
     overrides = {"bundle_root": ".", **(overrides or {})}
     return monai_bundle(bundle, "run", ["--config_file", config_arg], overrides, timeout, threads, expect_ok)
+
+
+def run_bundle_in_process(bundle: str, configs: Sequence[str], overrides: Mapping[str, Any] | None = None) -> None:
+    """What :func:`run_bundle` runs, in this process: ``monai.bundle.run`` (the function behind ``python -m
+    monai.bundle run``) with the bundle's configs and ``overrides``, without its logging config, ``sys.excepthook``
+    (which the bundles' ``initialize`` replaces) kept. For the runs whose files, not the command line, a test needs
+    (a stage-1 folder for stage 2, a checkpoint to evaluate): no new process, so none of its ~10 CPU-s of imports."""
+    import warnings
+
+    import monai.bundle
+
+    hook = sys.excepthook
+    try:
+        with warnings.catch_warnings():  # MONAI's note that configs run code: these are the repository's own
+            warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
+            monai.bundle.run(
+                config_file=[str(BUNDLES / bundle / "configs" / c) for c in configs],
+                logging_file=False,
+                bundle_root=str(BUNDLES / bundle),
+                **{k: _plain(v) for k, v in (overrides or {}).items()},
+            )
+    finally:
+        sys.excepthook = hook
 
 
 def torchrun_bundle(

@@ -1,5 +1,10 @@
 """Shared fixtures: locate the real data in ``../shared/data`` (or ``$VQVAE_MEDICAL_DATA``), pick real files
-from it and copy (or link) them into temporary folders."""
+from it and copy (or link) them into temporary folders.
+
+The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup`` in ``pyproject.toml``): every test writes
+below its own ``tmp_path``, never into a bundle folder (:func:`_bundle_folders_stay_clean`), and the tests of a
+module that share a trained module fixture carry ``pytest.mark.xdist_group`` so that it is built once.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,29 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("VQVAE_MEDICAL_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a pytest-xdist worker, torch's intra-op threads in this process: the cores shared among the workers."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        from bundle_runner import default_threads
+
+        torch.set_num_threads(default_threads())
+
+
+def _bundle_entries() -> set[str]:
+    return {f"{b.name}/{p.name}" for b in (REPO_ROOT / "bundles").iterdir() if b.is_dir() for p in b.iterdir()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bundle_folders_stay_clean():
+    """No test may write into ``bundles/<name>`` (the configs' default ``output_dir``): tests run in parallel and
+    ``test_model_zoo.py`` copies those folders. Fails at the end of the session naming what appeared."""
+    before = _bundle_entries()
+    yield
+    new = sorted(_bundle_entries() - before)
+    assert not new, f"tests wrote into the bundle folders: {new}; give every bundle run an output_dir below tmp_path"
 
 
 def _require(sub: str) -> Path:

@@ -1,6 +1,7 @@
-"""The latent diffusion bundle end to end on real images: a tiny VQ-VAE trained inside the test, then diffusion
-train -> inference -> evaluate through ``python -m monai.bundle`` (2D brain slices, 3D IXI volumes), plus
-in-process runs of the same configs for the checks that need the objects (frozen codebook, resume, classes)."""
+"""The latent diffusion bundle end to end on real images: a tiny VQ-VAE trained inside the test (the vqvae_2d
+bundle, in this process), then diffusion train -> inference -> evaluate through ``python -m monai.bundle`` (2D brain
+slices, 3D IXI volumes), plus in-process runs of the same configs for the checks that need the objects (frozen
+codebook, resume, classes)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from bundle_runner import (
     monai_bundle,
     read_metrics,
     run_bundle,
+    run_bundle_in_process,
 )
 from monai.bundle import ConfigParser
 from monai.networks.nets import DiffusionModelUNet
@@ -50,6 +52,9 @@ TINY_UNET = {
 TINY = {**TINY_UNET, "num_inference_steps": 4, "embedding_dim": 8}  # the UNet takes the 8 latent channels
 TRAIN = {"batch_size": 4, "max_epochs": 1, "sample_interval": 1, "n_monitor_samples": 2, "val_fraction": 0.2, "test_fraction": 0.2}
 
+#: the tests that use ``brain_2d`` (and ``trained_2d``) run on one pytest-xdist worker (--dist loadgroup): built once
+BRAIN_2D = pytest.mark.xdist_group("latent_diffusion_brain_2d")
+
 
 def _parse(configs: list[str], overrides: dict) -> ConfigParser:
     """The bundle's configs parsed in this process, as ``monai.bundle run`` would with these overrides."""
@@ -62,7 +67,8 @@ def _parse(configs: list[str], overrides: dict) -> ConfigParser:
 
 @pytest.fixture(scope="module")
 def brain_2d(tmp_path_factory, brain_dir):
-    """12 real brain slices and a tiny VQ-VAE trained on them by the vqvae_2d bundle."""
+    """12 real brain slices and a tiny VQ-VAE trained on them by the vqvae_2d bundle (in this process: its command
+    line is tested in ``test_bundle_vqvae_2d.py``)."""
     data = tmp_path_factory.mktemp("slices")
     for f in sorted((brain_dir / "Test" / "NonDemented").glob("*.jpg"))[:12]:
         shutil.copy(f, data / f.name.replace(" ", "_"))
@@ -77,7 +83,7 @@ def brain_2d(tmp_path_factory, brain_dir):
         "max_epochs": 1,
         "spatial_size": SIZE_2D,
     }
-    run_bundle("vqvae_2d", ["train.json"], {**vq, "dataset_dir": data, "output_dir": vq_out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2})
+    run_bundle_in_process("vqvae_2d", ["train.json"], {**vq, "dataset_dir": data, "output_dir": vq_out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2})
     assert (vq_out / "models" / "model.pt").is_file()
     # the data set, its split and the preprocessing (96 x 80) come from the VQ-VAE's record
     common = {**TINY, "autoencoder_dir": vq_out}
@@ -92,6 +98,7 @@ def trained_2d(tmp_path_factory, brain_2d):
     return out, proc
 
 
+@BRAIN_2D
 def test_train_2d_writes_model_checkpoint_logs_and_samples(trained_2d):
     out, proc = trained_2d
     assert (out / "models" / "model.pt").is_file() and (out / "models" / "checkpoint_epoch=1.pt").is_file()
@@ -103,6 +110,7 @@ def test_train_2d_writes_model_checkpoint_logs_and_samples(trained_2d):
     assert "Epoch[1] Metrics -- val_loss" in proc.stdout + proc.stderr
 
 
+@BRAIN_2D
 def test_scale_factor_is_inverse_std_of_training_latents_and_stored(trained_2d):
     out, _ = trained_2d
     cache = out / "cache" / "latents_training.pt"
@@ -118,6 +126,7 @@ def test_scale_factor_is_inverse_std_of_training_latents_and_stored(trained_2d):
         assert state["image_size"].tolist() == SIZE_2D
 
 
+@BRAIN_2D
 def test_model_pt_is_the_generator_with_the_averaged_weights_and_the_frozen_decoder(trained_2d, brain_2d):
     """models/model.pt = generator state: ``diffusion.*`` are the EMA weights of the checkpoint (not the raw
     weights), ``decoder.*`` / ``quantizer.*`` the VQ-VAE's own decoder and codebook."""
@@ -136,6 +145,7 @@ def test_model_pt_is_the_generator_with_the_averaged_weights_and_the_frozen_deco
         assert torch.equal(generator[key], vqvae[key]), key
 
 
+@BRAIN_2D
 def test_inference_2d_writes_png_samples(trained_2d, brain_2d, tmp_path):
     """inference.json needs only models/model.pt (the VQ-VAE decoder is in it); its inferer writes the samples."""
     out, _ = trained_2d
@@ -157,6 +167,7 @@ def test_inference_2d_writes_png_samples(trained_2d, brain_2d, tmp_path):
     assert info["seconds_per_sample"] > 0 and info["latent_shape"] == [8, 24, 20]
 
 
+@BRAIN_2D
 def test_evaluate_2d_writes_sample_quality_diversity_and_mmd(trained_2d, brain_2d):
     out, _ = trained_2d
     _, _, common = brain_2d
@@ -186,6 +197,7 @@ def test_model_zoo_verify_net_in_out(tmp_path):
     assert "verified with no error" in proc.stdout + proc.stderr
 
 
+@BRAIN_2D
 def test_model_zoo_ckpt_export_torchscript_equals_eager(trained_2d, brain_2d, tmp_path):
     """``ckpt_export`` compiles the trained generator (``network_def``: the DDIM loop, the UNet and the VQ-VAE
     decoder) in TorchScript script mode; the exported module turns noise into the same images as the eager one
@@ -212,6 +224,7 @@ def test_model_zoo_ckpt_export_torchscript_equals_eager(trained_2d, brain_2d, tm
         assert torch.equal(getattr(exported.diffusion, name), getattr(eager.diffusion, name)), name
 
 
+@BRAIN_2D
 def test_vqvae_frozen_bit_identical_and_resume(brain_2d, tmp_path):
     """Diffusion training with the encoder running every iteration (no latent cache, augmentation on) leaves the
     VQ-VAE (codebook included) bit-identical to its checkpoint; a second run resumes with the same scale factor."""
@@ -241,6 +254,7 @@ def test_vqvae_frozen_bit_identical_and_resume(brain_2d, tmp_path):
     assert state_fingerprint(parser.get_parsed_content("autoencoder").autoencoder) == reference
 
 
+@BRAIN_2D
 def test_class_conditioned_training_and_sampling(brain_dir, brain_2d, tmp_path):
     """AD/NC-style class folders -> labels -> the UNet's class embedding; samples are drawn per class."""
     _, _, common = brain_2d

@@ -11,7 +11,7 @@ from pathlib import Path
 import monai.bundle
 import pytest
 import torch
-from bundle_runner import BUNDLES, read_metrics, run_bundle
+from bundle_runner import BUNDLES, read_metrics, run_bundle, run_bundle_in_process
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from PIL import Image
@@ -38,6 +38,9 @@ PRIOR_NET = {"num_embeddings": 16, "channels": 8, "num_layers": 2, "num_classes"
 SIZE = [32, 32]  # images -> 8 x 8 code maps
 SPLIT = {"val_fraction": 0.2, "test_fraction": 0.2}
 
+#: the tests that use ``trained`` run on one pytest-xdist worker (--dist loadgroup): it is built once
+TRAINED = pytest.mark.xdist_group("pixelcnn_prior_trained")
+
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -45,7 +48,8 @@ def _sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, isic_dir):
-    """12 real ISIC photos; a tiny vqvae_2d trained one epoch on them; the prior trained 1 epoch, then resumed to 2."""
+    """12 real ISIC photos; a tiny vqvae_2d trained one epoch on them (in this process); the prior trained 1 epoch,
+    then resumed to 2 (through ``python -m monai.bundle``)."""
     data = tmp_path_factory.mktemp("isic")
     (data / "images").mkdir()
     (data / "metadata").mkdir()
@@ -53,7 +57,7 @@ def trained(tmp_path_factory, isic_dir):
         shutil.copy(f, data / "images" / f.name)
         shutil.copy(isic_dir / "metadata" / (f.stem + ".json"), data / "metadata" / (f.stem + ".json"))
     vq_out = tmp_path_factory.mktemp("vqvae")
-    run_bundle(
+    run_bundle_in_process(
         "vqvae_2d",
         ["train.json"],
         {**VQ_TINY, **SPLIT, "dataset_dir": data, "output_dir": vq_out, "spatial_size": SIZE, "batch_size": 4, "max_epochs": 1},
@@ -68,6 +72,7 @@ def trained(tmp_path_factory, isic_dir):
     return {"data": data, "out": out, "vq_ckpt": vq_ckpt, "vq_hash": vq_hash, "common": common, "first": first, "resumed": resumed}
 
 
+@TRAINED
 def test_train_writes_model_logs_checkpoints_and_samples(trained):
     out = trained["out"]
     log = trained["first"].stdout + trained["first"].stderr
@@ -90,6 +95,7 @@ def test_train_writes_model_logs_checkpoints_and_samples(trained):
     assert _sha256(trained["vq_ckpt"]) == trained["vq_hash"]
 
 
+@TRAINED
 def test_resume_reads_the_cache_and_continues(trained):
     log = trained["resumed"].stdout + trained["resumed"].stderr
     assert "resumed from" in log
@@ -97,6 +103,7 @@ def test_resume_reads_the_cache_and_continues(trained):
     assert "-> codes" not in log, "the second run encoded the code maps again"
 
 
+@TRAINED
 def test_evaluate_writes_bits_per_code_and_sample_quality(trained):
     out = trained["out"]
     proc = run_bundle(BUNDLE, ["train.json", "evaluate.json"], {**trained["common"], "n_samples": 6}, threads=1)
@@ -123,6 +130,7 @@ def test_evaluate_writes_bits_per_code_and_sample_quality(trained):
     assert grid.size[0] > 100
 
 
+@TRAINED
 def test_inference_samples_each_class_and_decodes(trained, tmp_path):
     out = trained["out"]
     overrides = {**PRIOR_NET, "autoencoder_dir": trained["common"]["autoencoder_dir"]}
@@ -145,6 +153,7 @@ def _bundle_args(*overrides: dict) -> dict:
     return merged
 
 
+@TRAINED
 def test_verify_net_in_out(trained):
     meta = "_meta_#network_data_format"
     net = {"num_embeddings": 16, "channels": 8, "num_layers": 2}
@@ -159,6 +168,7 @@ def test_verify_net_in_out(trained):
     )
 
 
+@TRAINED
 def test_ckpt_export_torchscript_equals_eager(trained, tmp_path):
     ckpt = trained["out"] / "models" / "model.pt"
     ts = tmp_path / "model.ts"
@@ -175,6 +185,7 @@ def test_ckpt_export_torchscript_equals_eager(trained, tmp_path):
         assert not torch.equal(eager(x), eager(pack_inputs(codes, torch.tensor([1, 0, 0]))))
 
 
+@TRAINED
 def test_prior_step_learns_the_cached_codes(trained):
     """PriorTrainStep in MONAI's SupervisedTrainer fits the real code maps: the training NLL falls well below its start."""
     cache = torch.load(trained["out"] / "cache" / "codes_training.pt", weights_only=True)
@@ -198,6 +209,7 @@ def test_prior_step_learns_the_cached_codes(trained):
     assert losses[-1] < 0.75 * losses[0], losses[::4]
 
 
+@TRAINED
 def test_evaluation_samples_are_seeded_and_leave_the_global_rng(trained, tmp_path):
     """The evaluate's samples (and every metric on them) depend on ``seed`` only; torch's global random state is
     the same afterwards, so sampling cannot change what the evaluator computed or what runs after it."""
@@ -220,22 +232,26 @@ def test_evaluation_samples_are_seeded_and_leave_the_global_rng(trained, tmp_pat
 
 TRANSFORMER = {"num_embeddings": 16, "channels": 8, "num_layers": 1, "num_heads": 2}
 
+#: the tests that use ``brain_transformer`` run on one pytest-xdist worker (--dist loadgroup): it is built once
+BRAIN_TRANSFORMER = pytest.mark.xdist_group("pixelcnn_prior_brain_transformer")
+
 
 @pytest.fixture(scope="module")
 def brain_transformer(tmp_path_factory, brain_files, real_folder):
     """150 real brain slices (32 x 32 centre crops), 90 % of them in the test split; a tiny vqvae_2d and a tiny
-    transformer prior (``transformer.json``) trained one epoch each on the rest."""
+    transformer prior (``transformer.json``) trained one epoch each on the rest (the vqvae_2d in this process)."""
     data = real_folder(brain_files(150), tmp_path_factory.mktemp("slices"))
     vq_out = tmp_path_factory.mktemp("vqvae_brain")
     split = {"val_fraction": 0.05, "test_fraction": 0.9}
     vq = {**VQ_TINY, **split, "in_channels": 1, "dataset_dir": data, "data_layout": "folder", "spatial_size": SIZE}
-    run_bundle("vqvae_2d", ["train.json"], {**vq, "output_dir": vq_out, "batch_size": 4, "max_epochs": 1}, threads=1)
+    run_bundle_in_process("vqvae_2d", ["train.json"], {**vq, "output_dir": vq_out, "batch_size": 4, "max_epochs": 1})
     out = tmp_path_factory.mktemp("transformer")
     common = {**TRANSFORMER, "autoencoder_dir": vq_out, "output_dir": out, "batch_size": 4}
     train = run_bundle(BUNDLE, ["train.json", "transformer.json"], {**common, "max_epochs": 1}, threads=1)
     return {"out": out, "common": common, "train": train}
 
 
+@BRAIN_TRANSFORMER
 def test_transformer_overlay_trains_a_transformer_over_the_code_map(brain_transformer):
     out = brain_transformer["out"]
     state = torch.load(out / "models" / "model.pt", weights_only=True)
@@ -246,6 +262,7 @@ def test_transformer_overlay_trains_a_transformer_over_the_code_map(brain_transf
     assert len({k.split(".")[3] for k in state if k.startswith("model.transformer.blocks.")}) == 1
 
 
+@BRAIN_TRANSFORMER
 def test_transformer_overlay_evaluates_with_a_two_sample_test(brain_transformer):
     """With at least 128 test images the evaluate runs the two-sample test and its power check: real numbers."""
     out = brain_transformer["out"]
@@ -261,6 +278,7 @@ def test_transformer_overlay_evaluates_with_a_two_sample_test(brain_transformer)
     assert (out / "eval" / "samples_vs_real.png").is_file()
 
 
+@BRAIN_TRANSFORMER
 def test_transformer_overlay_inference(brain_transformer, tmp_path):
     common = brain_transformer["common"]
     ckpt = brain_transformer["out"] / "models" / "model.pt"

@@ -33,6 +33,9 @@ TINY_NET = {
 # two iterations of two slices, validation on two slices
 TINY = {**TINY_NET, "batch_size": 2, "max_epochs": 1, "max_train_items": 4, "max_val_items": 2}
 
+#: every test uses the module fixtures ``slices`` or ``trained``: one pytest-xdist worker (--dist loadgroup) builds them once
+pytestmark = pytest.mark.xdist_group("vqvae2_2d_trained")
+
 
 def _slicer():
     """``benchmarks/make_ixi_slices.py``, the script the benchmark data is made with."""

@@ -23,6 +23,9 @@ BUNDLE = "vqvae_2d"
 TINY = {**TINY_VQVAE_2D, "max_epochs": 1}
 TINY_INFER = {k: v for k, v in TINY.items() if k not in ("batch_size", "max_epochs")}
 
+#: the tests that use ``trained`` run on one pytest-xdist worker (--dist loadgroup): it is built once
+TRAINED = pytest.mark.xdist_group("vqvae_2d_trained")
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, brain_files, real_folder):
@@ -37,6 +40,7 @@ def trained(tmp_path_factory, brain_files, real_folder):
     return data, out, proc
 
 
+@TRAINED
 def test_train_writes_model_logs_and_checkpoint(trained):
     _, out, proc = trained
     assert (out / "models" / "model.pt").is_file()
@@ -48,6 +52,7 @@ def test_train_writes_model_logs_and_checkpoint(trained):
     assert "Epoch[1] Metrics" in proc.stdout + proc.stderr
 
 
+@TRAINED
 def test_evaluate_writes_metrics_and_report(trained):
     data, out, _ = trained
     run_bundle(
@@ -69,6 +74,7 @@ def test_evaluate_writes_metrics_and_report(trained):
     assert report.size[0] > 400 and report.size[1] > 400
 
 
+@TRAINED
 def test_inference_same_size_and_format(trained, tmp_path, isic_dir):
     data, out, _ = trained
     src = tmp_path / "in"
@@ -92,6 +98,7 @@ def test_inference_same_size_and_format(trained, tmp_path, isic_dir):
         assert codes.shape == (-(-size[1] // 4), -(-size[0] // 4))
 
 
+@TRAINED
 def test_model_zoo_checks(trained, tmp_path):
     _, out, _ = trained
     args = ["--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
@@ -108,6 +115,7 @@ def test_model_zoo_checks(trained, tmp_path):
         torch.testing.assert_close(exported(x), eager(x))
 
 
+@TRAINED
 def test_resume_continues_from_last_checkpoint(trained, tmp_path):
     data, out, _ = trained
     resumed = tmp_path / "resumed"

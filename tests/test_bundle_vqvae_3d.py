@@ -1,6 +1,7 @@
 """The 3D VQ-VAE bundle end to end through ``python -m monai.bundle``, on small crops of real IXI T1 volumes.
 
-Train (two iterations on random 32^3 patches of volumes resized to 40^3, tiny channels), evaluate (``metrics.json``
+Train (two iterations on random 32^3 patches of volumes resized to 40^3, tiny channels; in this process, the command
+line trains in the tests of a multi-file ``dataset.json`` and of the embedded default), evaluate (``metrics.json``
 and ``report.png``), then infer with a 32^3 sliding window: the reconstruction must be a NIfTI with the input's
 shape and affine, and the code map must cover the same world box. Also: the configured sub-pixel decoder is free of
 checkerboards at initialisation, multi-file channel items of a ``dataset.json`` train, and the embedded MNI152
@@ -20,7 +21,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from tests.bundle_runner import BUNDLES, bundle_network, read_metrics, run_bundle
+from tests.bundle_runner import BUNDLES, bundle_network, read_metrics, run_bundle, run_bundle_in_process
 from vqvae_medical.data import DataError
 from vqvae_medical.data.volumes import check_volume_datalist
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
@@ -37,6 +38,9 @@ TINY = {
     "embedding_dim": 8,
     "spatial_size": [40, 40, 40],
 }
+
+#: the tests that use ``trained`` run on one pytest-xdist worker (--dist loadgroup): it is built once
+TRAINED = pytest.mark.xdist_group("vqvae_3d_trained")
 
 
 def _world_box(img: nib.Nifti1Image) -> np.ndarray:
@@ -56,10 +60,11 @@ def trained(tmp_path_factory, ixi_files, real_folder):
     data = real_folder(files, root / "ixi4", link=True)
     out = root / "out"
     common = {"dataset_dir": data, "output_dir": out, "val_fraction": 0.25, "test_fraction": 0.25, **TINY}
-    run_bundle(BUNDLE, ["train.json"], {**common, "patch_size": [32, 32, 32], "batch_size": 1, "max_epochs": 1})
+    run_bundle_in_process(BUNDLE, ["train.json"], {**common, "patch_size": [32, 32, 32], "batch_size": 1, "max_epochs": 1})
     return files, out, common
 
 
+@TRAINED
 @pytest.mark.slow
 def test_train_evaluate_infer(trained, tmp_path, real_folder):
     files, out, common = trained
@@ -102,6 +107,7 @@ def test_train_evaluate_infer(trained, tmp_path, real_folder):
     np.testing.assert_allclose(_world_box(codes), _world_box(ref), atol=1e-3)
 
 
+@TRAINED
 def test_model_zoo_checks(trained, tmp_path):
     """``verify_net_in_out`` and a script-mode ``ckpt_export`` of the trained checkpoint; the TorchScript module
     reconstructs a volume exactly as the eager network does."""

@@ -135,8 +135,18 @@ SIZE = 176
 
 
 def _capped_env() -> dict[str, str]:
-    # one malloc arena: glibc reserves 64 MiB of address space per thread arena, which an address-space cap counts
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+    # one malloc arena: glibc reserves 64 MiB of address space per thread arena, which an address-space cap counts;
+    # a fixed mmap threshold: by default glibc raises it when a large block is freed and serves the next volumes from
+    # a heap that keeps its peak, so the address space of the run varied by ~100 MiB from run to run (more under
+    # load, and the run then failed) instead of following the live tensors (peak ~200 MiB above the imports)
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_ARENA_MAX": "1",
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+        "PYTHONUNBUFFERED": "1",
+        "MPLBACKEND": "Agg",
+    }
 
 
 def _capped_run(bundle: str, overrides: dict, limit: int) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import TINY_VQVAE_2D, run_bundle
+from bundle_runner import TINY_VQVAE_2D, run_bundle, run_bundle_in_process
 from PIL import Image
 
 from vqvae_medical.training.checkpoints import safe_load
@@ -31,6 +31,9 @@ from vqvae_medical.training.schedules import cosine_decay
 
 TINY = {**TINY_VQVAE_2D, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2, "amp": False, "device": "cpu"}
 NET = {k: v for k, v in TINY.items() if k.startswith("network_def") or k in ("num_embeddings", "embedding_dim")}
+
+#: the tests that use ``trained`` run on one pytest-xdist worker (--dist loadgroup): it is built once
+TRAINED = pytest.mark.xdist_group("faults_trained")
 
 
 def _last_line(proc) -> str:
@@ -56,9 +59,10 @@ def slices(brain_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(slices, tmp_path_factory) -> Path:
-    """A run trained two epochs at learning rate 1e-3: checkpoints of epochs 1 and 2 and ``models/model.pt``."""
+    """A run trained two epochs at learning rate 1e-3 (in this process): checkpoints of epochs 1 and 2 and
+    ``models/model.pt``, what the faults below start from."""
     out = tmp_path_factory.mktemp("run") / "out"
-    run_bundle("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 2, "learning_rate": 1e-3})
+    run_bundle_in_process("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 2, "learning_rate": 1e-3})
     assert (out / "models" / "checkpoint_epoch=2.pt").is_file() and (out / "models" / "model.pt").is_file()
     return out
 
@@ -69,6 +73,7 @@ def _copy_run(trained: Path, dest: Path) -> Path:
 
 
 # ------------------------------------------------------------------ results lost or wrong, exit code 0
+@TRAINED
 def test_inference_gives_every_input_its_own_output_and_uses_the_model_of_output_dir(trained, slices, tmp_path):
     # one real slice in four orientations, so that each reconstruction can be told apart from the other inputs
     base = Image.open(sorted(slices.glob("*.jpg"))[0]).convert("L")
@@ -104,6 +109,7 @@ def test_inference_gives_every_input_its_own_output_and_uses_the_model_of_output
         assert max(corr, key=corr.get) == rel, (rel, corr)
 
 
+@TRAINED
 def test_changed_learning_rate_and_max_epochs_take_effect_on_resume(trained, slices, tmp_path):
     out = _copy_run(trained, tmp_path / "run")
     before = safe_load(out / "models" / "checkpoint_epoch=2.pt")
@@ -123,6 +129,7 @@ def test_changed_learning_rate_and_max_epochs_take_effect_on_resume(trained, sli
 
 
 # ------------------------------------------------------------------ one clear message
+@TRAINED
 def test_checkpoint_that_does_not_fit_names_tensor_and_setting(trained, slices, tmp_path):
     model = trained / "models" / "model.pt"
     proc = run_bundle(
@@ -155,7 +162,7 @@ def test_pickled_checkpoint_names_the_file_without_torch_advice(slices, tmp_path
     torch.save({"weights": argparse.Namespace(cmd="echo owned")}, evil)
     proc = run_bundle("vqvae_2d", ["inference.json"], {**NET, "input_dir": slices, "output_dir": tmp_path / "o", "ckpt_path": evil, "device": "cpu"}, expect_ok=False)
     last = _one_line_error(proc, "UntrustedCheckpointError")
-    assert str(evil) in last and "refused to load" in last
+    assert last.startswith(f"ERROR (UntrustedCheckpointError): {evil}: refused to load"), last
     assert "weights_only=False" not in proc.stderr and "weights_only" not in last
 
 
@@ -193,6 +200,7 @@ def test_4d_nifti_in_the_2d_bundle_is_called_4d(ixi_dir, slices, tmp_path):
 
 
 # ------------------------------------------------------------------ recovery
+@TRAINED
 def test_truncated_newest_checkpoint_resumes_from_the_previous_and_stale_tmp_files_go(trained, slices, tmp_path):
     out = _copy_run(trained, tmp_path / "run")
     newest = out / "models" / "checkpoint_epoch=2.pt"

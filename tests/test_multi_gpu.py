@@ -2,7 +2,8 @@
 
 Each test trains a tiny network for a few iterations on real images, dumps every rank's final weights (a
 ``finalize`` override), checks they are identical on both ranks (codebooks included), and loads the checkpoint
-rank 0 wrote in an ordinary single-process run of the bundle.
+rank 0 wrote in an ordinary single-process run of the bundle (``monai.bundle.run`` in this process: the command line
+is tested elsewhere, the imports of one more process are saved).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from bundle_runner import (
     TINY_VQVAE_2D,
     bundle_network,
     read_metrics,
-    run_bundle,
+    run_bundle_in_process,
     torchrun_bundle,
 )
 from monai.bundle import ConfigParser
@@ -121,6 +122,7 @@ def _tiny_vqvae_checkpoint(folder, images, overrides: dict):
 def test_vqvae_2d_two_processes(brain_slices, tmp_path):
     out = tmp_path / "out"
     overrides = {**TINY_VQVAE_2D, "dataset_dir": brain_slices, "output_dir": out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2, "max_epochs": 2}
+    overrides["spatial_size"] = [64, 64]  # centre crops: the ranks' agreement does not need the whole slice
     torchrun_bundle("vqvae_2d", ["train.json", "multi_gpu_train.json"], {**overrides, "finalize": [DUMP, DESTROY]})
 
     rank0, rank1 = _rank_states(out)
@@ -130,7 +132,7 @@ def test_vqvae_2d_two_processes(brain_slices, tmp_path):
     assert rank0["model.quantizer.initialized"]
     # only rank 0 wrote checkpoints, and they load in a single-process run
     assert (out / "models" / "checkpoint_epoch=2.pt").is_file()
-    run_bundle("vqvae_2d", ["train.json", "evaluate.json"], {**overrides, "max_epochs": 2})
+    run_bundle_in_process("vqvae_2d", ["train.json", "evaluate.json"], overrides)
     assert (out / "eval" / "metrics.json").is_file()
 
 
@@ -156,7 +158,7 @@ def test_vqvae_3d_two_processes(ixi_files, real_folder, tmp_path):
     _assert_same(rank0, rank1)
     assert rank0["model.quantizer.initialized"]
     assert "Epoch[1] Metrics" in proc.stdout + proc.stderr
-    run_bundle("vqvae_3d", ["train.json", "evaluate.json"], overrides)
+    run_bundle_in_process("vqvae_3d", ["train.json", "evaluate.json"], overrides)
     assert read_metrics(out)["n_images"] >= 1
 
 
@@ -186,7 +188,7 @@ def test_vqvae2_2d_two_processes(brain_slices, tmp_path):
     history = (out / "logs" / "history.jsonl").read_text().splitlines()
     assert sum('"phase": "train"' in line for line in history) == 1, history
     assert "Epoch[1] Metrics" in proc.stdout + proc.stderr
-    run_bundle("vqvae2_2d", ["train.json", "evaluate.json"], overrides)
+    run_bundle_in_process("vqvae2_2d", ["train.json", "evaluate.json"], overrides)
     assert read_metrics(out)["n_images"] >= 1
 
 
@@ -219,7 +221,7 @@ def test_pixelcnn_prior_two_processes(isic_folder, tmp_path):
     _assert_same(rank0, rank1)
     assert (out / "models" / "model.pt").is_file() and (out / "models" / "checkpoint_epoch=1.pt").is_file()
     assert (out / "logs" / "samples" / "epoch=1" / "samples_class0.png").is_file()
-    run_bundle("pixelcnn_prior", ["train.json", "evaluate.json"], overrides)
+    run_bundle_in_process("pixelcnn_prior", ["train.json", "evaluate.json"], overrides)
     assert 0.0 < read_metrics(out)["nll_bits_per_code"] < 10.0
 
 
@@ -260,5 +262,5 @@ def test_latent_diffusion_two_processes(brain_slices, tmp_path):
     _assert_same({k[len("diffusion.") :]: v for k, v in saved.items() if k.startswith("diffusion.")}, rank0["ema"])
     assert (out / "logs" / "samples_epoch=1.png").is_file()
     result = tmp_path / "result"
-    run_bundle("latent_diffusion", ["inference.json"], {**common, "ckpt_path": out / "models" / "model.pt", "output_dir": result, "n_samples": 1})
+    run_bundle_in_process("latent_diffusion", ["inference.json"], {**common, "ckpt_path": out / "models" / "model.pt", "output_dir": result, "n_samples": 1})
     assert len(list((result / "inference").glob("sample_*.png"))) == 1

@@ -27,6 +27,9 @@ TINY_UNET = {
 }
 TINY_PRIOR = {"channels": 8, "num_layers": 2, "num_embeddings": 16}  # the prior models the 16 codes of stage 1
 
+#: the tests that use ``stage_one`` run on one pytest-xdist worker (--dist loadgroup): it is built once
+STAGE_ONE = pytest.mark.xdist_group("pipeline_stage_one")
+
 
 def _log(proc) -> str:
     return proc.stdout + proc.stderr
@@ -40,6 +43,7 @@ def stage_one(tmp_path_factory):
     return out
 
 
+@STAGE_ONE
 def test_stage_one_writes_its_record(stage_one):
     record = json.loads((stage_one / "models" / "autoencoder.json").read_text())
     assert record["network_def"]["model"]["channels"] == TINY_VQVAE_2D["network_def#model#channels"]
@@ -49,6 +53,7 @@ def test_stage_one_writes_its_record(stage_one):
     assert record["data"]["source"] == "embedded MNI152" and record["data"]["seed"] == 0
 
 
+@STAGE_ONE
 def test_prior_chain(stage_one, tmp_path):
     out = tmp_path / "prior"
     train = run_bundle(
@@ -67,6 +72,7 @@ def test_prior_chain(stage_one, tmp_path):
     assert grid.width >= 4 * SIZE[1] and grid.height >= SIZE[0]
 
 
+@STAGE_ONE
 def test_diffusion_chain(stage_one, tmp_path):
     out = tmp_path / "ldm"
     train = run_bundle(
@@ -96,6 +102,7 @@ def test_not_a_stage_one_folder_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@STAGE_ONE
 def test_swapped_checkpoint_is_one_line(stage_one, tmp_path):
     copy = tmp_path / "stage1"
     shutil.copytree(stage_one / "models", copy / "models")

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from bundle_runner import BUNDLES, read_metrics, run_bundle
+from bundle_runner import BUNDLES, read_metrics, run_bundle, run_bundle_in_process
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 from monai.engines import SupervisedTrainer
@@ -251,14 +251,18 @@ VQ2_TINY = {
 PRIOR_TINY = {"num_embeddings": [K_TOP, K_BOTTOM], "channels": 8, "num_layers": 2, "batch_size": 4}
 SIZE = [32, 32]  # top codes 4 x 4, bottom codes 8 x 8
 
+#: the tests that use ``vqvae2_prior`` run on one pytest-xdist worker (--dist loadgroup): it is built once
+VQVAE2_PRIOR = pytest.mark.xdist_group("prior_hierarchical_vqvae2_prior")
+
 
 @pytest.fixture(scope="module")
 def vqvae2_prior(tmp_path_factory, brain_files, real_folder):
-    """A tiny vqvae2_2d trained one epoch on 12 real brain slices, then the prior bundle with configs/vqvae2.json."""
+    """A tiny vqvae2_2d trained one epoch on 12 real brain slices (in this process), then the prior bundle with
+    configs/vqvae2.json (through ``python -m monai.bundle``)."""
     data = real_folder(brain_files(12), tmp_path_factory.mktemp("brain"))
     vq_out = tmp_path_factory.mktemp("vqvae2")
     split = {"data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2}
-    run_bundle(
+    run_bundle_in_process(
         "vqvae2_2d",
         ["train.json"],
         {
@@ -279,6 +283,7 @@ def vqvae2_prior(tmp_path_factory, brain_files, real_folder):
     return {"vq_out": vq_out, "out": out, "common": common, "train": train}
 
 
+@VQVAE2_PRIOR
 def test_bundle_trains_evaluates_and_samples_both_levels(vqvae2_prior, tmp_path):
     out, common = vqvae2_prior["out"], vqvae2_prior["common"]
     log = vqvae2_prior["train"].stdout + vqvae2_prior["train"].stderr
@@ -318,6 +323,7 @@ def test_bundle_trains_evaluates_and_samples_both_levels(vqvae2_prior, tmp_path)
     assert grid.width >= 4 * SIZE[1] and grid.height >= SIZE[0]
 
 
+@VQVAE2_PRIOR
 def test_single_level_config_on_a_vqvae2_names_the_overlay(vqvae2_prior, tmp_path):
     """train.json alone (one code level) on a VQ-VAE-2 folder stops with a message naming configs/vqvae2.json."""
     parser = ConfigParser()

@@ -19,6 +19,9 @@ STEPS = 5
 STATE = ("codebook", "cluster_size", "embed_sum", "restarts", "initialized")
 MODES = ("random", "data")  # random init, no restarts / data init with restarts
 
+#: both tests read the module fixture ``ranks`` (one two-process run): one pytest-xdist worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("quantizer_ddp_ranks")
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

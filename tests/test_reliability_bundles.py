@@ -96,6 +96,9 @@ TINY = {
 }
 COMMON = {"amp": False, "device": "cpu", "num_workers": 0}
 
+#: the tests that use ``first_run`` run on one pytest-xdist worker (--dist loadgroup): it is built once
+FIRST_RUN = pytest.mark.xdist_group("reliability_bundles_first_run")
+
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -175,7 +178,10 @@ def _dataset(bundle: str, request: pytest.FixtureRequest, folder: Path) -> Path:
 
 
 def _overrides(bundle: str, request: pytest.FixtureRequest, folder: Path) -> dict[str, Any]:
+    """Tiny settings, ``dataset.json`` in ``folder`` and ``folder/out`` as ``output_dir``: parsing ``initialize``
+    creates the output folders, which must not be the bundle's own (tests run in parallel)."""
     overrides = {**COMMON, **TINY[bundle], "dataset_dir": str(_dataset(bundle, request, folder))}
+    overrides["output_dir"] = str(folder / "out")
     if bundle in ("pixelcnn_prior", "latent_diffusion"):
         overrides["autoencoder_dir"] = str(request.getfixturevalue("vq_ckpt").parent.parent)
     return overrides
@@ -238,6 +244,7 @@ def _assert_identical(a: Any, b: Any, where: str = "") -> None:
 
 
 # vqvae2_2d: tests/test_bundle_vqvae2.py::test_same_seed_same_weights trains it twice through monai.bundle run
+@FIRST_RUN
 @pytest.mark.parametrize("bundle", ["vqvae_3d", "pixelcnn_prior", "latent_diffusion"])
 def test_same_seed_gives_bit_identical_checkpoints(bundle, first_run, tmp_path):
     overrides, out, iterations = first_run(bundle)
@@ -252,6 +259,7 @@ def test_same_seed_gives_bit_identical_checkpoints(bundle, first_run, tmp_path):
     _assert_identical(safe_load(out / "models" / "model.pt"), safe_load(again / "models" / "model.pt"))
 
 
+@FIRST_RUN
 @pytest.mark.parametrize("bundle", ["vqvae_3d", "vqvae2_2d", "pixelcnn_prior", "latent_diffusion"])
 def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoints(bundle, first_run, tmp_path):
     overrides, first_out, iterations = first_run(bundle)
