@@ -138,7 +138,7 @@ def _capped_env() -> dict[str, str]:
     # one malloc arena: glibc reserves 64 MiB of address space per thread arena, which an address-space cap counts;
     # a fixed mmap threshold: by default glibc raises it when a large block is freed and serves the next volumes from
     # a heap that keeps its peak, so the address space of the run varied by ~100 MiB from run to run (more under
-    # load, and the run then failed) instead of following the live tensors (peak ~200 MiB above the imports)
+    # load, and the run then failed) instead of following the live tensors (peak ~230 MiB above the imports)
     return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
