@@ -1,0 +1,99 @@
+"""Sample quality against training budget: runs of ``benchmarks/generator_comparison.sh`` made with different
+``GEN_CPU_MINUTES``, one point per (generator, budget).
+
+Each argument is ``GENERATOR=MINUTES:OUT``: the run ``OUT/GENERATOR`` trained for ``MINUTES`` process CPU-minutes
+(its ``eval/metrics.json`` is read through :func:`generator_table.rows`). Prints a Markdown table and, with
+``--figure``, draws ``c2st_accuracy`` against the budget per generator, with the target (0.75), chance (0.5) and the
+power check (real slices against blurred copies of themselves) as reference lines.
+
+Usage::
+
+    python benchmarks/budget_curve.py --figure docs/generators_budget_brain.png \\
+        diffusion=4:/tmp/gen_brain4 diffusion=8:/tmp/gen_brain diffusion=16:/tmp/gen_brain16 \\
+        gated=8:/tmp/gen_brain gated=16:/tmp/gen_brain16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generator_table import LABELS, _fmt, rows  # noqa: E402
+
+TARGET = 0.75
+
+
+def points(specs: list[str]) -> list[dict]:
+    """One row of :func:`generator_table.rows` per ``GENERATOR=MINUTES:OUT``, with ``budget_cpu_min`` added."""
+    found = []
+    for spec in specs:
+        try:
+            name, rest = spec.split("=", 1)
+            minutes, out = rest.split(":", 1)
+            budget = float(minutes)
+        except ValueError:
+            raise SystemExit(f"{spec!r}: expected GENERATOR=MINUTES:OUT, e.g. diffusion=8:/tmp/gen_brain") from None
+        row = rows(Path(out), [name])[0]
+        if row["c2st_accuracy"] is None:
+            raise SystemExit(f"{Path(out) / name / 'eval' / 'metrics.json'}: no c2st_accuracy; run the evaluate first")
+        found.append({**row, "budget_cpu_min": budget})
+    return sorted(found, key=lambda r: (r["generator"], r["budget_cpu_min"]))
+
+
+def markdown(table: list[dict]) -> str:
+    lines = [
+        "| generator | budget (CPU-min) | epochs | c2st_accuracy | power (blur σ1) | MS-SSIM samples / real | NLL bits per code |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in table:
+        lines.append(
+            f"| {LABELS.get(r['generator'], r['generator'])} | {r['budget_cpu_min']:g} | {r['epochs']} "
+            f"| {_fmt(r['c2st_accuracy'])} | {_fmt(r['c2st_power_blurred_real'])} "
+            f"| {_fmt(r['ms_ssim_diversity_samples'])} / {_fmt(r['ms_ssim_diversity_real'])} | {_fmt(r['nll_bits_per_code'], 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def figure(table: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["generator"] for r in table):
+        pts = [r for r in table if r["generator"] == name]
+        ax.plot([r["budget_cpu_min"] for r in pts], [r["c2st_accuracy"] for r in pts], "o-", label=LABELS.get(name, name))
+    power = [r["c2st_power_blurred_real"] for r in table if r["c2st_power_blurred_real"] is not None]
+    if power:
+        ax.axhline(sum(power) / len(power), color="grey", ls=":", label="power check (real vs blurred real)")
+    ax.axhline(TARGET, color="red", ls="--", label=f"target {TARGET}")
+    ax.axhline(0.5, color="black", lw=0.5, label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training budget (process CPU-minutes)")
+    ax.set_ylabel("c2st_accuracy (lower is better)")
+    ax.set_ylim(0.45, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="GENERATOR=MINUTES:OUT")
+    parser.add_argument("--figure", type=Path, help="write the curve to this PNG")
+    parser.add_argument("--title", default="c2st_accuracy against training budget")
+    args = parser.parse_args()
+    table = points(args.runs)
+    print(markdown(table))
+    if args.figure:
+        figure(table, args.figure, args.title)
+        print(f"figure: {args.figure}")
+
+
+if __name__ == "__main__":
+    main()
