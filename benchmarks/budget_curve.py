@@ -1,8 +1,9 @@
 """Sample quality against training budget: runs of ``benchmarks/generator_comparison.sh`` made with different
 ``GEN_CPU_MINUTES``, one point per (generator, budget).
 
-Each argument is ``GENERATOR=MINUTES:OUT``: the run ``OUT/GENERATOR`` trained for ``MINUTES`` process CPU-minutes
-(its ``eval/metrics.json`` is read through :func:`generator_table.rows`). Prints a Markdown table and, with
+Each argument is ``GENERATOR=MINUTES:OUT`` or ``GENERATOR=MINUTES:OUT:SERIES``: the run ``OUT/GENERATOR`` trained for
+``MINUTES`` process CPU-minutes (its ``eval/metrics.json`` is read through :func:`generator_table.rows`); points
+with the same generator and ``SERIES`` (e.g. ``50 steps``, for another evaluate setting) form one curve. Prints a Markdown table and, with
 ``--figure``, draws ``c2st_accuracy`` against the budget per generator, with the target (0.75), chance (0.5) and the
 power check (real slices against blurred copies of themselves) as reference lines.
 
@@ -26,20 +27,21 @@ TARGET = 0.75
 
 
 def points(specs: list[str]) -> list[dict]:
-    """One row of :func:`generator_table.rows` per ``GENERATOR=MINUTES:OUT``, with ``budget_cpu_min`` added."""
+    """One row of :func:`generator_table.rows` per ``GENERATOR=MINUTES:OUT[:SERIES]``, with ``budget_cpu_min`` and ``label`` added."""
     found = []
     for spec in specs:
         try:
             name, rest = spec.split("=", 1)
-            minutes, out = rest.split(":", 1)
+            minutes, out, *series = rest.split(":", 2)
             budget = float(minutes)
         except ValueError:
             raise SystemExit(f"{spec!r}: expected GENERATOR=MINUTES:OUT, e.g. diffusion=8:/tmp/gen_brain") from None
         row = rows(Path(out), [name])[0]
         if row["c2st_accuracy"] is None:
             raise SystemExit(f"{Path(out) / name / 'eval' / 'metrics.json'}: no c2st_accuracy; run the evaluate first")
-        found.append({**row, "budget_cpu_min": budget})
-    return sorted(found, key=lambda r: (r["generator"], r["budget_cpu_min"]))
+        label = LABELS.get(name, name) + (f", {series[0]}" if series else "")
+        found.append({**row, "budget_cpu_min": budget, "label": label})
+    return sorted(found, key=lambda r: (r["label"], r["budget_cpu_min"]))
 
 
 def markdown(table: list[dict]) -> str:
@@ -49,7 +51,7 @@ def markdown(table: list[dict]) -> str:
     ]
     for r in table:
         lines.append(
-            f"| {LABELS.get(r['generator'], r['generator'])} | {r['budget_cpu_min']:g} | {r['epochs']} "
+            f"| {r['label']} | {r['budget_cpu_min']:g} | {r['epochs']} "
             f"| {_fmt(r['c2st_accuracy'])} | {_fmt(r['c2st_power_blurred_real'])} "
             f"| {_fmt(r['ms_ssim_diversity_samples'])} / {_fmt(r['ms_ssim_diversity_real'])} | {_fmt(r['nll_bits_per_code'], 2)} |"
         )
@@ -63,9 +65,9 @@ def figure(table: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["generator"] for r in table):
-        pts = [r for r in table if r["generator"] == name]
-        ax.plot([r["budget_cpu_min"] for r in pts], [r["c2st_accuracy"] for r in pts], "o-", label=LABELS.get(name, name))
+    for label in dict.fromkeys(r["label"] for r in table):
+        pts = [r for r in table if r["label"] == label]
+        ax.plot([r["budget_cpu_min"] for r in pts], [r["c2st_accuracy"] for r in pts], "o-", label=label)
     power = [r["c2st_power_blurred_real"] for r in table if r["c2st_power_blurred_real"] is not None]
     if power:
         ax.axhline(sum(power) / len(power), color="grey", ls=":", label="power check (real vs blurred real)")
@@ -84,7 +86,7 @@ def figure(table: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="GENERATOR=MINUTES:OUT")
+    parser.add_argument("runs", nargs="+", help="GENERATOR=MINUTES:OUT[:SERIES]")
     parser.add_argument("--figure", type=Path, help="write the curve to this PNG")
     parser.add_argument("--title", default="c2st_accuracy against training budget")
     args = parser.parse_args()
