@@ -153,11 +153,12 @@ def test_generative_bundles_expose_the_sampler_as_inferer(bundle, sampler):
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_config_lines_are_under_140_characters(bundle):
-    """Model Zoo style: config lines (not the prose of metadata.json) stay under 140 characters."""
+    """Model Zoo style: no line of any file under configs/ (metadata.json and its prose included) is over 140
+    characters; the full changelog lives in docs/README.md."""
     long_lines = [
         f"{path.name}:{number}"
-        for path in sorted((BUNDLES / bundle / "configs").glob("*.json"))
-        if path.name != "metadata.json"
+        for path in sorted((BUNDLES / bundle / "configs").iterdir())
+        if path.is_file()
         for number, line in enumerate(path.read_text().splitlines(), start=1)
         if len(line) > 140
     ]
