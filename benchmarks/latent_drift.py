@@ -82,7 +82,7 @@ def plot(runs: list[str], png: Path) -> None:
         hist = [json.loads(x) for x in (Path(folder) / "logs" / "history.jsonl").read_text().splitlines() if x.strip()]
         val = [(h["epoch"], h["ssim"]) for h in hist if h.get("phase") == "validation"]
         axes[2].plot([e for e, _ in val], [s for _, s in val], "o-", ms=3, color=line.get_color(), label=label)
-    axes[0].set(xlabel="iteration", ylabel="mean l2 norm", title="latent and codebook vector norms")
+    axes[0].set(xlabel="iteration", ylabel="mean l2 norm (log)", title="latent and codebook vector norms", yscale="log")
     axes[1].set(xlabel="iteration", ylabel="commitment loss", title="commitment loss (0.25 |z - sg(e)|^2)")
     axes[2].set(xlabel="epoch", ylabel="validation SSIM", title="validation SSIM", ylim=(0.5, 1.0))
     for ax in axes:

@@ -1,4 +1,5 @@
-"""``normalize_latents``: l2-normalised latents (Yu et al., arXiv 2110.04627) in the VQ-VAE and the VQ-VAE-2."""
+"""``normalize_latents``: l2-normalised (Yu et al., arXiv 2110.04627) and tanh-squashed latents in the VQ-VAE and the
+VQ-VAE-2."""
 
 from __future__ import annotations
 
@@ -8,15 +9,37 @@ from scripting import assert_scripted_equals_eager
 
 from vqvae_medical.networks import VQVAE, VQVAE2, ReconstructionNetwork
 from vqvae_medical.networks.config import build_network, network_config
-from vqvae_medical.networks.vqvae import normalize_latents
+from vqvae_medical.networks.latent_norm import l2_latents, latent_norm_mode, tanh_latents
 
 
 def test_normalize_latents_puts_every_vector_on_the_sphere_of_radius_sqrt_d():
     z = torch.randn(2, 8, 5, 7) * torch.rand(2, 1, 5, 7) * 30
-    out = normalize_latents(z)
+    out = l2_latents(z)
     assert torch.allclose(out.norm(dim=1), torch.full((2, 5, 7), 8**0.5), atol=1e-5)
     cos = torch.nn.functional.cosine_similarity(out, z, dim=1)
     assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)  # the direction is kept
+
+
+def test_tanh_latents_keep_small_norms_bound_large_ones_and_keep_the_order():
+    radius = 8**0.5
+    z = torch.nn.functional.normalize(torch.randn(1, 8, 1, 50), dim=1) * torch.logspace(-2, 2, 50).view(1, 1, 1, 50)
+    out = tanh_latents(z)
+    n_in, n_out = z.norm(dim=1).flatten(), out.norm(dim=1).flatten()
+    small = n_in < 0.1 * radius
+    assert torch.allclose(n_out[small], n_in[small], rtol=5e-3)  # about linear well inside the radius
+    assert bool((n_out < radius + 1e-5).all()) and bool((n_out[n_in > 3 * radius] > 0.99 * radius).all())
+    assert bool((n_out[n_in < 2 * radius].diff() > 0).all())  # monotone: the order of norms (intensity) is kept
+    cos = torch.nn.functional.cosine_similarity(out, z, dim=1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
+    assert tanh_latents(torch.zeros(1, 4, 2, 2)).abs().max() == 0  # no NaN at the origin
+    z_bf16 = (torch.randn(2, 8, 4, 4) * 0.05).bfloat16()
+    assert tanh_latents(z_bf16).dtype == torch.bfloat16
+
+
+def test_latent_norm_settings_and_bad_value_message():
+    assert [latent_norm_mode(v) for v in (False, None, True, "tanh")] == ["none", "none", "l2", "tanh"]
+    with pytest.raises(ValueError, match=r"normalize_latents must be false, true .* or 'tanh'.*'l1'"):
+        VQVAE(2, 1, channels=(8, 16), num_embeddings=8, embedding_dim=4, normalize_latents="l1")
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -31,10 +54,15 @@ def test_vqvae_encoder_output_is_normalised_only_when_asked(spatial_dims):
         z_plain, z_normed = plain.encode(x), normed.encode(x)
     assert not torch.allclose(z_plain.norm(dim=1), torch.full_like(z_plain[:, 0], 2.0), atol=1e-3)
     assert torch.allclose(z_normed.norm(dim=1), torch.full_like(z_normed[:, 0], 2.0), atol=1e-4)
-    assert torch.allclose(z_normed, normalize_latents(z_plain), atol=1e-5)
-    # the flag is part of the recorded architecture, so stage 2 rebuilds the network that was trained
+    assert torch.allclose(z_normed, l2_latents(z_plain), atol=1e-5)
+    squashed = VQVAE(spatial_dims, 1, normalize_latents="tanh", **kwargs).eval()
+    squashed.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(squashed.encode(x), tanh_latents(z_plain), atol=1e-6)
+    # the setting is part of the recorded architecture, so stage 2 rebuilds the network that was trained
     assert network_config(normed)["normalize_latents"] is True
-    assert build_network(network_config(normed)).normalize_latents
+    assert build_network(network_config(normed)).latent_norm == "l2"
+    assert build_network(network_config(squashed)).latent_norm == "tanh"
 
 
 def test_vqvae2_normalises_both_levels_and_scripts():
@@ -49,6 +77,13 @@ def test_vqvae2_normalises_both_levels_and_scripts():
     assert torch.allclose(z_top.norm(dim=1), torch.full_like(z_top[:, 0], 2.0), atol=1e-4)
     assert torch.allclose(z_bottom.norm(dim=1), torch.full_like(z_bottom[:, 0], 6**0.5), atol=1e-4)
     assert_scripted_equals_eager(ReconstructionNetwork(net).eval(), x)  # the Model Zoo's export path
+    squashed = VQVAE2(2, 1, channels=(8, 16), res_channels=(8, 8), num_res_units=1, num_embeddings=(8, 8),
+                      embedding_dim=(4, 6), normalize_latents="tanh").eval()
+    squashed.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        z_top_t, _ = squashed.encode(x)
+    assert bool((z_top_t.norm(dim=1) < 2.0).all())
+    assert_scripted_equals_eager(ReconstructionNetwork(squashed).eval(), x)
 
 
 def _recorded_model(folder, **kwargs):

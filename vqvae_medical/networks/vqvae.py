@@ -34,13 +34,14 @@ from vqvae_medical.networks.blocks import (
     make_upsample,
 )
 from vqvae_medical.networks.config import recorded
+from vqvae_medical.networks.latent_norm import latent_norm_mode, normalize_latents
 from vqvae_medical.networks.quantizers import (
     EMAVectorQuantizer,
     GradientVectorQuantizer,
     QuantizerOutput,
 )
 
-__all__ = ["VQOutput", "VQVAE", "CheckpointedSequential", "make_quantizer", "normalize_latents", "pad_to_multiple", "crop_to"]
+__all__ = ["VQOutput", "VQVAE", "CheckpointedSequential", "make_quantizer", "pad_to_multiple", "crop_to"]
 
 
 class VQOutput(NamedTuple):
@@ -85,13 +86,6 @@ def make_quantizer(
     if kind == "gradient":
         return GradientVectorQuantizer(spatial_dims, num_embeddings, embedding_dim, commitment_cost=commitment_cost)
     raise ValueError(f"quantizer must be 'ema' or 'gradient', got {kind!r}.")
-
-
-def normalize_latents(z: torch.Tensor) -> torch.Tensor:
-    """Latent vectors ``[B, D, ...]`` scaled to the l2 norm ``sqrt(D)`` along the channels (components of about unit
-    size), as the l2-normalised codes of Yu et al., arXiv 2110.04627: the codebook then lives on (or, as EMA cluster
-    means, just inside) that sphere and the encoder can no longer drift in scale."""
-    return F.normalize(z, dim=1, eps=1e-6) * float(z.shape[1]) ** 0.5
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -220,11 +214,12 @@ class VQVAE(nn.Module):
         ddp_sync: all-reduce codebook statistics under ``torch.distributed``.
         channels_last: keep weights and activations in channels-last memory format, which oneDNN (CPU) and
             cuDNN (CUDA, AMP) convolutions run faster on (measured: about 1.2x per training step on a 2-core CPU).
-        normalize_latents: project every encoder output vector onto the sphere of radius ``sqrt(embedding_dim)``
-            before quantization (:func:`normalize_latents`; l2-normalised codes, Yu et al., "Vector-quantized Image
-            Modeling with Improved VQGAN", ICLR 2022, arXiv 2110.04627). Without it the encoder's output norm
-            drifts upwards under Adam with the straight-through estimator (nothing in the loss fixes the scale),
-            the commitment loss grows with it and reconstruction quality falls once it dominates.
+        normalize_latents: how the encoder's output vectors are normalised before quantization
+            (:mod:`~vqvae_medical.networks.latent_norm`): ``False`` not at all, ``True`` projected onto the sphere
+            of radius ``sqrt(embedding_dim)`` (l2-normalised codes, Yu et al., ICLR 2022, arXiv 2110.04627),
+            ``"tanh"`` their norm squashed below that radius (small vectors keep their norm). Without either the
+            encoder's output norm drifts upwards in long runs, the commitment loss grows with it and
+            reconstruction quality falls once it dominates.
     """
 
     def __init__(
@@ -251,7 +246,7 @@ class VQVAE(nn.Module):
         use_checkpointing: bool = False,
         ddp_sync: bool = True,
         channels_last: bool = True,
-        normalize_latents: bool = False,
+        normalize_latents: bool | str = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -270,7 +265,7 @@ class VQVAE(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.downsample_factor = 2 ** len(channels)
-        self.normalize_latents = bool(normalize_latents)
+        self.latent_norm = latent_norm_mode(normalize_latents)
 
         def residuals(ch: int, rch: int) -> list[nn.Module]:
             return [ResidualUnit(spatial_dims, ch, rch, act=act, norm=norm) for _ in range(num_res_units)]
@@ -351,7 +346,7 @@ class VQVAE(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d)
         z = self.encoder(x)
-        return normalize_latents(z) if self.normalize_latents else z
+        return normalize_latents(z, self.latent_norm)
 
     def decode(self, z_q: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         """Image from (quantized) latents; cropped to ``output_size`` when given."""

@@ -38,12 +38,12 @@ from vqvae_medical.networks.blocks import (
     make_upsample,
 )
 from vqvae_medical.networks.config import recorded
+from vqvae_medical.networks.latent_norm import latent_norm_mode, normalize_latents
 from vqvae_medical.networks.vqvae import (
     CheckpointedSequential,
     VQOutput,
     crop_to,
     make_quantizer,
-    normalize_latents,
     pad_to_multiple,
 )
 
@@ -93,8 +93,9 @@ class VQVAE2(nn.Module):
         ddp_sync: all-reduce codebook statistics under ``torch.distributed``.
         channels_last: keep weights and activations in channels-last memory format (faster convolutions on
             oneDNN and on tensor cores, as in :class:`~vqvae_medical.networks.vqvae.VQVAE`).
-        normalize_latents: project both levels' latent vectors onto the sphere of radius ``sqrt(D)`` before
-            quantization (see :class:`~vqvae_medical.networks.vqvae.VQVAE`; Yu et al., arXiv 2110.04627).
+        normalize_latents: normalise both levels' latent vectors before quantization: ``True`` onto the sphere
+            of radius ``sqrt(D)``, ``"tanh"`` their norm squashed below it
+            (:mod:`~vqvae_medical.networks.latent_norm`, as in :class:`~vqvae_medical.networks.vqvae.VQVAE`).
 
     Attributes:
         downsample_factor: 8, the multiple the input is padded to (top codes at ``1/8``).
@@ -127,7 +128,7 @@ class VQVAE2(nn.Module):
         use_checkpointing: bool = False,
         ddp_sync: bool = True,
         channels_last: bool = True,
-        normalize_latents: bool = False,
+        normalize_latents: bool | str = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -157,7 +158,7 @@ class VQVAE2(nn.Module):
         self.embedding_dim: tuple[int, int] = embedding_dim
         self.downsample_factor = 8
         self.level_factors: tuple[int, int] = (8, 4)
-        self.normalize_latents = bool(normalize_latents)
+        self.latent_norm = latent_norm_mode(normalize_latents)
 
         c1, c2 = channels
         r1, r2 = res_channels
@@ -238,13 +239,13 @@ class VQVAE2(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d)
         features = self.encoder_bottom(x)
         z_top = self.encoder_top(features)
-        return (normalize_latents(z_top) if self.normalize_latents else z_top), features
+        return normalize_latents(z_top, self.latent_norm), features
 
     def bottom_latent(self, features: torch.Tensor, quantized_top: torch.Tensor) -> torch.Tensor:
         """Continuous bottom latent ``[B, D_bottom, *spatial / 4]`` from the bottom features and the quantized top."""
         conditioning = self.decoder_top(quantized_top.to(features.dtype))
         z_bottom = self.pre_quantize_bottom(torch.cat([features, conditioning], dim=1))
-        return normalize_latents(z_bottom) if self.normalize_latents else z_bottom
+        return normalize_latents(z_bottom, self.latent_norm)
 
     def decode(
         self, quantized_top: torch.Tensor, quantized_bottom: torch.Tensor, output_size: list[int] | None = None
