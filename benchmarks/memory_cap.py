@@ -5,7 +5,9 @@ with its figures printed: IXI T1 volumes (``../shared/data/ixi_t1_2mm``) zero-pa
 interpolation), a tiny network trained for one epoch on ``16^3`` random patches, no validation pass. The cap is either
 ``--headroom_mib`` above the address space of the run's imports (measured in a fresh process) or ``--cap_mib`` in
 absolute terms. Two runs of ``python -m monai.bundle run --config_file configs/train.json``, each in a fresh process
-started with ``RLIMIT_AS`` = the cap and ``MALLOC_ARENA_MAX=1``:
+started with ``RLIMIT_AS`` = the cap, ``MALLOC_ARENA_MAX=1`` and ``MALLOC_MMAP_THRESHOLD_=131072`` (as in the test: glibc
+otherwise raises its mmap threshold after a large block is freed and the heap keeps its peak, which made the capped
+run fail under load; see ``docs/troubleshooting.md``, address-space caps):
 
 - ``--cache memory``: expected to stop at once with one ``ERROR (DataError)`` line;
 - ``--cache auto``: expected to pick the disk cache and finish; its peak address space (``VmPeak``) and peak
@@ -41,7 +43,8 @@ STATUS = "$print('STATUS', {l.split(':')[0]: int(l.split()[1]) for l in open('/p
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1", "MPLBACKEND": "Agg"}
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1",
+            "MALLOC_MMAP_THRESHOLD_": "131072", "MPLBACKEND": "Agg"}
 
 
 def _run(overrides: dict, limit: int) -> tuple[subprocess.CompletedProcess, float]:

@@ -17,6 +17,7 @@ __all__ = [
     "BUNDLES",
     "REPO_ROOT",
     "TINY_VQVAE_2D",
+    "TINY_VQVAE2_2D",
     "default_threads",
     "monai_bundle",
     "run_bundle",
@@ -35,6 +36,15 @@ TINY_VQVAE_2D = {
     "num_embeddings": 16,
     "embedding_dim": 8,
     "batch_size": 2,
+}
+
+#: overrides that make the vqvae2_2d network tiny (top codebook 8 codes, bottom 16, both 4-dimensional)
+TINY_VQVAE2_2D = {
+    "network_def#model#channels": [8, 16],
+    "network_def#model#res_channels": [8, 8],
+    "network_def#model#num_res_units": 1,
+    "num_embeddings": [8, 16],
+    "embedding_dim": [4, 4],
 }
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from bundle_runner import (
     REPO_ROOT,
+    TINY_VQVAE2_2D,
     bundle_network,
     monai_bundle,
     read_metrics,
@@ -22,14 +23,8 @@ from PIL import Image
 from vqvae_medical.data import build_datalist, image_transforms_2d
 
 BUNDLE = "vqvae2_2d"
-K_TOP, K_BOTTOM = 8, 16
-TINY_NET = {
-    "network_def#model#channels": [8, 16],
-    "network_def#model#res_channels": [8, 8],
-    "network_def#model#num_res_units": 1,
-    "num_embeddings": [K_TOP, K_BOTTOM],
-    "embedding_dim": [4, 4],
-}
+K_TOP, K_BOTTOM = TINY_VQVAE2_2D["num_embeddings"]
+TINY_NET = TINY_VQVAE2_2D
 # two iterations of two slices, validation on two slices
 TINY = {**TINY_NET, "batch_size": 2, "max_epochs": 1, "max_train_items": 4, "max_val_items": 2}
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from bundle_runner import BUNDLES, read_metrics, run_bundle, run_bundle_in_process
+from bundle_runner import BUNDLES, TINY_VQVAE2_2D, read_metrics, run_bundle, run_bundle_in_process
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 from monai.engines import SupervisedTrainer
@@ -26,7 +26,7 @@ from vqvae_medical.stages.prior.hierarchical import (
 )
 from vqvae_medical.stages.prior.steps import PriorTrainStep
 
-K_TOP, K_BOTTOM = 8, 16
+K_TOP, K_BOTTOM = TINY_VQVAE2_2D["num_embeddings"]
 
 
 def tiny_prior(num_classes: int | None = 2, transformer_top: bool = False, seed: int = 0) -> HierarchicalPrior:
@@ -241,13 +241,7 @@ def test_model_zoo_tools_accept_the_hierarchical_network_def(tmp_path):
         torch.testing.assert_close(torch.jit.load(str(tmp_path / "model.ts"))(x), eager(x), rtol=0, atol=0)
 
 
-VQ2_TINY = {
-    "network_def#model#channels": [8, 16],
-    "network_def#model#res_channels": [8, 8],
-    "network_def#model#num_res_units": 1,
-    "num_embeddings": [K_TOP, K_BOTTOM],
-    "embedding_dim": [4, 4],
-}
+VQ2_TINY = TINY_VQVAE2_2D
 PRIOR_TINY = {"num_embeddings": [K_TOP, K_BOTTOM], "channels": 8, "num_layers": 2, "batch_size": 4}
 SIZE = [32, 32]  # top codes 4 x 4, bottom codes 8 x 8
 
