@@ -24,9 +24,8 @@ from vqvae_medical.data import build_datalist, image_transforms_2d
 
 BUNDLE = "vqvae2_2d"
 K_TOP, K_BOTTOM = TINY_VQVAE2_2D["num_embeddings"]
-TINY_NET = TINY_VQVAE2_2D
 # two iterations of two slices, validation on two slices
-TINY = {**TINY_NET, "batch_size": 2, "max_epochs": 1, "max_train_items": 4, "max_val_items": 2}
+TINY = {**TINY_VQVAE2_2D, "batch_size": 2, "max_epochs": 1, "max_train_items": 4, "max_val_items": 2}
 
 #: every test uses the module fixtures ``slices`` or ``trained``: one pytest-xdist worker (--dist loadgroup) builds them once
 pytestmark = pytest.mark.xdist_group("vqvae2_2d_trained")
@@ -144,7 +143,9 @@ def test_inference_nifti_keeps_shape_and_affine(trained, tmp_path):
         (src / f.name).write_bytes(f.read_bytes())
     result = tmp_path / "result"
     run_bundle(
-        BUNDLE, ["inference.json"], {**TINY_NET, "input_dir": src, "output_dir": result, "ckpt_path": out / "models" / "model.pt"}
+        BUNDLE,
+        ["inference.json"],
+        {**TINY_VQVAE2_2D, "input_dir": src, "output_dir": result, "ckpt_path": out / "models" / "model.pt"},
     )
     for f in inputs:
         stem = f.name[: -len(".nii.gz")]
@@ -166,18 +167,18 @@ def test_inference_nifti_keeps_shape_and_affine(trained, tmp_path):
 def test_model_zoo_checks(trained, tmp_path):
     _, out, _ = trained
     args = ["--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
-    monai_bundle(BUNDLE, "verify_net_in_out", ["network_def", *args], TINY_NET)
+    monai_bundle(BUNDLE, "verify_net_in_out", ["network_def", *args], TINY_VQVAE2_2D)
     ts = tmp_path / "model.ts"
     monai_bundle(
         BUNDLE,
         "ckpt_export",
         ["network_def", "--filepath", str(ts), "--ckpt_file", str(out / "models" / "model.pt"), *args],
-        TINY_NET,
+        TINY_VQVAE2_2D,
     )
     exported = torch.jit.load(str(ts))
     x = torch.rand(1, 1, 120, 96)
     assert exported(x).shape == x.shape
     # the TorchScript (script mode) module reconstructs exactly as the eager network
-    eager = bundle_network(BUNDLE, TINY_NET, out / "models" / "model.pt")
+    eager = bundle_network(BUNDLE, TINY_VQVAE2_2D, out / "models" / "model.pt")
     with torch.no_grad():
         torch.testing.assert_close(exported(x), eager(x))

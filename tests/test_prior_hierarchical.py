@@ -241,7 +241,6 @@ def test_model_zoo_tools_accept_the_hierarchical_network_def(tmp_path):
         torch.testing.assert_close(torch.jit.load(str(tmp_path / "model.ts"))(x), eager(x), rtol=0, atol=0)
 
 
-VQ2_TINY = TINY_VQVAE2_2D
 PRIOR_TINY = {"num_embeddings": [K_TOP, K_BOTTOM], "channels": 8, "num_layers": 2, "batch_size": 4}
 SIZE = [32, 32]  # top codes 4 x 4, bottom codes 8 x 8
 
@@ -260,7 +259,7 @@ def vqvae2_prior(tmp_path_factory, brain_files, real_folder):
         "vqvae2_2d",
         ["train.json"],
         {
-            **VQ2_TINY,
+            **TINY_VQVAE2_2D,
             **split,
             "dataset_dir": data,
             "output_dir": vq_out,

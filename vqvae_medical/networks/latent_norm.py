@@ -5,7 +5,7 @@ estimator nothing in the loss fixes their scale, the vectors at the edge of the 
 unbounded) keep moving out, the codebook follows, and the commitment loss grows until reconstruction falls
 (measured in ``bundles/vqvae_2d/docs/README.md``, "Convergence"). Two cures, one per mode:
 
-- ``True`` (``"l2"``): every vector projected onto the sphere of radius ``sqrt(D)`` (l2-normalised codes, Yu et
+- ``True``: every vector projected onto the sphere of radius ``sqrt(D)`` (l2-normalised codes, Yu et
   al., "Vector-quantized Image Modeling with Improved VQGAN", ICLR 2022, arXiv 2110.04627). It throws the norm
   away, which on grey images carries intensity.
 - ``"tanh"``: the norm squashed radially, ``z * R tanh(|z| / R) / |z|`` with ``R = sqrt(D)``. Vectors well inside
@@ -22,9 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LATENT_NORMS", "latent_norm_mode", "l2_latents", "tanh_latents", "normalize_latents"]
-
-LATENT_NORMS = ("none", "l2", "tanh")
+__all__ = ["latent_norm_mode", "l2_latents", "tanh_latents", "normalize_latents"]
 
 
 def latent_norm_mode(value: bool | str | None) -> str:
@@ -62,7 +60,7 @@ def tanh_latents(z: torch.Tensor) -> torch.Tensor:
 
 
 def normalize_latents(z: torch.Tensor, mode: str) -> torch.Tensor:
-    """``z`` normalised by ``mode`` (one of :data:`LATENT_NORMS`, see :func:`latent_norm_mode`)."""
+    """``z`` normalised by ``mode``: ``"none"``, ``"l2"`` or ``"tanh"``, as :func:`latent_norm_mode` returns."""
     if mode == "l2":
         return l2_latents(z)
     if mode == "tanh":
