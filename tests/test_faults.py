@@ -26,7 +26,9 @@ import torch
 from bundle_runner import TINY_VQVAE_2D, run_bundle, run_bundle_in_process
 from PIL import Image
 
+from vqvae_medical.data.checks import DataError
 from vqvae_medical.training.checkpoints import safe_load
+from vqvae_medical.training.runtime import SettingError, _user_error
 from vqvae_medical.training.schedules import cosine_decay
 
 TINY = {**TINY_VQVAE_2D, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2, "amp": False, "device": "cpu"}
@@ -270,6 +272,36 @@ def test_output_names_are_unique_and_keep_sub_folders(tmp_path):
     # without a root the folders are dropped, and the clash of the two x.jpg is resolved with a counter
     flat = output_names(files, None)
     assert len(set(flat.values())) == len(files)
+
+
+def test_constructor_refusing_a_setting_is_one_setting_error_line(slices, tmp_path):
+    """A bad network setting on the command line: one line naming the component and the value, no traceback."""
+    overrides = {**TINY, "dataset_dir": slices, "output_dir": tmp_path / "o", "max_epochs": 1}
+    proc = run_bundle("vqvae_2d", ["train.json"], {**overrides, "network_def#model#normalize_latents": "l1"}, expect_ok=False)
+    last = _one_line_error(proc, "SettingError")
+    assert "vqvae_medical.networks.VQVAE: normalize_latents must be false, true" in last and "got 'l1'." in last, last
+    assert not (tmp_path / "o" / "models" / "model.pt").exists()
+
+
+def test_user_error_unwraps_monai_instantiation_failures_only_for_bad_arguments():
+    def wrapped(cause: BaseException) -> RuntimeError:
+        try:
+            try:
+                raise cause
+            except Exception as e:
+                raise RuntimeError("Failed to instantiate component 'pkg.Net' with keywords: a,b") from e
+        except RuntimeError as outer:
+            return outer
+
+    found = _user_error(wrapped(TypeError("Net.__init__() got an unexpected keyword argument 'c'")))
+    assert isinstance(found, SettingError)
+    assert str(found) == (
+        "pkg.Net: Net.__init__() got an unexpected keyword argument 'c'. Check that setting in the config or on the "
+        "command line."
+    )
+    assert isinstance(_user_error(wrapped(DataError("x.png: unreadable"))), DataError)  # our own kind wins
+    assert _user_error(wrapped(OSError("disk"))) is None  # not a bad argument: the traceback stays
+    assert _user_error(RuntimeError("Failed to instantiate component 'pkg.Net'")) is None
 
 
 def test_check_writable_names_the_folder_and_the_setting(tmp_path):

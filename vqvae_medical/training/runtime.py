@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,14 +65,32 @@ def require_setting(value: object, name: str, what: str) -> object:
     return value
 
 
-def _user_error(exc: BaseException | None) -> BaseException | None:
-    """The first exception of our user-facing kinds in the ``__cause__``/``__context__`` chain, if any."""
+#: how MONAI's ``ConfigComponent.instantiate`` wraps an exception raised by a component's constructor
+_INSTANTIATE_FAILED = re.compile(r"Failed to instantiate component '([^']+)'")
+
+
+def _chain(exc: BaseException | None):
+    """``exc`` and its ``__cause__``/``__context__`` chain, each once."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if type(exc).__name__ in _USER_ERRORS or "Weights only load failed" in str(exc):
-            return exc
+        yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def _user_error(exc: BaseException | None) -> BaseException | None:
+    """The first exception of our user-facing kinds in the ``__cause__``/``__context__`` chain, if any; else a
+    :class:`SettingError` for a config component whose constructor refused its arguments (a ``ValueError`` or
+    ``TypeError`` that MONAI's config parser wrapped, e.g. ``--network_def#model#normalize_latents l1``): its
+    message names the component and the bad value."""
+    for e in _chain(exc):
+        if type(e).__name__ in _USER_ERRORS or "Weights only load failed" in str(e):
+            return e
+    for e in _chain(exc):
+        match = _INSTANTIATE_FAILED.match(str(e))
+        if match and isinstance(e.__cause__, (ValueError, TypeError)):
+            reason = str(e.__cause__).rstrip(".")
+            return SettingError(f"{match.group(1)}: {reason}. Check that setting in the config or on the command line.")
     return None
 
 
