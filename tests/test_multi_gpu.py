@@ -12,6 +12,7 @@ import pytest
 import torch
 from bundle_runner import (
     BUNDLES,
+    TINY_VQVAE2_2D,
     TINY_VQVAE_2D,
     bundle_network,
     read_metrics,
@@ -21,7 +22,6 @@ from bundle_runner import (
 from monai.bundle import ConfigParser
 from test_bundle_latent_diffusion import TINY as LDM_TINY
 from test_bundle_pixelcnn_prior import PRIOR_NET, SPLIT, VQ_TINY
-from test_bundle_vqvae2 import TINY_NET as VQVAE2_TINY
 from test_bundle_vqvae_3d import TINY as VQVAE3D_TINY
 
 from vqvae_medical.data import image_transforms_2d
@@ -167,7 +167,7 @@ def test_vqvae2_2d_two_processes(brain_slices, tmp_path):
     """VQ-VAE-2: both codebooks (top and bottom) are all-reduced, so every weight and buffer is equal on the ranks."""
     out = tmp_path / "out"
     overrides = {
-        **VQVAE2_TINY,
+        **TINY_VQVAE2_2D,
         "dataset_dir": brain_slices,
         "output_dir": out,
         "data_layout": "folder",
