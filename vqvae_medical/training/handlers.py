@@ -99,6 +99,13 @@ class TimeBudget:
     def __init__(self, minutes: float | None, clock: str = "wall") -> None:
         if clock not in ("wall", "process"):
             raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}.")
+        if isinstance(minutes, str) or (minutes is not None and not isinstance(minutes, (int, float))):
+            hint = ""
+            if isinstance(minutes, str):
+                hint = " (on the command line write None: `null` is read as the text 'null')"
+            raise ValueError(f"time_budget_minutes must be a number of minutes or None, got {minutes!r}{hint}.")
+        if minutes is not None and minutes < 0:
+            raise ValueError(f"time_budget_minutes must be >= 0 (0 or None: no budget), got {minutes}.")
         self.minutes = minutes
         self.clock = clock
         self._start = 0.0
