@@ -71,9 +71,12 @@ def _plain(value: Any) -> Any:
 def _arg(value: Any) -> str:
     """Format an override so that python-fire parses it back to the same value.
 
-    Non-strings are written as Python literals: fire reads ``False``/``None`` as ``False``/``None`` but JSON's
-    ``false``/``null`` as the (truthy) strings ``"false"``/``"null"``.
+    Non-strings are written as Python literals: fire reads ``False`` as ``False`` but JSON's ``false``/``null`` as
+    the (truthy) strings ``"false"``/``"null"``. ``None`` is written ``$None``, an expression the config evaluates:
+    MONAI drops an override whose value is ``None`` (``update_kwargs(ignore_none=True)``).
     """
+    if value is None:
+        return "$None"
     if isinstance(value, (Path, str)):
         return str(value)
     return repr(_plain(value))
@@ -138,7 +141,7 @@ def run_bundle_in_process(bundle: str, configs: Sequence[str], overrides: Mappin
                 config_file=[str(BUNDLES / bundle / "configs" / c) for c in configs],
                 logging_file=False,
                 bundle_root=str(BUNDLES / bundle),
-                **{k: _plain(v) for k, v in (overrides or {}).items()},
+                **{k: "$None" if v is None else _plain(v) for k, v in (overrides or {}).items()},
             )
     finally:
         sys.excepthook = hook

@@ -8,7 +8,7 @@ from importlib import resources
 
 import jsonschema
 import pytest
-from bundle_runner import BUNDLES
+from bundle_runner import BUNDLES, _arg
 
 STAGES = ("latent_diffusion", "pixelcnn_prior", "vqvae2_2d", "vqvae_2d", "vqvae_3d")
 BUNDLE_NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
@@ -163,3 +163,16 @@ def test_config_lines_are_under_140_characters(bundle):
         if len(line) > 140
     ]
     assert not long_lines, f"lines over 140 characters: {long_lines}"
+
+
+def test_switching_a_setting_off_on_the_command_line():
+    """What docs/troubleshooting.md says: MONAI drops a ``None`` override and keeps the config's value, ``'$None'``
+    reaches the config as None, and the tests' runner writes ``None`` as ``'$None'`` so that it is not dropped."""
+    from monai.bundle import ConfigParser
+    from monai.bundle import update_kwargs
+
+    config = ConfigParser.load_config_file(str(BUNDLES / "vqvae_2d" / "configs" / "train.json"))
+    assert update_kwargs(dict(config), time_budget_minutes=None)["time_budget_minutes"] == 4.5
+    parser = ConfigParser(update_kwargs(dict(config), time_budget_minutes=_arg(None)))
+    assert _arg(None) == "$None" and parser.get_parsed_content("time_budget_minutes") is None
+    assert parser.get_parsed_content("train#time_budget").minutes is None

@@ -49,10 +49,10 @@ def test_cosine_decay_follows_the_time_budget():
 @pytest.mark.parametrize("minutes", ["null", "30", -1.0, [5]])
 def test_time_budget_rejects_what_is_not_a_number_of_minutes(minutes):
     """``--time_budget_minutes null`` on MONAI's command line arrives as the text 'null': one message that says to
-    write None, instead of a float conversion error deep in the learning-rate scheduler."""
+    write 0, instead of a float conversion error deep in the learning-rate scheduler."""
     with pytest.raises(ValueError, match="time_budget_minutes must be") as info:
         TimeBudget(minutes=minutes)
-    assert ("write None" in str(info.value)) == isinstance(minutes, str)
+    assert ("write 0 for no budget" in str(info.value)) == isinstance(minutes, str)
 
 
 @pytest.mark.parametrize("kwargs", [{"max_epochs": 0}, {"max_epochs": 5, "final_factor": 1.5}])

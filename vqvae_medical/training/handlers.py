@@ -92,7 +92,8 @@ class TimeBudget:
     otherwise idle run correspond to about 20 process-minutes.
 
     Args:
-        minutes: the budget; ``None`` or ``0`` disables the handler.
+        minutes: the budget; ``None`` or ``0`` disables the handler (on ``monai.bundle run``'s command line only
+            ``0`` does: it reads ``null`` as the text ``'null'`` and ignores an override whose value is ``None``).
         clock: ``"wall"`` or ``"process"``.
     """
 
@@ -102,7 +103,7 @@ class TimeBudget:
         if isinstance(minutes, str) or (minutes is not None and not isinstance(minutes, (int, float))):
             hint = ""
             if isinstance(minutes, str):
-                hint = " (on the command line write None: `null` is read as the text 'null')"
+                hint = " (on the command line write 0 for no budget: MONAI reads `null` as text and drops `None`)"
             raise ValueError(f"time_budget_minutes must be a number of minutes or None, got {minutes!r}{hint}.")
         if minutes is not None and minutes < 0:
             raise ValueError(f"time_budget_minutes must be >= 0 (0 or None: no budget), got {minutes}.")
