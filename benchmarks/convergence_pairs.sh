@@ -5,8 +5,13 @@
 #   bash benchmarks/convergence_pairs.sh ../wt_before /tmp/conv brain|isic|ixi
 # Writes <out>/<set>_{before,after}/ (training + evaluation), <out>/<set>_uptime.txt and the figure
 # bundles/<bundle>/docs/<set>_convergence.png.
+# One setting, same code: give this repository as "before", the setting's old value in BEFORE_ARGS, and a figure name:
+#   BEFORE_ARGS="--range_weight 0" BEFORE_LABEL="range_weight 0 (0.4.1)" FIGURE=brain_range_weight.png \
+#     bash benchmarks/convergence_pairs.sh . /tmp/rw brain
 set -euo pipefail
 BEFORE=$(cd "$1" && pwd); OUT=$2; SET=$3
+BEFORE_ARGS=${BEFORE_ARGS:-}; BEFORE_LABEL=${BEFORE_LABEL:-0.2.0}; FIGURE=${FIGURE:-${SET}_convergence.png}
+TITLE=${TITLE:-"$SET: $BEFORE_LABEL vs this version, side by side, one thread each"}
 AFTER=$(cd "$(dirname "$0")/.." && pwd)
 DATA=$(cd "$AFTER/../shared/data" && pwd)
 case $SET in
@@ -23,8 +28,9 @@ mkdir -p "$OUT"
 PIDS=()
 for side in before after; do
   ROOT=$([ $side = before ] && echo "$BEFORE" || echo "$AFTER")
+  EXTRA=$([ $side = before ] && echo "$BEFORE_ARGS" || echo "")
   ( cd "$ROOT/bundles/$B" && PYTHONPATH=$ROOT OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
-      python -m monai.bundle run --config_file configs/train.json $ARGS --output_dir "$OUT/${SET}_$side" $TRAIN \
+      python -m monai.bundle run --config_file configs/train.json $ARGS --output_dir "$OUT/${SET}_$side" $TRAIN $EXTRA \
       > "$OUT/${SET}_$side.log" 2>&1 ) &
   PIDS+=($!)
 done
@@ -32,9 +38,9 @@ wait "${PIDS[@]}"
 kill $LOAD
 for side in before after; do
   ROOT=$([ $side = before ] && echo "$BEFORE" || echo "$AFTER")
-  ( cd "$ROOT/bundles/$B" && PYTHONPATH=$ROOT OMP_NUM_THREADS=1 python -m monai.bundle run \
+  EXTRA=$([ $side = before ] && echo "$BEFORE_ARGS" || echo "")
+  ( cd "$ROOT/bundles/$B" && PYTHONPATH=$ROOT OMP_NUM_THREADS=1 python -m monai.bundle run $EXTRA \
       --config_file "['configs/train.json','configs/evaluate.json']" $ARGS --output_dir "$OUT/${SET}_$side" >> "$OUT/${SET}_$side.log" 2>&1 )
 done
-PYTHONPATH=$AFTER python "$AFTER/benchmarks/convergence_figure.py" --out "$AFTER/bundles/$B/docs/${SET}_convergence.png" \
-  --title "$SET: 0.2.0 (fb48b58) vs this version, side by side, one thread each" \
-  "0.2.0=$OUT/${SET}_before/logs/history.jsonl" "this version=$OUT/${SET}_after/logs/history.jsonl"
+PYTHONPATH=$AFTER python "$AFTER/benchmarks/convergence_figure.py" --out "$AFTER/bundles/$B/docs/$FIGURE" \
+  --title "$TITLE" "$BEFORE_LABEL=$OUT/${SET}_before/logs/history.jsonl" "this version=$OUT/${SET}_after/logs/history.jsonl"

@@ -118,8 +118,35 @@ def test_ssim_term_is_added_to_the_training_loss(brain_dir):
     out = trainer.state.output
     ssim_term = SSIMLoss(spatial_dims=2, data_range=1.0)(out["pred"].float(), out["image"].float())
     assert 0.0 < ssim_term.item() <= 1.0
-    expected = out["recon_loss"] + out["quantizer_loss"] + 0.5 * ssim_term
+    expected = out["recon_loss"] + out["quantizer_loss"] + out["range_loss"] + 0.5 * ssim_term
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("range_weight", [0.0, 1.0, 3.0])
+def test_range_term_pulls_the_raw_output_back_into_the_clip_range(brain_dir, range_weight):
+    """A real slice reconstructed perfectly except for its background, which the decoder put at -0.5: clamped to
+    [0, 1] that is still perfect, so with ``range_weight=0`` nothing pulls those pixels back (the ratchet behind the
+    latent drift); with a weight the loss grows by ``range_weight * mean((y - clamp(y))^2)`` and its gradient raises
+    exactly those pixels."""
+    path = sorted(brain_dir.rglob("*.jpg"))[0]
+    image = image_transforms_2d(channels=1)({"image": str(path)})["image"].as_tensor()[None]
+    background = image <= 0
+    assert 0.1 < background.float().mean() < 0.9
+    raw = torch.where(background, torch.full_like(image, -0.5), image).requires_grad_(True)
+    step = VQTrainStep(ssim_weight=1.0, range_weight=range_weight)
+    loss, terms = step.compute_loss({"image": image, "pred": raw, "quantizer_loss": torch.tensor(0.0)})
+    expected_range = 0.25 * background.float().mean()
+    assert terms["range_loss"].item() == pytest.approx(expected_range.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(range_weight * expected_range.item(), abs=1e-5)
+    loss.backward()
+    grad, pull = raw.grad[background], -range_weight / image.numel()  # d/dy of w * mean((y - 0)^2) at y = -0.5
+    assert torch.allclose(grad, torch.full_like(grad, pull), atol=1e-7)  # 0 without the term (rounding noise aside)
+    assert raw.grad[~background].abs().max() < 1e-7  # pull is -6e-5 per pixel here
+
+
+def test_range_weight_must_not_be_negative():
+    with pytest.raises(ValueError, match="range_weight must be >= 0"):
+        VQTrainStep(range_weight=-1.0)
 
 
 def test_training_scalars_keeps_scalars_without_autograd_warnings():

@@ -1,9 +1,12 @@
 """Normalisation of the encoder's latent vectors before quantization (``normalize_latents`` of the VQ-VAEs).
 
-Without it the encoder's output vectors drift outwards in long runs: with an EMA codebook and the straight-through
-estimator nothing in the loss fixes their scale, the vectors at the edge of the cloud (whose Voronoi cells are
-unbounded) keep moving out, the codebook follows, and the commitment loss grows until reconstruction falls
-(measured in ``bundles/vqvae_2d/docs/README.md``, "Convergence"). Two cures, one per mode:
+Without it (and before the training step's ``range_weight``) the encoder's output vectors drifted outwards in long
+runs: with an EMA codebook and the straight-through estimator nothing in the loss fixes their scale, the codebook
+follows them, and the commitment loss grows until reconstruction falls (measured in
+``bundles/vqvae_2d/docs/README.md``, "Convergence"). What pushed them was found later: the losses score the
+reconstruction clamped to [0, 1], so the decoder's black background could sink below zero at no cost and kept
+sinking; :class:`~vqvae_medical.stages.autoencoder.steps.VQTrainStep`'s ``range_weight`` now stops that at the
+source, and these modes stay as options that bound the latents themselves:
 
 - ``True``: every vector projected onto the sphere of radius ``sqrt(D)`` (l2-normalised codes, Yu et
   al., "Vector-quantized Image Modeling with Improved VQGAN", ICLR 2022, arXiv 2110.04627). It throws the norm

@@ -38,8 +38,9 @@ def _level_stats(levels) -> dict[str, torch.Tensor]:
 
 class VQTrainStep(TrainStep):
     """One training iteration of a VQ-VAE or VQ-VAE-2:
-    ``loss = recon(x_hat, x) + ssim_weight * (1 - SSIM(x_hat, x)) + quantizer_weight * quantizer_loss``, with
-    ``x_hat`` the reconstruction clamped to ``clip`` (straight-through gradient).
+    ``loss = recon(x_hat, x) + ssim_weight * (1 - SSIM(x_hat, x)) + quantizer_weight * quantizer_loss
+    + range_weight * mean((y - x_hat)^2)``, with ``y`` the decoder's output and ``x_hat`` that output clamped to
+    ``clip`` (straight-through gradient).
 
     The optional SSIM term (Wang et al. 2004; as a training loss: Zhao et al., "Loss Functions for Image
     Restoration with Neural Networks", IEEE TCI 2017) weights local contrast and structure that an L1 or MSE loss
@@ -60,8 +61,13 @@ class VQTrainStep(TrainStep):
             as much as one of +0.1 while the clamped evaluation scored the first as perfect: on mostly-black
             medical images the decoder's background offset drifted across zero under Adam, and the validation
             SSIM flipped between ~0.7 and ~0.1 with its sign (measured: background SSIM 0.94 <-> 0.002 between
-            neighbouring probes, foreground SSIM steady; ``benchmarks/convergence_probe.py``). Clamped, a
-            background anywhere below zero costs nothing and stays there.
+            neighbouring probes, foreground SSIM steady; ``benchmarks/convergence_probe.py``).
+        range_weight: weight of the squared distance of the raw output from ``clip`` (zero inside the range). The
+            clamp alone is a ratchet: a background pixel above zero is pushed down, one below zero feels nothing,
+            so the shared decoder features that make the background drift ever further below zero; in long runs
+            the encoder's latent vectors grew with them, the commitment loss took over and the validation SSIM
+            fell (latent drift, see ``vqvae_medical.networks.latent_norm``). This term pulls the output back to the
+            range without changing the loss of an output inside it. ``0`` is the 0.3.0-0.5.0 recipe.
         cpu_bf16: on the CPU, run the network under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (the quantizer
             and the losses stay fp32). MONAI's ``amp`` is CUDA-only; on CPUs with AVX512-BF16 or AMX instructions
             bf16 convolutions are much faster (a 3D step of the ``vqvae_3d`` network at 64³, batch 2: 0.43 vs
@@ -77,17 +83,21 @@ class VQTrainStep(TrainStep):
         ssim_weight: float = 0.0,
         ssim_win_size: int = 11,
         clip: tuple[float, float] | None = (0.0, 1.0),
+        range_weight: float = 1.0,
         cpu_bf16: bool = False,
         image_key: str = CommonKeys.IMAGE,
     ):
         if ssim_weight < 0:
             raise ValueError(f"ssim_weight must be >= 0, got {ssim_weight}.")
+        if range_weight < 0:
+            raise ValueError(f"range_weight must be >= 0, got {range_weight}.")
         if clip is not None and not float(clip[0]) < float(clip[1]):
             raise ValueError(f"clip must be (low, high) with low < high, got {clip}.")
         super().__init__(cpu_bf16=cpu_bf16)
         self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
         self.recon = reconstruction_loss(recon_loss)
         self.quantizer_weight = float(quantizer_weight)
+        self.range_weight = float(range_weight)
         self.ssim_weight = float(ssim_weight)
         self.ssim_win_size = int(ssim_win_size)
         if self.cpu_bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -115,14 +125,22 @@ class VQTrainStep(TrainStep):
 
     def compute_loss(self, output: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, reconstruction = output[CommonKeys.IMAGE].float(), output[CommonKeys.PRED].float()
+        terms: dict[str, torch.Tensor] = {}
+        range_loss = None
         if self.clip is not None:  # clamped value, straight-through gradient; the step's prediction is this one
-            reconstruction = reconstruction + (reconstruction.clamp(*self.clip) - reconstruction).detach()
+            clamped = reconstruction.clamp(*self.clip)
+            range_loss = (reconstruction - clamped).pow(2).mean()
+            reconstruction = reconstruction + (clamped - reconstruction).detach()
             output[CommonKeys.PRED] = reconstruction
         recon_loss = self.recon(reconstruction, images)
         loss = recon_loss + self.quantizer_weight * output["quantizer_loss"]
+        if range_loss is not None:
+            terms["range_loss"] = range_loss.detach()
+            if self.range_weight > 0:
+                loss = loss + self.range_weight * range_loss
         if self.ssim_weight > 0:
             loss = loss + self.ssim_weight * self._ssim_loss(reconstruction, images)
-        return loss, {"recon_loss": recon_loss, "quantizer_loss": output["quantizer_loss"]}
+        return loss, {"recon_loss": recon_loss, "quantizer_loss": output["quantizer_loss"], **terms}
 
 
 class VQEvalStep:
