@@ -3,13 +3,14 @@ issue's convergence criterion quote, and the figure with its summary."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 from bundle_runner import REPO_ROOT
+
+from benchmarks.convergence_figure import largest_late_drop
 
 SCRIPT = REPO_ROOT / "benchmarks" / "convergence_figure.py"
 
@@ -19,15 +20,8 @@ IXI_RW0 = [0.138, 0.169, 0.353, 0.641, 0.653, 0.733, 0.356, 0.773, 0.761, 0.8, 0
            0.831, 0.84, 0.839, 0.839, 0.842, 0.847, 0.847, 0.848, 0.848]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("convergence_figure", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_drop_landing_on_the_first_late_validation_counts():
-    drop = _module().largest_late_drop
+    drop = largest_late_drop
     assert drop(IXI_RW0) == pytest.approx(0.733 - 0.356)
     # a drop inside the first quarter is the start-up, not a collapse
     assert drop([0.5, 0.1, 0.6, 0.7, 0.8, 0.8, 0.81, 0.82]) == 0.0

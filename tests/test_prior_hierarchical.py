@@ -307,7 +307,8 @@ def test_bundle_trains_evaluates_and_samples_both_levels(vqvae2_prior, tmp_path)
     assert (out / "eval" / "report.png").is_file()
 
     result = tmp_path / "result"
-    overrides = {**common, "output_dir": result, "ckpt_path": out / "models" / "model.pt", "num_samples": 4}
+    sampling = {k: v for k, v in common.items() if k != "batch_size"}  # inference.json has no batch_size
+    overrides = {**sampling, "output_dir": result, "ckpt_path": out / "models" / "model.pt", "num_samples": 4}
     run_bundle("pixelcnn_prior", ["inference.json", "vqvae2.json"], overrides)
     saved = torch.load(result / "inference" / "samples_codes.pt", weights_only=True)
     assert saved["codes_top"].shape == (4, 4, 4) and saved["codes_bottom"].shape == (4, 8, 8)
