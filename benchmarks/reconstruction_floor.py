@@ -35,13 +35,15 @@ from vqvae_medical.stages.frozen import load_autoencoder
 
 
 def reconstruct(autoencoder, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Images through the frozen autoencoder: encode, snap to the codebook, decode, clip to [0, 1]."""
+    """Images through the frozen autoencoder: encode, snap to the codebook, decode, clip to [0, 1]. The autoencoder
+    must be loaded with ``snap_to_codebook=True``: its ``decode`` does the snapping."""
+    if not autoencoder.snap_to_codebook:
+        raise ValueError("load the autoencoder with snap_to_codebook=True: its decoder knows only codebook vectors.")
     out = []
     with torch.no_grad():
         for s in range(0, len(images), batch_size):
             x = images[s : s + batch_size]
-            z = autoencoder.snap(autoencoder.encode(x))
-            out.append(autoencoder.decode(z, output_size=list(x.shape[2:])).clamp(0, 1))
+            out.append(autoencoder.decode(autoencoder.encode(x), output_size=list(x.shape[2:])).clamp(0, 1))
     return torch.cat(out)
 
 
