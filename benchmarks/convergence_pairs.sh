@@ -20,7 +20,7 @@ case $SET in
   isic)  B=vqvae_2d; ARGS="--dataset_dir $DATA/isic_256 --data_layout isic --in_channels 3 --test_fraction 0.1 --val_fraction 0.02 --seed 0"
          TRAIN="--max_epochs 1000 --time_budget_minutes 20 --time_budget_clock process" ;;
   ixi)   B=vqvae_3d; ARGS="--dataset_dir $DATA/ixi_t1_2mm --seed 0"
-         TRAIN="--patch_size [64,64,64] --max_epochs 1000 --val_interval 5 --time_budget_minutes 30 --time_budget_clock process --cpu_bf16 true" ;;
+         TRAIN="--patch_size [64,64,64] --max_epochs 1000 --val_interval 5 --time_budget_minutes 30 --time_budget_clock process --cpu_bf16 True" ;;
   *) echo "set must be brain, isic or ixi"; exit 1 ;;
 esac
 mkdir -p "$OUT"

@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 from bundle_runner import BUNDLES, run_bundle
 from monai.bundle import ConfigParser
+from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
-from vqvae_medical.training.command_line import check_command_line, override_names, unknown_settings
+from vqvae_medical.training.command_line import (
+    check_command_line,
+    command_line_value,
+    json_words,
+    override_names,
+    unknown_settings,
+)
 from vqvae_medical.training.runtime import SettingError
 
 MONAI_MAIN = "/env/lib/python3.11/site-packages/monai/bundle/__main__.py"
@@ -45,6 +52,10 @@ def test_unknown_settings_names_the_nearest_defined_setting():
     # the settings that ``--tracking mlflow`` reads are allowed only with it
     assert unknown_settings(config, ["tracking_uri"]) == ["--tracking_uri"]
     assert unknown_settings(config, ["tracking_uri", "experiment_name"], tracking=True) == []
+    # every setting of the installed MONAI's mlflow defaults, whichever it adds in a later release
+    mlflow_settings = sorted(DEFAULT_MLFLOW_SETTINGS["configs"])
+    assert "tracking_uri" in mlflow_settings
+    assert unknown_settings(config, mlflow_settings, tracking=True) == []
 
 
 def test_every_bundle_defines_the_common_settings():
@@ -75,14 +86,44 @@ def test_check_command_line_only_acts_on_monai_bundle_run(tmp_path, monkeypatch)
         check_command_line([MONAI_MAIN, "run", "--args_file", str(args_file)])
 
 
-def test_a_misspelled_setting_stops_the_bundle_with_one_line(tmp_path):
+def test_json_words_on_the_command_line_are_named_with_their_python_spelling():
+    """python-fire passes JSON's true/false/null on as text, and the text 'false' is truthy: ``--resume false``
+    resumed, ``--snap_to_codebook false`` snapped. Each such override is named with what to write instead."""
+    config = _config("vqvae_2d", "train.json")
+    given = override_names(
+        ["--resume", "false", "--amp=true", "--spatial_size", "null", "--network_def#model#normalize_latents", "false",
+         "--max_epochs", "3", "--resume_typo", "False", "--device", "false", "--seed", "0"]
+    )
+    assert json_words(config, given) == [
+        "--resume false (write --resume False)",
+        "--amp true (write --amp True)",
+        "--spatial_size null (write --spatial_size '$None')",
+        "--network_def#model#normalize_latents false (write --network_def#model#normalize_latents False)",
+    ]  # --device takes text (default "auto"): a word there is its value, left to the setting's own check
+    assert json_words(config, override_names(["--resume", "False", "--amp", "True", "--spatial_size", "$None"])) == []
+    # the spelling that messages use when they tell users what to pass reads back as the same value
+    from fire.parser import DefaultParseValue
+
+    for value in (True, False, 3, 0.5, [32, 64], "tanh"):
+        assert DefaultParseValue(command_line_value(value)) == value, value
+    assert command_line_value(None) == "'$None'" and command_line_value([32, 64]) == "[32,64]"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"batch_sise": 4}, "ERROR (SettingError): --batch_sise (did you mean --batch_size?)"),
+        ({"resume": "false"}, "ERROR (SettingError): --resume false (write --resume False)"),
+    ],
+)
+def test_a_misspelled_setting_stops_the_bundle_with_one_line(tmp_path, override, message):
     """Through ``python -m monai.bundle run`` as a user types it: one ``ERROR (SettingError)`` line, no traceback,
     and nothing trained (the output folder holds no checkpoint)."""
     proc = run_bundle(
-        "vqvae_2d", ["train.json"], {"output_dir": tmp_path / "run", "batch_sise": 4}, expect_ok=False, threads=1
+        "vqvae_2d", ["train.json"], {"output_dir": tmp_path / "run", **override}, expect_ok=False, threads=1
     )
     assert proc.returncode != 0, (proc.stdout + proc.stderr)[-3000:]
     last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
-    assert last.startswith("ERROR (SettingError): --batch_sise (did you mean --batch_size?)"), proc.stderr[-3000:]
+    assert last.startswith(message), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not list(Path(tmp_path).rglob("*.pt"))

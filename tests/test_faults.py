@@ -147,7 +147,7 @@ def test_checkpoint_that_does_not_fit_names_tensor_and_setting(trained, slices, 
     proc = run_bundle("vqvae_2d", ["train.json"], {**TINY, "num_embeddings": 32, "dataset_dir": slices, "output_dir": out, "max_epochs": 3}, expect_ok=False)
     last = _one_line_error(proc, "CheckpointError")
     assert "checkpoint_epoch=2.pt" in last and "num_embeddings is 16 in the checkpoint and 32 here" in last, last
-    assert "--resume false" in last
+    assert "--resume False" in last
 
 
 def test_missing_checkpoint_and_missing_input_dir(slices, tmp_path):
@@ -213,7 +213,7 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_and_stale_tmp_fil
         f.write_bytes(b"")
     proc = run_bundle("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 3})
     log = proc.stdout + proc.stderr
-    assert "checkpoint_epoch=2.pt: cannot read the checkpoint" in log and "--resume false" in log, log[-3000:]
+    assert "checkpoint_epoch=2.pt: cannot read the checkpoint" in log and "--resume False" in log, log[-3000:]
     assert f"resumed from {out / 'models' / 'checkpoint_epoch=1.pt'}" in log
     third = safe_load(out / "models" / "checkpoint_epoch=3.pt")["trainer"]
     assert third["iteration"] == 3 * third["epoch_length"]

@@ -110,7 +110,7 @@ def test_a_network_that_differs_from_the_record_in_a_shape_free_setting_is_refus
     check_against_record(same, model_pt)
     other = ReconstructionNetwork(VQVAE(2, 1, normalize_latents=True, **small))
     other.load_state_dict(torch.load(model_pt, weights_only=True))  # the weights fit: only the record can tell
-    with pytest.raises(RecordMismatchError, match=r"normalize_latents=false \(config: true\).*--network_def#model#normalize_latents false"):
+    with pytest.raises(RecordMismatchError, match=r"normalize_latents=false \(config: true\).*--network_def#model#normalize_latents False"):
         check_against_record(other, model_pt)
 
 
@@ -148,7 +148,7 @@ def test_inference_bundle_stops_with_one_line_on_a_model_trained_with_normalised
     assert refused.returncode != 0
     assert "Traceback" not in refused.stderr
     last = refused.stderr.strip().splitlines()[-1]
-    assert "RecordMismatchError" in last and "--network_def#model#normalize_latents true" in last, last
+    assert "RecordMismatchError" in last and "--network_def#model#normalize_latents True" in last, last
     assert not list((tmp_path / "run" / "inference").glob("**/*.png"))
     ok = run_bundle("vqvae_2d", ["inference.json"], {**overrides, "network_def#model#normalize_latents": True}, threads=1)
     assert ok.returncode == 0

@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 _EPOCH_RE = re.compile(r"_(?:epoch|iteration)=(\d+)\.pt$")
 #: temporary files older than this process were left by an interrupted (e.g. ``kill -9``) earlier run
 _PROCESS_START = time.time()
-_START_OVER = "To start over instead, pass --resume false or a new --output_dir."
+_START_OVER = "To start over instead, pass --resume False or a new --output_dir."
 
 
 class CheckpointError(RuntimeError):
@@ -397,7 +397,7 @@ class ResumeFromCheckpoint:
     learning rate (the schedule's base rates are replaced and the current rate rescaled, so the schedule continues
     from the new start value), and the number of iterations per epoch (batch size or data set changed). A setting
     that changes the network's tensors stops the run with a :class:`CheckpointError` naming the checkpoint, the
-    tensor, both values when known, and ``--resume false``. Temporary files left by an interrupted save are
+    tensor, both values when known, and ``--resume False``. Temporary files left by an interrupted save are
     removed even with ``enabled=False`` (see :func:`remove_stale_temporary_files`).
 
     Args:
@@ -440,7 +440,7 @@ class ResumeFromCheckpoint:
             except CheckpointError as e:
                 self.skipped.append(path)
                 warnings.warn(
-                    f"{e} Resuming from the previous checkpoint instead (pass --resume false to start over).",
+                    f"{e} Resuming from the previous checkpoint instead (pass --resume False to start over).",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -533,7 +533,7 @@ def _apply_run_settings(engine: Engine, load_dict: Mapping[str, Any], config: Ma
         if state.epoch >= state.max_epochs:
             logger.warning(
                 f"max_epochs={state.max_epochs} but {path} is already at epoch {state.epoch}: nothing left to "
-                "train. Raise --max_epochs to continue, or pass --resume false to start over."
+                "train. Raise --max_epochs to continue, or pass --resume False to start over."
             )
     for name, (old, new) in changed.items():
         logger.warning(f"{name} is {old} in {path} and {new} in this run: continuing with {new}")

@@ -2,16 +2,20 @@
 
 MONAI's runner adds every ``--name value`` pair to the config (``ConfigParser.update``), whether or not the config
 defines ``name``. A typo such as ``--batch_sise 4`` therefore adds an unused key, the run keeps the default batch
-size, and the only trace is the INFO echo of the arguments. The bundles call :func:`check_command_line` in their
-``initialize`` section so that such a run stops before it starts, with one line naming the setting and the nearest
-defined one. Python code that embeds a bundle (``monai.bundle.create_workflow``) can call
-:func:`unknown_settings` on its own overrides.
+size, and the only trace is the INFO echo of the arguments. The runner reads the values with python-fire, which
+knows Python's ``True``, ``False`` and ``None`` but passes JSON's ``true``, ``false`` and ``null`` on as text: the
+text ``'false'`` counts as true, so ``--resume false`` resumed. The bundles call :func:`check_command_line` in their
+``initialize`` section so that such a run stops before it starts, with one line naming the setting and what to
+write instead. Python code that embeds a bundle (``monai.bundle.create_workflow``) passes Python values and can call
+:func:`unknown_settings` on its own overrides; :func:`command_line_value` writes a value the way the command line
+reads it back, for messages that tell users what to pass.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import json
 import os
 import re
 import sys
@@ -19,10 +23,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from monai.bundle import ConfigParser
+from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
 from vqvae_medical.training.runtime import SettingError
 
-__all__ = ["RUNNER_ARGUMENTS", "override_names", "unknown_settings", "check_command_line"]
+__all__ = [
+    "RUNNER_ARGUMENTS",
+    "override_names",
+    "unknown_settings",
+    "json_words",
+    "command_line_value",
+    "check_command_line",
+]
 
 #: arguments that ``monai.bundle run``/``run_workflow`` consume themselves: they are not config settings
 RUNNER_ARGUMENTS = frozenset(
@@ -41,11 +53,18 @@ RUNNER_ARGUMENTS = frozenset(
     }
 )
 
-#: settings that ``--tracking mlflow`` reads from the overrides (``monai.bundle.utils.DEFAULT_MLFLOW_SETTINGS``)
-_TRACKING_SETTINGS = frozenset({"output_dir", "tracking_uri", "experiment_name", "run_name", "save_execute_config"})
+#: settings that ``--tracking mlflow`` adds to the config and reads from the overrides: the top-level names of MONAI's
+#: ``DEFAULT_MLFLOW_SETTINGS["configs"]`` (``tracking_uri``, ``experiment_name``, ``run_name``, ...), read from the
+#: installed MONAI so that a setting a later MONAI adds is accepted too
+_TRACKING_SETTINGS = frozenset(DEFAULT_MLFLOW_SETTINGS.get("configs", {})) | {"output_dir"}
 
 #: MONAI's id separators: ``#`` and ``::``
 _ID_SEP = re.compile(r"#|::")
+
+#: JSON's words that python-fire passes on as text, and what to write on the command line instead
+_JSON_WORDS = {"true": "True", "false": "False", "null": "'$None'"}
+
+_MISSING = object()
 
 
 def override_names(argv: Sequence[str]) -> dict[str, str | None]:
@@ -113,13 +132,63 @@ def unknown_settings(config: Mapping[str, Any], overrides: Iterable[str], tracki
     return unknown
 
 
+def _default(config: Mapping[str, Any], name: str) -> Any:
+    """The value of the config at the id ``name`` (``#``-separated), or ``_MISSING``."""
+    value: Any = config
+    for part in _ID_SEP.split(name):
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
+def json_words(config: Mapping[str, Any], pairs: Mapping[str, Any]) -> list[str]:
+    """The command-line overrides written with JSON's ``true``, ``false`` or ``null``, which python-fire passes on
+    as the text ``'true'``, ``'false'``, ``'null'`` (and the text ``'false'`` counts as true), each with what to
+    write instead: ``"--resume false (write --resume False)"``.
+
+    A setting whose config value is plain text (not a ``$`` expression or ``@`` reference) may take such a word
+    as its value and is left alone.
+
+    Args:
+        config: the merged content of the config files.
+        pairs: ``{name: value}`` as :func:`override_names` reads them from the command line.
+    """
+    found = []
+    for name, value in pairs.items():
+        if name in RUNNER_ARGUMENTS or not isinstance(value, str) or value not in _JSON_WORDS:
+            continue
+        default = _default(config, name)
+        if isinstance(default, str) and not default.startswith(("$", "@", "%")):
+            continue
+        found.append(f"--{name} {value} (write --{name} {_JSON_WORDS[value]})")
+    return found
+
+
+def command_line_value(value: Any) -> str:
+    """``value`` as a ``python -m monai.bundle run`` argument reads it back: ``True``/``False``, ``'$None'`` for
+    None (see :func:`json_words`), lists without spaces (``[32,64]``) so that the shell keeps them in one piece."""
+    if value is None:
+        return "'$None'"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"))
+
+
 def check_command_line(argv: Sequence[str] | None = None) -> bool:
     """Stop a ``python -m monai.bundle run`` whose command line names a setting that none of its config files
-    defines. Does nothing outside that command (e.g. under ``create_workflow`` in Python, or when the config files
-    cannot be read back from the command line). Returns ``True`` (for config expressions).
+    defines, or gives a setting JSON's ``true``/``false``/``null`` (:func:`json_words`). Does nothing outside that
+    command (e.g. under ``create_workflow`` in Python, or when the config files cannot be read back from the command
+    line). Returns ``True`` (for config expressions).
 
     Raises:
-        SettingError: one line listing each unknown setting and the nearest defined one.
+        SettingError: one line listing each unknown setting and the nearest defined one, or each JSON word and
+            what to write instead.
     """
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or not argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py"):
@@ -127,6 +196,7 @@ def check_command_line(argv: Sequence[str] | None = None) -> bool:
     if argv[1] not in ("run", "run_workflow"):
         return True
     pairs = override_names(argv[2:])
+    given = dict(pairs)  # the command line's own values, as text (an args_file is JSON or YAML: typed)
     if "args_file" in pairs and pairs["args_file"]:
         try:
             from_file = ConfigParser.load_config_file(pairs["args_file"])
@@ -143,5 +213,11 @@ def check_command_line(argv: Sequence[str] | None = None) -> bool:
         raise SettingError(
             f"{'; '.join(unknown)}: no such setting in {names}. MONAI would add it to the config and the run would "
             "ignore it; correct the name or leave it out."
+        )
+    words = json_words(config, given)
+    if words:
+        raise SettingError(
+            f"{'; '.join(words)}: the command line reads Python's True, False and None (python-fire); JSON's words "
+            "arrive as text, and the text 'false' counts as true."
         )
     return True

@@ -28,6 +28,7 @@ from vqvae_medical.data.lists import training_datalist
 from vqvae_medical.data.volumes import volume_training_datalist
 from vqvae_medical.networks.config import TRAINING_ONLY, build_network, network_config
 from vqvae_medical.training.checkpoints import CheckpointError, LoadWeights, atomic_write_json, safe_load
+from vqvae_medical.training.command_line import command_line_value
 
 __all__ = [
     "RECORD_FILE",
@@ -281,7 +282,7 @@ def check_against_record(network: nn.Module, model_path: str | os.PathLike) -> N
         return
     prefix = "network_def#model#" if "model" in recorded else "network_def#"
     what = ", ".join(f"{k}={json.dumps(trained.get(k))} (config: {json.dumps(current.get(k))})" for k in differ)
-    fix = " ".join(f"--{prefix}{k} {json.dumps(trained.get(k))}" for k in differ)
+    fix = " ".join(f"--{prefix}{k} {command_line_value(trained.get(k))}" for k in differ)
     raise RecordMismatchError(
         f"{model_path} was trained with {what} according to {record_path}; run it with the settings it was trained "
         f"with: {fix}"
