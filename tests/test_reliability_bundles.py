@@ -463,7 +463,9 @@ def test_vqvae_checkpoint_with_pickled_code_is_refused(bundle, request, tmp_path
 def _bundle_cmd(bundle: str, overrides: Mapping[str, Any]) -> list[str]:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--bundle_root", "."]
     for k, v in overrides.items():
-        cmd += [f"--{k}", str(v) if isinstance(v, (str, Path)) else json.dumps(v)]
+        # Python's spelling for True/False/None: the command line reads JSON's false as (truthy) text
+        text = "$None" if v is None else str(v) if isinstance(v, (str, Path, bool)) else json.dumps(v)
+        cmd += [f"--{k}", text]
     return cmd
 
 
