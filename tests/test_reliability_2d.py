@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import BUNDLES, TINY_VQVAE_2D, run_bundle
+from bundle_runner import BUNDLES, TINY_VQVAE_2D, _arg, run_bundle
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from PIL import Image
@@ -107,7 +107,7 @@ def test_empty_folder_and_missing_file(tmp_path, slices):
 def _train_cmd(data: Path, out: Path, max_epochs: int) -> list[str]:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--bundle_root", "."]
     for k, v in {**TINY, "dataset_dir": data, "output_dir": out, "max_epochs": max_epochs}.items():
-        cmd += [f"--{k}", json.dumps(v) if isinstance(v, (list, int, float)) and not isinstance(v, bool) else str(v)]
+        cmd += [f"--{k}", _arg(v)]
     return cmd
 
 

@@ -41,7 +41,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import BUNDLES, TINY_VQVAE_2D, run_bundle
+from bundle_runner import BUNDLES, TINY_VQVAE_2D, _arg, run_bundle
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
@@ -463,9 +463,7 @@ def test_vqvae_checkpoint_with_pickled_code_is_refused(bundle, request, tmp_path
 def _bundle_cmd(bundle: str, overrides: Mapping[str, Any]) -> list[str]:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--bundle_root", "."]
     for k, v in overrides.items():
-        # Python's spelling for True/False/None: the command line reads JSON's false as (truthy) text
-        text = "$None" if v is None else str(v) if isinstance(v, (str, Path, bool)) else json.dumps(v)
-        cmd += [f"--{k}", text]
+        cmd += [f"--{k}", _arg(v)]
     return cmd
 
 
