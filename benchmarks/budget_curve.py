@@ -3,7 +3,8 @@
 
 Each argument is ``GENERATOR=MINUTES:OUT`` or ``GENERATOR=MINUTES:OUT:SERIES``: the run ``OUT/GENERATOR`` trained for
 ``MINUTES`` process CPU-minutes (its ``eval/metrics.json`` is read through :func:`generator_table.rows`); points
-with the same generator and ``SERIES`` (e.g. ``50 steps``, for another evaluate setting) form one curve. Prints a Markdown table and, with
+with the same generator and ``SERIES`` (e.g. ``50 steps``, for another evaluate setting) form one curve; the same
+budget given more than once (evaluates with other ``--seed``) is drawn as the mean, with a faint dot per seed. Prints a Markdown table and, with
 ``--figure``, draws ``c2st_accuracy`` against the budget per generator, with the target (0.75), chance (0.5) and the
 power check (real slices against blurred copies of themselves) as reference lines.
 
@@ -55,6 +56,13 @@ def markdown(table: list[dict]) -> str:
             f"| {_fmt(r['c2st_accuracy'])} | {_fmt(r['c2st_power_blurred_real'])} "
             f"| {_fmt(r['ms_ssim_diversity_samples'])} / {_fmt(r['ms_ssim_diversity_real'])} | {_fmt(r['nll_bits_per_code'], 2)} |"
         )
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in table:
+        groups.setdefault((r["label"], r["budget_cpu_min"]), []).append(r)
+    for (label, budget), same in groups.items():
+        if len(same) > 1:  # the same run evaluated with several seeds
+            mean = sum(r["c2st_accuracy"] for r in same) / len(same)
+            lines.append(f"| {label}, mean of {len(same)} | {budget:g} | {same[0]['epochs']} | {_fmt(mean)} | - | - | - |")
     return "\n".join(lines)
 
 
@@ -67,7 +75,13 @@ def figure(table: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in dict.fromkeys(r["label"] for r in table):
         pts = [r for r in table if r["label"] == label]
-        ax.plot([r["budget_cpu_min"] for r in pts], [r["c2st_accuracy"] for r in pts], "o-", label=label)
+        budgets = sorted({r["budget_cpu_min"] for r in pts})
+        scores = [[r["c2st_accuracy"] for r in pts if r["budget_cpu_min"] == b] for b in budgets]
+        means = [sum(s) / len(s) for s in scores]
+        (line,) = ax.plot(budgets, means, "o-", label=label + (" (mean of seeds)" if max(map(len, scores)) > 1 else ""))
+        several = [(b, s) for b, s in zip(budgets, scores) if len(s) > 1]
+        if several:  # one faint dot per evaluate seed where a budget was scored more than once
+            ax.plot([b for b, s in several for _ in s], [v for _, s in several for v in s], ".", color=line.get_color(), alpha=0.5)
     power = [r["c2st_power_blurred_real"] for r in table if r["c2st_power_blurred_real"] is not None]
     if power:
         ax.axhline(sum(power) / len(power), color="grey", ls=":", label="power check (real vs blurred real)")

@@ -26,14 +26,18 @@ def test_table_sorted_by_budget_and_figure_written(tmp_path):
     _run(tmp_path / "b16", "diffusion", 0.81, 10)
     _run(tmp_path / "b4", "diffusion", 0.95, 3)
     _run(tmp_path / "b16_50", "diffusion", 0.70, 10)
+    _run(tmp_path / "b16_50_seed1", "diffusion", 0.76, 10)  # the same model evaluated with another seed
     fig = tmp_path / "curve.png"
     proc = subprocess.run([sys.executable, str(SCRIPT), f"diffusion=16:{tmp_path / 'b16'}", f"diffusion=4:{tmp_path / 'b4'}",
-                           f"diffusion=16:{tmp_path / 'b16_50'}:50 steps", "--figure", str(fig)], capture_output=True, text=True, check=True)
+                           f"diffusion=16:{tmp_path / 'b16_50'}:50 steps", f"diffusion=16:{tmp_path / 'b16_50_seed1'}:50 steps",
+                           "--figure", str(fig)], capture_output=True, text=True, check=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| latent diffusion")]
     assert lines[0].startswith("| latent diffusion (DDIM) | 4 | 3 | 0.950 | 0.870 |"), lines
     assert lines[1].startswith("| latent diffusion (DDIM) | 16 | 10 | 0.810 |"), lines
     assert lines[2].startswith("| latent diffusion (DDIM), 50 steps | 16 | 10 | 0.700 |"), lines
-    assert fig.stat().st_size > 10_000
+    assert lines[3].startswith("| latent diffusion (DDIM), 50 steps | 16 | 10 | 0.760 |"), lines
+    assert lines[4] == "| latent diffusion (DDIM), 50 steps, mean of 2 | 16 | 10 | 0.730 | - | - | - |", lines
+    assert len(lines) == 5 and fig.stat().st_size > 10_000
 
 
 def test_a_run_without_evaluation_is_named(tmp_path):

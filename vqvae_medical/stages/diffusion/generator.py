@@ -126,7 +126,9 @@ class LatentDiffusionGenerator(nn.Module):
         return x
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images: ``/ scale_factor``, codebook snap, decoder, crop, clip."""
+        """Scaled latents -> images: ``/ scale_factor``, codebook snap, decoder, crop, clip; returned in the standard
+        (contiguous) memory format even when the decoder runs channels-last, since consumers such as MONAI's
+        ``MMDMetric`` flatten images with ``view``, which fails on a channels-last image of more than one channel."""
         z = x / self.diffusion.scale_factor
         if self.snap_to_codebook:
             z = self.quantizer.embed(self.quantizer.quantize_indices(z))
@@ -136,7 +138,7 @@ class LatentDiffusionGenerator(nn.Module):
             images = crop_to(images, size)
         if self.clip:
             images = images.clamp(self.clip_min, self.clip_max)
-        return images
+        return images.contiguous()
 
     def forward(self, x: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(self.denoise(x, class_labels))
