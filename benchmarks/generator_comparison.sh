@@ -8,6 +8,8 @@
 #   gated     pixelcnn_prior (the default gated PixelCNN) on OUT/vqvae_2d
 #   transformer pixelcnn_prior + configs/transformer.json on OUT/vqvae_2d
 #   hierarchical pixelcnn_prior + configs/vqvae2.json (top and bottom gated PixelCNNs) on OUT/vqvae2_2d
+#   hierarchical_transformer  the same + configs/vqvae2_transformer.json (a transformer top prior, as the paper's
+#             self-attention top prior; the bottom prior stays a gated PixelCNN) on OUT/vqvae2_2d
 #   diffusion latent_diffusion on OUT/vqvae_2d
 # then each bundle's evaluate.json: 128 samples against 128 test images (c2st_accuracy with its power check,
 # MS-SSIM diversity, NLL per level, CPU seconds per sample; diffusion with DIFFUSION_STEPS DDIM steps, default 50),
@@ -45,7 +47,7 @@ stage1() {  # stage1 BUNDLE: train + evaluate unless done
 }
 S1=()  # the stage-1 bundles that the chosen generators need
 case " $GENS " in *" gated "*|*" transformer "*|*" diffusion "*) stage1 vqvae_2d & S1+=($!) ;; esac
-case " $GENS " in *" hierarchical "*) stage1 vqvae2_2d & S1+=($!) ;; esac
+case " $GENS " in *" hierarchical "*|*" hierarchical_transformer "*) stage1 vqvae2_2d & S1+=($!) ;; esac
 wait "${S1[@]}"
 BUDGET2="--max_epochs 10000 --time_budget_minutes $GEN_MIN --time_budget_clock process --sample_interval 0"
 gen() {  # gen NAME: train then evaluate one generator unless done
@@ -54,6 +56,7 @@ gen() {  # gen NAME: train then evaluate one generator unless done
     gated) ;;
     transformer) overlay=",'configs/transformer.json'" ;;
     hierarchical) overlay=",'configs/vqvae2.json'"; vq=vqvae2_2d ;;
+    hierarchical_transformer) overlay=",'configs/vqvae2.json','configs/vqvae2_transformer.json'"; vq=vqvae2_2d ;;
     diffusion) b=latent_diffusion; extra="--num_inference_steps $STEPS" ;;
   esac
   local common="--autoencoder_dir $OUT/$vq --output_dir $OUT/$g"

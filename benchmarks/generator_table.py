@@ -21,6 +21,7 @@ LABELS = {
     "gated": "gated PixelCNN (one level)",
     "transformer": "transformer prior (one level)",
     "hierarchical": "VQ-VAE-2 top + bottom priors",
+    "hierarchical_transformer": "VQ-VAE-2, transformer top + gated bottom",
     "diffusion": "latent diffusion (DDIM)",
 }
 

@@ -128,6 +128,10 @@ def test_grid_size_matches_the_code_maps():
     # the sequence length of a transformer prior: the positions of the (largest) code map
     assert code_map_positions(vq, [30, 45]) == code_map_positions(vq2, [30, 45]) == 96
     assert code_map_positions(FrozenAutoencoder(vq, record={"image_size": [64, 64]})) == 256
+    # one level of a VQ-VAE-2 (the top prior's sequence)
+    assert code_map_positions(vq2, [30, 45], level=0) == 24 and code_map_positions(vq2, [30, 45], level=1) == 96
+    with pytest.raises(ValueError, match=r"level must be in \[0, 1\)"):
+        code_map_positions(vq, [30, 45], level=1)
     with pytest.raises(ValueError, match="set image_size"):
         code_map_positions(vq)
 

@@ -331,3 +331,28 @@ def test_single_level_config_on_a_vqvae2_names_the_overlay(vqvae2_prior, tmp_pat
         messages.append(str(error))
         error = error.__cause__ or error.__context__
     assert any("add configs/vqvae2.json after configs/train.json" in m for m in messages), messages
+
+
+@VQVAE2_PRIOR
+def test_transformer_top_overlay_trains_evaluates_and_samples(vqvae2_prior, tmp_path):
+    """configs/vqvae2_transformer.json after configs/vqvae2.json: the paper's top prior with self-attention (a causal
+    transformer over the 4 x 4 top map, sequence length that map's 16 positions), the gated bottom prior unchanged;
+    train, evaluate and sample through ``python -m monai.bundle``."""
+    out = tmp_path / "prior"
+    top = {"top_channels": 16, "top_num_layers": 1, "top_num_heads": 2}
+    common = {**vqvae2_prior["common"], **top, "output_dir": out}
+    overlays = ["vqvae2.json", "vqvae2_transformer.json"]
+    run_bundle("pixelcnn_prior", ["train.json", *overlays], {**common, "max_epochs": 1})
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    positions = [v for k, v in state.items() if k.startswith("top.") and "position" in k]
+    assert positions and all(v.shape[0] == 16 for v in positions), {k: v.shape for k, v in state.items() if k.startswith("top.")}
+    assert any(k.startswith("bottom.") for k in state)
+    run_bundle("pixelcnn_prior", ["train.json", *overlays, "evaluate.json"], common)
+    metrics = read_metrics(out)
+    assert 0 < metrics["nll_bits_per_code_top"] < 10 and 0 < metrics["nll_bits_per_code_bottom"] < 10
+    sampling = {k: v for k, v in common.items() if k != "batch_size"}
+    result = tmp_path / "result"
+    run_bundle("pixelcnn_prior", ["inference.json", *overlays],
+               {**sampling, "output_dir": result, "ckpt_path": out / "models" / "model.pt", "num_samples": 2})
+    saved = torch.load(result / "inference" / "samples_codes.pt", weights_only=True)
+    assert saved["codes_top"].shape == (2, 4, 4) and saved["codes_bottom"].shape == (2, 8, 8)

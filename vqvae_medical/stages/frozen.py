@@ -117,14 +117,15 @@ def grid_size(autoencoder: nn.Module, image_size: Sequence[int]) -> list[int] | 
     return tuple([p // int(f) for p in padded] for f in factors)
 
 
-def code_map_positions(autoencoder: nn.Module, image_size: Sequence[int] | None = None) -> int:
-    """Number of positions ``h * w`` of the largest code map of an image of ``image_size`` (the single map of a
-    VQ-VAE, the bottom map of a VQ-VAE-2): the sequence length a transformer prior over those codes needs
-    (its ``max_seq_len``).
+def code_map_positions(autoencoder: nn.Module, image_size: Sequence[int] | None = None, level: int | None = None) -> int:
+    """Number of positions ``h * w`` of a code map of an image of ``image_size``: the sequence length a transformer
+    prior over those codes needs (its ``max_seq_len``).
 
     Args:
         autoencoder: the (frozen) autoencoder.
         image_size: image size; ``None`` for the size the autoencoder was validated on (its record's ``image_size``).
+        level: which map of a VQ-VAE-2 (0 top, 1 bottom); ``None`` for the largest (the single map of a VQ-VAE,
+            the bottom map of a VQ-VAE-2).
     """
     if image_size is None:
         image_size = getattr(autoencoder, "image_size", None)
@@ -135,6 +136,10 @@ def code_map_positions(autoencoder: nn.Module, image_size: Sequence[int] | None 
         )
     grids = grid_size(autoencoder, image_size)
     grids = grids if isinstance(grids, tuple) else (grids,)
+    if level is not None:
+        if not 0 <= int(level) < len(grids):
+            raise ValueError(f"level must be in [0, {len(grids)}) for an autoencoder with {len(grids)} code map(s), got {level}.")
+        return math.prod(int(s) for s in grids[int(level)])
     return max(math.prod(int(s) for s in g) for g in grids)
 
 
