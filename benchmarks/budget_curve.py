@@ -45,6 +45,15 @@ def points(specs: list[str]) -> list[dict]:
     return sorted(found, key=lambda r: (r["label"], r["budget_cpu_min"]))
 
 
+def by_budget(table: list[dict]) -> dict[tuple[str, float], list[dict]]:
+    """The rows of ``table`` grouped by (label, budget), in table order: several rows in one group are the same run
+    evaluated with several seeds."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in table:
+        groups.setdefault((r["label"], r["budget_cpu_min"]), []).append(r)
+    return groups
+
+
 def markdown(table: list[dict]) -> str:
     lines = [
         "| generator | budget (CPU-min) | epochs | c2st_accuracy | power (blur σ1) | MS-SSIM samples / real | NLL bits per code |",
@@ -56,10 +65,7 @@ def markdown(table: list[dict]) -> str:
             f"| {_fmt(r['c2st_accuracy'])} | {_fmt(r['c2st_power_blurred_real'])} "
             f"| {_fmt(r['ms_ssim_diversity_samples'])} / {_fmt(r['ms_ssim_diversity_real'])} | {_fmt(r['nll_bits_per_code'], 2)} |"
         )
-    groups: dict[tuple[str, float], list[dict]] = {}
-    for r in table:
-        groups.setdefault((r["label"], r["budget_cpu_min"]), []).append(r)
-    for (label, budget), same in groups.items():
+    for (label, budget), same in by_budget(table).items():
         if len(same) > 1:  # the same run evaluated with several seeds
             mean = sum(r["c2st_accuracy"] for r in same) / len(same)
             lines.append(f"| {label}, mean of {len(same)} | {budget:g} | {same[0]['epochs']} | {_fmt(mean)} | - | - | - |")
@@ -73,10 +79,10 @@ def figure(table: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    groups = by_budget(table)  # the table is sorted by label and budget
     for label in dict.fromkeys(r["label"] for r in table):
-        pts = [r for r in table if r["label"] == label]
-        budgets = sorted({r["budget_cpu_min"] for r in pts})
-        scores = [[r["c2st_accuracy"] for r in pts if r["budget_cpu_min"] == b] for b in budgets]
+        budgets = [b for (name, b) in groups if name == label]
+        scores = [[r["c2st_accuracy"] for r in groups[label, b]] for b in budgets]
         means = [sum(s) / len(s) for s in scores]
         (line,) = ax.plot(budgets, means, "o-", label=label + (" (mean of seeds)" if max(map(len, scores)) > 1 else ""))
         several = [(b, s) for b, s in zip(budgets, scores) if len(s) > 1]
