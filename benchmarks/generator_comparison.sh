@@ -5,11 +5,14 @@
 #   OUT/vqvae_2d (skipped when it already holds models/model.pt, e.g. the "after" side of convergence_pairs.sh,
 #   copied or linked there) and OUT/vqvae2_2d.
 # Stage 2, GEN_CPU_MINUTES (default 8) process CPU-minutes of training each, one thread each, two at a time:
-#   gated     pixelcnn_prior (the default gated PixelCNN) on OUT/vqvae_2d
-#   transformer pixelcnn_prior + configs/transformer.json on OUT/vqvae_2d
-#   hierarchical pixelcnn_prior + configs/vqvae2.json (top and bottom gated PixelCNNs) on OUT/vqvae2_2d
-#   hierarchical_transformer  the same + configs/vqvae2_transformer.json (a transformer top prior, as the paper's
-#             self-attention top prior; the bottom prior stays a gated PixelCNN) on OUT/vqvae2_2d
+#   gated     pixelcnn_prior + configs/gated.json (a gated PixelCNN) on OUT/vqvae_2d
+#   transformer pixelcnn_prior (the default causal transformer prior) on OUT/vqvae_2d
+#   hierarchical pixelcnn_prior + configs/vqvae2.json + configs/vqvae2_gated_top.json (top and bottom gated
+#             PixelCNNs) on OUT/vqvae2_2d
+#   hierarchical_transformer  pixelcnn_prior + configs/vqvae2.json (the default: a transformer top prior, as the
+#             paper's self-attention top prior, and a gated bottom prior) on OUT/vqvae2_2d
+# (before pixelcnn_prior 0.4.0 the gated PixelCNNs were the defaults and the transformers overlays; the generator
+# names, and what each trains, are the same.)
 #   diffusion latent_diffusion on OUT/vqvae_2d
 # then each bundle's evaluate.json: 128 samples against 128 test images (c2st_accuracy with its power check,
 # MS-SSIM diversity, NLL per level, CPU seconds per sample; diffusion with DIFFUSION_STEPS DDIM steps, default 50),
@@ -53,10 +56,10 @@ BUDGET2="--max_epochs 10000 --time_budget_minutes $GEN_MIN --time_budget_clock p
 gen() {  # gen NAME: train then evaluate one generator unless done
   local g=$1 b=pixelcnn_prior vq=vqvae_2d overlay="" extra=""
   case $g in
-    gated) ;;
-    transformer) overlay=",'configs/transformer.json'" ;;
-    hierarchical) overlay=",'configs/vqvae2.json'"; vq=vqvae2_2d ;;
-    hierarchical_transformer) overlay=",'configs/vqvae2.json','configs/vqvae2_transformer.json'"; vq=vqvae2_2d ;;
+    gated) overlay=",'configs/gated.json'" ;;
+    transformer) ;;
+    hierarchical) overlay=",'configs/vqvae2.json','configs/vqvae2_gated_top.json'"; vq=vqvae2_2d ;;
+    hierarchical_transformer) overlay=",'configs/vqvae2.json'"; vq=vqvae2_2d ;;
     diffusion) b=latent_diffusion; extra="--num_inference_steps $STEPS" ;;
   esac
   local common="--autoencoder_dir $OUT/$vq --output_dir $OUT/$g"

@@ -20,7 +20,7 @@ from pathlib import Path
 LABELS = {
     "gated": "gated PixelCNN (one level)",
     "transformer": "transformer prior (one level)",
-    "hierarchical": "VQ-VAE-2 top + bottom priors",
+    "hierarchical": "VQ-VAE-2, gated top + gated bottom",
     "hierarchical_transformer": "VQ-VAE-2, transformer top + gated bottom",
     "diffusion": "latent diffusion (DDIM)",
 }

@@ -17,7 +17,7 @@ from monai.engines import SupervisedTrainer
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vqvae_medical.networks import GatedPixelCNN, prior_cross_entropy
+from vqvae_medical.networks import GatedPixelCNN, TransformerPrior, prior_cross_entropy
 from vqvae_medical.stages.frozen import load_autoencoder
 from vqvae_medical.stages.prior.codes import CodeMapDataset
 from vqvae_medical.stages.prior.generate import PriorSampler
@@ -34,8 +34,15 @@ VQ_TINY = {
     "num_embeddings": 16,
     "embedding_dim": 8,
 }
-PRIOR_NET = {"num_embeddings": 16, "channels": 8, "num_layers": 2, "num_classes": 2, "class_names": ["benign", "malignant"]}
 SIZE = [32, 32]  # images -> 8 x 8 code maps
+#: the default prior (a transformer), tiny: 64 positions (the 8 x 8 code maps), 2 layers of 8 channels, 2 heads
+TINY_TRANSFORMER = {"num_embeddings": 16, "channels": 8, "num_layers": 2, "num_heads": 2, "max_seq_len": 64}
+PRIOR_NET = {**TINY_TRANSFORMER, "num_classes": 2, "class_names": ["benign", "malignant"]}
+
+
+def tiny_transformer_prior(num_classes: int | None = 2) -> PriorNetwork:
+    """The network that PRIOR_NET builds from the bundle's network_def."""
+    return PriorNetwork(TransformerPrior(2, 16, max_seq_len=64, channels=8, num_layers=2, num_heads=2, num_classes=num_classes))
 SPLIT = {"val_fraction": 0.2, "test_fraction": 0.2}
 
 #: the tests that use ``trained`` run on one pytest-xdist worker (--dist loadgroup): it is built once
@@ -156,7 +163,7 @@ def _bundle_args(*overrides: dict) -> dict:
 @TRAINED
 def test_verify_net_in_out(trained):
     meta = "_meta_#network_data_format"
-    net = {"num_embeddings": 16, "channels": 8, "num_layers": 2}
+    net = TINY_TRANSFORMER
     # unconditioned (the default): one code channel in, K logits out
     monai.bundle.verify_net_in_out("network_def", **_bundle_args(net, {f"{meta}#outputs#pred#num_channels": 16}))
     # class-conditioned: codes and class channels in
@@ -174,7 +181,7 @@ def test_ckpt_export_torchscript_equals_eager(trained, tmp_path):
     ts = tmp_path / "model.ts"
     monai.bundle.ckpt_export("network_def", **_bundle_args(PRIOR_NET, {"filepath": str(ts), "ckpt_file": str(ckpt)}))
     scripted = torch.jit.load(str(ts))
-    eager = PriorNetwork(GatedPixelCNN(2, 16, 8, 2, num_classes=2))
+    eager = tiny_transformer_prior()
     eager.load_state_dict(torch.load(ckpt, weights_only=True))
     eager.eval()
     codes = torch.randint(0, 16, (3, 8, 8), generator=torch.Generator().manual_seed(0))
@@ -214,7 +221,7 @@ def test_evaluation_samples_are_seeded_and_leave_the_global_rng(trained, tmp_pat
     """The evaluate's samples (and every metric on them) depend on ``seed`` only; torch's global random state is
     the same afterwards, so sampling cannot change what the evaluator computed or what runs after it."""
     autoencoder = load_autoencoder(trained["common"]["autoencoder_dir"])
-    prior = load_prior(PriorNetwork(GatedPixelCNN(2, 16, 8, 2, num_classes=2)), trained["out"] / "models" / "model.pt")
+    prior = load_prior(tiny_transformer_prior(), trained["out"] / "models" / "model.pt")
     sampler = PriorSampler(autoencoder, autoencoder.image_size)
     test = autoencoder.datalist(tmp_path / "cache")["test"]
     rng = torch.get_rng_state()
@@ -230,45 +237,42 @@ def test_evaluation_samples_are_seeded_and_leave_the_global_rng(trained, tmp_pat
     assert same[0]["ms_ssim_diversity_samples"] != same[2]["ms_ssim_diversity_samples"]
 
 
-TRANSFORMER = {"num_embeddings": 16, "channels": 8, "num_layers": 1, "num_heads": 2}
+GATED = {"num_embeddings": 16, "channels": 8, "num_layers": 2}
 
-#: the tests that use ``brain_transformer`` run on one pytest-xdist worker (--dist loadgroup): it is built once
-BRAIN_TRANSFORMER = pytest.mark.xdist_group("pixelcnn_prior_brain_transformer")
+#: the tests that use ``brain_gated`` run on one pytest-xdist worker (--dist loadgroup): it is built once
+BRAIN_GATED = pytest.mark.xdist_group("pixelcnn_prior_brain_gated")
 
 
 @pytest.fixture(scope="module")
-def brain_transformer(tmp_path_factory, brain_files, real_folder):
+def brain_gated(tmp_path_factory, brain_files, real_folder):
     """150 real brain slices (32 x 32 centre crops), 90 % of them in the test split; a tiny vqvae_2d and a tiny
-    transformer prior (``transformer.json``) trained one epoch each on the rest (the vqvae_2d in this process)."""
+    gated PixelCNN prior (``gated.json``) trained one epoch each on the rest (the vqvae_2d in this process)."""
     data = real_folder(brain_files(150), tmp_path_factory.mktemp("slices"))
     vq_out = tmp_path_factory.mktemp("vqvae_brain")
     split = {"val_fraction": 0.05, "test_fraction": 0.9}
     vq = {**VQ_TINY, **split, "in_channels": 1, "dataset_dir": data, "data_layout": "folder", "spatial_size": SIZE}
     run_bundle_in_process("vqvae_2d", ["train.json"], {**vq, "output_dir": vq_out, "batch_size": 4, "max_epochs": 1})
-    out = tmp_path_factory.mktemp("transformer")
-    common = {**TRANSFORMER, "autoencoder_dir": vq_out, "output_dir": out, "batch_size": 4}
-    train = run_bundle(BUNDLE, ["train.json", "transformer.json"], {**common, "max_epochs": 1}, threads=1)
+    out = tmp_path_factory.mktemp("gated")
+    common = {**GATED, "autoencoder_dir": vq_out, "output_dir": out, "batch_size": 4}
+    train = run_bundle(BUNDLE, ["train.json", "gated.json"], {**common, "max_epochs": 1}, threads=1)
     return {"out": out, "common": common, "train": train}
 
 
-@BRAIN_TRANSFORMER
-def test_transformer_overlay_trains_a_transformer_over_the_code_map(brain_transformer):
-    out = brain_transformer["out"]
-    state = torch.load(out / "models" / "model.pt", weights_only=True)
-    assert not any("gated" in k or "v_stack" in k for k in state)
-    # max_seq_len: the 8 x 8 code map of the autoencoder's 32 x 32 images; 16 codes + 1 start token
-    assert tuple(state["model.transformer.position_embeddings.embedding.weight"].shape) == (64, 8)
-    assert tuple(state["model.transformer.token_embeddings.weight"].shape) == (17, 8)
-    assert len({k.split(".")[3] for k in state if k.startswith("model.transformer.blocks.")}) == 1
+@BRAIN_GATED
+def test_gated_overlay_trains_a_gated_pixelcnn(brain_gated):
+    state = torch.load(brain_gated["out"] / "models" / "model.pt", weights_only=True)
+    assert not any("transformer" in k for k in state)
+    prior = load_prior(PriorNetwork(GatedPixelCNN(2, 16, 8, 2)), brain_gated["out"] / "models" / "model.pt")
+    assert prior.state_dict().keys() == state.keys()
 
 
-@BRAIN_TRANSFORMER
-def test_transformer_overlay_evaluates_with_a_two_sample_test(brain_transformer):
+@BRAIN_GATED
+def test_gated_overlay_evaluates_with_a_two_sample_test(brain_gated):
     """With at least 128 test images the evaluate runs the two-sample test and its power check: real numbers."""
-    out = brain_transformer["out"]
-    configs = ["train.json", "transformer.json", "evaluate.json"]
+    out = brain_gated["out"]
+    configs = ["train.json", "gated.json", "evaluate.json"]
     c2st = {"image_size": 32, "epochs": 5, "n_folds": 2, "channels": [8, 16]}  # fast: only the plumbing is tested
-    run_bundle(BUNDLE, configs, {**brain_transformer["common"], "n_samples": 64, "c2st_settings": c2st}, threads=1)
+    run_bundle(BUNDLE, configs, {**brain_gated["common"], "n_samples": 64, "c2st_settings": c2st}, threads=1)
     metrics = read_metrics(out)
     assert 0.0 < metrics["nll_bits_per_code"] < 10.0 and metrics["n_maps"] >= 128
     assert metrics["n_real"] == 128 and metrics["n_generated"] == 64 and metrics["c2st_n_per_set"] == 64
@@ -278,12 +282,38 @@ def test_transformer_overlay_evaluates_with_a_two_sample_test(brain_transformer)
     assert (out / "eval" / "samples_vs_real.png").is_file()
 
 
-@BRAIN_TRANSFORMER
-def test_transformer_overlay_inference(brain_transformer, tmp_path):
-    common = brain_transformer["common"]
-    ckpt = brain_transformer["out"] / "models" / "model.pt"
-    overrides = {**TRANSFORMER, "autoencoder_dir": common["autoencoder_dir"], "output_dir": tmp_path, "ckpt_path": ckpt}
-    run_bundle(BUNDLE, ["inference.json", "transformer.json"], {**overrides, "num_samples": 3}, threads=1)
+@BRAIN_GATED
+def test_gated_overlay_inference(brain_gated, tmp_path):
+    common = brain_gated["common"]
+    ckpt = brain_gated["out"] / "models" / "model.pt"
+    overrides = {**GATED, "autoencoder_dir": common["autoencoder_dir"], "output_dir": tmp_path, "ckpt_path": ckpt}
+    run_bundle(BUNDLE, ["inference.json", "gated.json"], {**overrides, "num_samples": 3}, threads=1)
     saved = torch.load(tmp_path / "inference" / "samples_codes.pt", weights_only=True)
     assert saved["codes"].shape == (3, 8, 8) and 0 <= int(saved["codes"].min()) and int(saved["codes"].max()) < 16
     assert Image.open(tmp_path / "inference" / "samples.png").size[0] > 100
+
+
+@BRAIN_GATED
+def test_max_seq_len_shorter_than_the_code_map_is_one_line(brain_gated, tmp_path):
+    """The default transformer prior with a position table shorter than the 8 x 8 code map stops before training,
+    naming max_seq_len and the value to set."""
+    common = {**brain_gated["common"], "max_seq_len": 32, "output_dir": tmp_path}
+    proc = run_bundle(BUNDLE, ["train.json"], {**common, "max_epochs": 1}, threads=1, expect_ok=False)
+    assert proc.returncode != 0
+    assert "ERROR (SettingError): max_seq_len is 32, but the code map of this autoencoder is 8 x 8 = 64" in proc.stderr
+    assert "set --max_seq_len 64" in proc.stderr and "configs/gated.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "models" / "model.pt").exists()
+
+
+@BRAIN_GATED
+def test_evaluating_a_gated_checkpoint_without_its_overlay_is_one_line(brain_gated):
+    """A gated PixelCNN checkpoint (the default before 0.4.0) evaluated with the default (transformer) configs stops
+    before the evaluation with one line that names the overlay to add, and no traceback."""
+    configs = ["train.json", "evaluate.json"]
+    proc = run_bundle(BUNDLE, configs, {**brain_gated["common"], "n_samples": 0}, threads=1, expect_ok=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ERROR (CheckpointError): ") and str(brain_gated["out"] / "models" / "model.pt") in last
+    assert "it holds a gated PixelCNN prior and the network is a transformer: add configs/gated.json" in last
+    assert "Traceback" not in proc.stderr

@@ -195,7 +195,7 @@ def test_vqvae2_2d_two_processes(brain_slices, tmp_path):
 @pytest.mark.timeout(300)
 def test_pixelcnn_prior_two_processes(isic_folder, tmp_path):
     """The prior trains on the code maps of a frozen VQ-VAE: rank 0 extracts and caches them once, rank 1 reads
-    that cache; the PixelCNN weights are equal on the ranks and the checkpoint evaluates in one process."""
+    that cache; the prior's weights are equal on the ranks and the checkpoint evaluates in one process."""
     data = isic_folder(12, tmp_path / "isic")
     photos = sorted((data / "images").glob("*.jpg"))
     transform = image_transforms_2d(channels=3, spatial_size=[32, 32])

@@ -25,7 +25,7 @@ TINY_UNET = {
     "num_inference_steps": 4,
     "embedding_dim": 8,  # the UNet takes the 8 latent channels of stage 1
 }
-TINY_PRIOR = {"channels": 8, "num_layers": 2, "num_embeddings": 16}  # the prior models the 16 codes of stage 1
+TINY_PRIOR = {"channels": 8, "num_layers": 2, "num_heads": 2, "num_embeddings": 16}  # models the 16 codes of stage 1
 
 #: the tests that use ``stage_one`` run on one pytest-xdist worker (--dist loadgroup): it is built once
 STAGE_ONE = pytest.mark.xdist_group("pipeline_stage_one")

@@ -196,13 +196,26 @@ def test_sampler_decodes_the_code_pair_and_saves_both_levels(tmp_path):
     assert "codes" not in saved and saved["class_label"] == 1
 
 
+#: configs/vqvae2.json, tiny: a transformer top prior (2 layers of 8 channels, 2 heads, the 4 x 4 top map's 16
+#: positions) and a gated bottom prior (2 layers of 8 channels)
+PRIOR_NET_TINY = {
+    "num_embeddings": [K_TOP, K_BOTTOM],
+    "channels": 8,
+    "num_layers": 2,
+    "num_heads": 2,
+    "max_seq_len": 16,
+    "bottom_channels": 8,
+    "bottom_num_layers": 2,
+}
+
+
 def test_overlay_builds_the_same_network_for_training_and_inference():
     configs = BUNDLES / "pixelcnn_prior" / "configs"
     shapes = []
     for first in ("train.json", "inference.json"):
         parser = ConfigParser()
         parser.read_config([str(configs / first), str(configs / "vqvae2.json")])
-        parser.update({"num_embeddings": [K_TOP, K_BOTTOM], "channels": 8, "num_layers": 2, "num_classes": 2})
+        parser.update({**PRIOR_NET_TINY, "num_classes": 2})
         net = parser.get_parsed_content("network_def")
         assert isinstance(net, HierarchicalPrior) and net.num_embeddings == (K_TOP, K_BOTTOM)
         assert parser.get_parsed_content("autoencoder_dir").endswith("vqvae2_2d")
@@ -219,7 +232,7 @@ def test_model_zoo_tools_accept_the_hierarchical_network_def(tmp_path):
         "config_file": [str(configs / "inference.json"), str(configs / "vqvae2.json")],
         "bundle_root": str(tmp_path),
     }
-    net = {"num_embeddings": [K_TOP, K_BOTTOM], "channels": 8, "num_layers": 2}
+    net = PRIOR_NET_TINY
     meta = "_meta_#network_data_format"
     shapes = {
         f"{meta}#inputs#image#num_channels": 2,
@@ -241,7 +254,7 @@ def test_model_zoo_tools_accept_the_hierarchical_network_def(tmp_path):
         torch.testing.assert_close(torch.jit.load(str(tmp_path / "model.ts"))(x), eager(x), rtol=0, atol=0)
 
 
-PRIOR_TINY = {"num_embeddings": [K_TOP, K_BOTTOM], "channels": 8, "num_layers": 2, "batch_size": 4}
+PRIOR_TINY = {**PRIOR_NET_TINY, "batch_size": 4}
 SIZE = [32, 32]  # top codes 4 x 4, bottom codes 8 x 8
 
 #: the tests that use ``vqvae2_prior`` run on one pytest-xdist worker (--dist loadgroup): it is built once
@@ -281,6 +294,10 @@ def test_bundle_trains_evaluates_and_samples_both_levels(vqvae2_prior, tmp_path)
     out, common = vqvae2_prior["out"], vqvae2_prior["common"]
     log = vqvae2_prior["train"].stdout + vqvae2_prior["train"].stderr
     assert "-> codes [[4, 4], [8, 8]]" in log
+    # the default top prior is the paper's self-attention prior (a causal transformer over the 16 top positions)
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert tuple(state["top.transformer.position_embeddings.embedding.weight"].shape) == (16, 8)
+    assert not any("transformer" in k for k in state if k.startswith("bottom."))
     history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
     train = [r for r in history if r["phase"] == "train"]
     val = [r for r in history if r["phase"] == "validation"]
@@ -334,18 +351,17 @@ def test_single_level_config_on_a_vqvae2_names_the_overlay(vqvae2_prior, tmp_pat
 
 
 @VQVAE2_PRIOR
-def test_transformer_top_overlay_trains_and_samples(vqvae2_prior, tmp_path):
-    """configs/vqvae2_transformer.json after configs/vqvae2.json: the paper's top prior with self-attention (a causal
-    transformer over the 4 x 4 top map, sequence length that map's 16 positions), the gated bottom prior unchanged;
-    train (validated per level) and sample through ``python -m monai.bundle``."""
+def test_gated_top_overlay_trains_and_samples(vqvae2_prior, tmp_path):
+    """configs/vqvae2_gated_top.json after configs/vqvae2.json: a gated PixelCNN top prior instead of the default
+    transformer, the gated bottom prior unchanged; train (validated per level) and sample through
+    ``python -m monai.bundle``."""
     out = tmp_path / "prior"
-    top = {"top_channels": 16, "top_num_layers": 1, "top_num_heads": 2}
-    common = {**vqvae2_prior["common"], **top, "output_dir": out}
-    overlays = ["vqvae2.json", "vqvae2_transformer.json"]
+    common = {**vqvae2_prior["common"], "output_dir": out}
+    overlays = ["vqvae2.json", "vqvae2_gated_top.json"]
     run_bundle("pixelcnn_prior", ["train.json", *overlays], {**common, "max_epochs": 1})
     state = torch.load(out / "models" / "model.pt", weights_only=True)
-    positions = [v for k, v in state.items() if k.startswith("top.") and "position" in k]
-    assert positions and all(v.shape[0] == 16 for v in positions), {k: v.shape for k, v in state.items() if k.startswith("top.")}
+    top = {k: v for k, v in state.items() if k.startswith("top.")}
+    assert top and not any("transformer" in k for k in top), list(top)
     assert any(k.startswith("bottom.") for k in state)
     history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
     val = [r for r in history if r["phase"] == "validation"]  # evaluate.json is the same code (tested above)

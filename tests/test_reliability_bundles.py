@@ -77,6 +77,8 @@ TINY = {
         "num_embeddings": 16,
         "channels": 8,
         "num_layers": 2,
+        "num_heads": 2,
+        "max_seq_len": 64,
         "num_classes": 0,
         "image_size": [32, 32],
         "batch_size": 2,

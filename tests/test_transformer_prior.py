@@ -268,3 +268,63 @@ def test_training_lowers_bits_per_code_with_long_range_context():
     assert end < 0.25 * math.log2(num_codes), (start, end)
     assert other_rows > 0.9 * math.log2(num_codes)
     assert isinstance(prior_of(model), TransformerPrior) and not isinstance(model, GatedPixelCNN)
+
+
+def test_load_prior_names_the_overlay_or_max_seq_len(tmp_path):
+    """A checkpoint of the other prior network (the default changed from gated PixelCNN to transformer in
+    pixelcnn_prior 0.4.0), or of a transformer with another max_seq_len, stops with the overlay or the setting."""
+    from vqvae_medical.stages.prior.network import load_prior
+    from vqvae_medical.training.checkpoints import CheckpointError
+
+    def transformer(max_seq_len: int) -> PriorNetwork:
+        return PriorNetwork(TransformerPrior(2, K, max_seq_len=max_seq_len, channels=8, num_layers=1, num_heads=2))
+
+    gated = PriorNetwork(GatedPixelCNN(2, K, 8, 2))
+    torch.save(gated.state_dict(), tmp_path / "gated.pt")
+    torch.save(transformer(64).state_dict(), tmp_path / "transformer.pt")
+    with pytest.raises(CheckpointError, match="holds a gated PixelCNN prior .* add configs/gated.json") as info:
+        load_prior(transformer(64), tmp_path / "gated.pt")
+    assert str(tmp_path / "gated.pt") in str(info.value)
+    with pytest.raises(CheckpointError, match="holds a transformer prior .* leave out configs/gated.json"):
+        load_prior(gated, tmp_path / "transformer.pt")
+    with pytest.raises(CheckpointError, match="max_seq_len is 64 in the checkpoint and 32 here: pass --max_seq_len 64"):
+        load_prior(transformer(32), tmp_path / "transformer.pt")
+    assert not load_prior(transformer(64), tmp_path / "transformer.pt").training
+
+
+def test_check_sequence_length_of_the_one_level_and_the_top_prior():
+    """The transformer's position table against the autoencoder's code map: the one-level prior against the map,
+    a VQ-VAE-2 top prior against the top map; a gated PixelCNN has no limit."""
+    from vqvae_medical.networks import VQVAE, VQVAE2
+    from vqvae_medical.stages.frozen import FrozenAutoencoder
+    from vqvae_medical.stages.prior.hierarchical import HierarchicalPrior
+    from vqvae_medical.stages.prior.network import check_sequence_length
+    from vqvae_medical.training.runtime import SettingError
+
+    tiny = {"channels": (8, 16), "num_res_units": 1, "res_channels": (8, 8)}
+    vq = FrozenAutoencoder(VQVAE(2, 1, num_embeddings=K, embedding_dim=8, **tiny), record={"image_size": [64, 64]})
+    one_level = PriorNetwork(TransformerPrior(2, K, max_seq_len=256, channels=8, num_layers=1, num_heads=2))
+    assert check_sequence_length(one_level, vq) and check_sequence_length(PriorNetwork(GatedPixelCNN(2, K, 8, 2)), vq)
+    with pytest.raises(SettingError, match=r"max_seq_len is 256, .* 32 x 32 = 1024 positions: set --max_seq_len 1024"):
+        check_sequence_length(one_level, vq, [128, 128])
+    vq2 = FrozenAutoencoder(VQVAE2(2, 1, channels=(8, 16), num_res_units=1, num_embeddings=8, embedding_dim=4),
+                            record={"image_size": [64, 64]})
+    top = TransformerPrior(2, 8, max_seq_len=64, channels=8, num_layers=1, num_heads=2)
+    bottom = GatedPixelCNN(2, 8, 8, 1, conditioning_num_embeddings=8)
+    hierarchy = HierarchicalPrior(top, bottom)
+    assert check_sequence_length(hierarchy, vq2)  # top map 8 x 8 (the bottom map's 256 positions do not count)
+    with pytest.raises(SettingError, match=r"16 x 16 = 256 positions: set --max_seq_len 256 .*vqvae2_gated_top.json"):
+        check_sequence_length(hierarchy, vq2, [128, 128])
+
+
+def test_every_parameter_gets_a_gradient_and_old_checkpoints_load():
+    """No parameter without a gradient (DistributedDataParallel refuses those; MONAI's blocks build an unused
+    cross-attention LayerNorm, which the prior drops), and a checkpoint that still holds those norms loads."""
+    net = PriorNetwork(TransformerPrior(2, K, max_seq_len=64, channels=8, num_layers=2, num_heads=2, num_classes=3))
+    net(pack_inputs(torch.randint(0, K, (2, 8, 8)), torch.tensor([0, 2]))).sum().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None] == []
+    old = dict(net.state_dict())
+    for i in range(2):
+        old[f"model.transformer.blocks.{i}.norm_cross_attn.weight"] = torch.ones(8)
+        old[f"model.transformer.blocks.{i}.norm_cross_attn.bias"] = torch.zeros(8)
+    net.load_state_dict(old)

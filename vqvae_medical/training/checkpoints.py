@@ -230,10 +230,30 @@ def _setting_hint(key: str, saved: tuple[int, ...], wanted: tuple[int, ...]) -> 
             if len(saved) > i and len(wanted) > i and saved[i] != wanted[i]:
                 arg = f"{saved[i]}" if not level else f"a list with {saved[i]} for the {level} level"
                 return f"{name}{where} is {saved[i]} in the checkpoint and {wanted[i]} here: pass --{name} {arg}"
+    if key.endswith("position_embeddings.embedding.weight") and saved and wanted and saved[0] != wanted[0]:
+        return f"max_seq_len is {saved[0]} in the checkpoint and {wanted[0]} here: pass --max_seq_len {saved[0]}"
     return (
         "the network settings differ from the run that wrote it (channels, res_channels, num_res_units, "
         "in_channels, num_embeddings, embedding_dim): pass the settings it was trained with"
     )
+
+
+def _prior_kind_hint(own: Mapping[str, Any], state: Mapping[str, Any]) -> str | None:
+    """A prior checkpoint of the other network (transformer or gated PixelCNN; the default changed in
+    pixelcnn_prior 0.4.0): which overlay loads it."""
+
+    def transformer(keys, prefix: str) -> bool | None:
+        keys = [k for k in keys if k.startswith(prefix)]
+        return any(".transformer." in f".{k}" for k in keys) if keys else None
+
+    for prefix, overlay in (("model.", "configs/gated.json"), ("top.", "configs/vqvae2_gated_top.json")):
+        mine, theirs = transformer(own, prefix), transformer(state, prefix)
+        if mine is None or theirs is None or mine == theirs:
+            continue
+        if theirs:
+            return f"it holds a transformer prior and the network is a gated PixelCNN: leave out {overlay}"
+        return f"it holds a gated PixelCNN prior and the network is a transformer: add {overlay} after the first config"
+    return None
 
 
 def describe_mismatch(module: torch.nn.Module, state: Mapping[str, Any]) -> str | None:
@@ -262,7 +282,7 @@ def describe_mismatch(module: torch.nn.Module, state: Mapping[str, Any]) -> str 
             parts.append(f"{len(missing)} tensors of the network are not in it (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"it has {len(unexpected)} tensors the network lacks (e.g. {unexpected[0]})")
-        return "; ".join(parts) + f"; {_setting_hint('', (), ())}."
+        return "; ".join(parts) + f"; {_prior_kind_hint(shape, state) or _setting_hint('', (), ())}."
     return None
 
 
@@ -308,10 +328,12 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike | None, map_l
 
 
 class LoadWeights:
-    """Handler: load a checkpoint into a network when the engine starts, with :func:`load_weights`.
+    """Handler: load a checkpoint into a network when it is attached to the engine, with :func:`load_weights`.
 
-    Replaces MONAI's ``CheckpointLoader`` in the inference configs: it accepts both a ``model.pt`` and a training
-    checkpoint, and says in one line which file is missing or unreadable, or which tensor does not fit.
+    Replaces MONAI's ``CheckpointLoader`` in the inference and evaluate configs: it accepts both a ``model.pt`` and
+    a training checkpoint, and says in one line which file is missing or unreadable, or which tensor does not fit.
+    It loads at ``attach`` (when the config builds the engine), not at ``STARTED``: an exception inside the run
+    reaches MONAI's ``StatsHandler``, which logs it with its whole traceback before the one-line message.
 
     Args:
         load_path: the checkpoint.
@@ -326,9 +348,9 @@ class LoadWeights:
         self.loaded_from: Path | None = None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
+        self(engine)
 
-    def __call__(self, engine: Engine) -> None:
+    def __call__(self, engine: Engine | None = None) -> None:
         self.loaded_from = load_weights(self.network, self.load_path, self.map_location)
 
 

@@ -295,7 +295,7 @@ class LoadRecordedWeights(LoadWeights):
     or ``evaluate.json`` whose ``network_def`` differs from the trained one in a shape-free setting stops with one
     line instead of producing wrong images."""
 
-    def __call__(self, engine: Engine) -> None:
+    def __call__(self, engine: Engine | None = None) -> None:
         if self.load_path not in (None, "", "None"):
             check_against_record(self.network, self.load_path)
         super().__call__(engine)

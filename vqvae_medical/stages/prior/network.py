@@ -1,22 +1,23 @@
-"""The prior's ``network_def``: a one-tensor wrapper of the PixelCNN, and loading it (the VQ-VAE-2's two-level
-``network_def`` is :class:`~vqvae_medical.stages.prior.hierarchical.HierarchicalPrior`)."""
+"""The prior's ``network_def``: a one-tensor wrapper of the transformer or gated PixelCNN prior, loading it, and the
+check of a transformer's sequence length against the code map (the VQ-VAE-2's two-level ``network_def`` is
+:class:`~vqvae_medical.stages.prior.hierarchical.HierarchicalPrior`)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN
 from vqvae_medical.networks.transformer_prior import TransformerPrior
-from vqvae_medical.stages.autoencoder.record import weights_of
+from vqvae_medical.stages.frozen import code_map_positions, grid_size
 from vqvae_medical.stages.prior.hierarchical import HierarchicalPrior
-from vqvae_medical.training.checkpoints import safe_load  # noqa: E402
+from vqvae_medical.training.checkpoints import load_weights
+from vqvae_medical.training.runtime import SettingError
 from vqvae_medical.training.steps import unwrap  # noqa: E402
 
-__all__ = ["PriorNetwork", "pack_inputs", "prior_of", "load_prior"]
+__all__ = ["PriorNetwork", "pack_inputs", "prior_of", "load_prior", "check_sequence_length"]
 
 
 class PriorNetwork(nn.Module):
@@ -79,8 +80,50 @@ def prior_of(network: nn.Module) -> GatedPixelCNN | TransformerPrior | Hierarchi
 
 def load_prior(network: nn.Module, ckpt_path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Load a prior's ``model.pt`` (state dict of ``network_def``, or a ``{"model": ...}`` checkpoint) with
-    ``weights_only=True``; returns ``network`` on ``device`` in eval mode."""
-    if not Path(ckpt_path).is_file():
-        raise ValueError(f"prior checkpoint {ckpt_path} does not exist. Train the prior first or set ckpt_path.")
-    network.load_state_dict(weights_of(safe_load(ckpt_path)))
+    ``weights_only=True``; returns ``network`` on ``device`` in eval mode.
+
+    Raises:
+        CheckpointError: no such file, or a checkpoint of another network (e.g. a gated PixelCNN prior loaded
+            without ``configs/gated.json``, or another ``max_seq_len``); the message names the file and the fix.
+    """
+    load_weights(network, ckpt_path)
     return network.to(device).eval()
+
+
+def check_sequence_length(network: nn.Module, autoencoder: nn.Module, image_size=None) -> bool:
+    """Stop before training or sampling when a transformer prior's ``max_seq_len`` is shorter than the code map it
+    must model (e.g. the default 1,024 positions, 32 x 32 codes of 128 x 128 images, against the 64 x 64 codes of
+    256 x 256 photos). The learnt position table has ``max_seq_len`` rows, so the setting has to be the same for
+    training, evaluation and inference. A gated PixelCNN has no such limit. Returns ``True`` (for config
+    expressions).
+
+    Args:
+        network: the prior's ``network_def`` (:class:`PriorNetwork` or
+            :class:`~vqvae_medical.stages.prior.hierarchical.HierarchicalPrior`).
+        autoencoder: the frozen stage-1 autoencoder whose codes the prior models.
+        image_size: image size; ``None`` for the autoencoder's record's.
+
+    Raises:
+        SettingError: naming ``max_seq_len`` (the top prior's, for a VQ-VAE-2), the code map, and the value to
+            set.
+    """
+    prior = prior_of(network)
+    if isinstance(prior, HierarchicalPrior):
+        model, level, gated = prior.top, 0, "a gated top prior (configs/vqvae2_gated_top.json)"
+    else:
+        model, level, gated = prior, None, "the gated PixelCNN prior (configs/gated.json)"
+    if not isinstance(model, TransformerPrior):
+        return True
+    try:
+        needed = code_map_positions(autoencoder, image_size, level=level)
+    except ValueError:  # no image size known (images of several sizes): the prior checks each batch
+        return True
+    if needed > model.max_seq_len:
+        grids = grid_size(autoencoder, image_size if image_size is not None else autoencoder.image_size)
+        grid = grids[level] if isinstance(grids, tuple) else grids
+        raise SettingError(
+            f"max_seq_len is {model.max_seq_len}, but the code map of this autoencoder is "
+            f"{' x '.join(str(int(g)) for g in grid)} = {needed} positions: set --max_seq_len {needed} (the same value "
+            f"for training, evaluation and inference), or use {gated}, which has no such limit."
+        )
+    return True
