@@ -5,6 +5,7 @@ check of a transformer's sequence length against the code map (the VQ-VAE-2's tw
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -90,7 +91,9 @@ def load_prior(network: nn.Module, ckpt_path: str | os.PathLike, device: str | t
     return network.to(device).eval()
 
 
-def check_sequence_length(network: nn.Module, autoencoder: nn.Module, image_size=None) -> bool:
+def check_sequence_length(
+    network: nn.Module, autoencoder: nn.Module, image_size: Sequence[int] | None = None
+) -> bool:
     """Stop before training or sampling when a transformer prior's ``max_seq_len`` is shorter than the code map it
     must model (e.g. the default 1,024 positions, 32 x 32 codes of 128 x 128 images, against the 64 x 64 codes of
     256 x 256 photos). The learnt position table has ``max_seq_len`` rows, so the setting has to be the same for
