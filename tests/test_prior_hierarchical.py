@@ -372,3 +372,14 @@ def test_gated_top_overlay_trains_and_samples(vqvae2_prior, tmp_path):
                {**sampling, "output_dir": result, "ckpt_path": out / "models" / "model.pt", "num_samples": 2})
     saved = torch.load(result / "inference" / "samples_codes.pt", weights_only=True)
     assert saved["codes_top"].shape == (2, 4, 4) and saved["codes_bottom"].shape == (2, 8, 8)
+
+
+@VQVAE2_PRIOR
+def test_single_level_run_on_a_vqvae2_is_one_line_naming_the_overlay(vqvae2_prior, tmp_path):
+    """The same through ``python -m monai.bundle run``: the max_seq_len check in ``initialize`` leaves a prior of the
+    other kind of autoencoder to the codebook check, whose one line names configs/vqvae2.json."""
+    common = {"autoencoder_dir": vqvae2_prior["vq_out"], "output_dir": tmp_path, "num_embeddings": 16}
+    proc = run_bundle("pixelcnn_prior", ["train.json"], {**common, "max_epochs": 1}, expect_ok=False)
+    assert proc.returncode != 0
+    assert "add configs/vqvae2.json after configs/train.json" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr

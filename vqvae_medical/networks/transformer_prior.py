@@ -30,7 +30,7 @@ from torch import nn
 __all__ = ["TransformerPrior", "TransformerPriorCache"]
 
 
-def _drop_unused_cross_attention_norms(state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+def _drop_unused_cross_attention_norms(module, state_dict, prefix, *args) -> None:  # noqa: ANN001
     """Checkpoints written before the unused ``norm_cross_attn`` LayerNorms were dropped (``pixelcnn_prior``
     < 0.4.0) hold them at their initial values (never trained): drop them so that those checkpoints still load."""
     for key in [k for k in state_dict if k.startswith(prefix) and ".norm_cross_attn." in k]:
@@ -133,7 +133,7 @@ class TransformerPrior(nn.Module):
             # never get a gradient, which DistributedDataParallel refuses ("parameters that were not used")
             if not block.with_cross_attention:
                 block.norm_cross_attn = nn.Identity()
-        self._register_load_state_dict_pre_hook(_drop_unused_cross_attention_norms)
+        self.register_load_state_dict_pre_hook(_drop_unused_cross_attention_norms)
         self.cond_embedding = (
             nn.Embedding(conditioning_num_embeddings, conditioning_channels)
             if conditioning_num_embeddings is not None and conditioning_channels is not None

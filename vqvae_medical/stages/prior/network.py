@@ -4,6 +4,7 @@ check of a transformer's sequence length against the code map (the VQ-VAE-2's tw
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -12,7 +13,7 @@ from torch import nn  # noqa: E402
 
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN
 from vqvae_medical.networks.transformer_prior import TransformerPrior
-from vqvae_medical.stages.frozen import code_map_positions, grid_size
+from vqvae_medical.stages.frozen import grid_size
 from vqvae_medical.stages.prior.hierarchical import HierarchicalPrior
 from vqvae_medical.training.checkpoints import load_weights
 from vqvae_medical.training.runtime import SettingError
@@ -115,15 +116,18 @@ def check_sequence_length(
         model, level, gated = prior.top, 0, "a gated top prior (configs/vqvae2_gated_top.json)"
     else:
         model, level, gated = prior, None, "the gated PixelCNN prior (configs/gated.json)"
-    if not isinstance(model, TransformerPrior):
+    size = image_size if image_size is not None else getattr(autoencoder, "image_size", None)
+    # no size known (images of several sizes): the prior checks each batch
+    if not isinstance(model, TransformerPrior) or size is None:
         return True
-    try:
-        needed = code_map_positions(autoencoder, image_size, level=level)
-    except ValueError:  # no image size known (images of several sizes): the prior checks each batch
+    grids = grid_size(autoencoder, size)
+    # a prior for the other kind of autoencoder (one level against two): codes.check_codebooks stops the run when the
+    # codes are read, with a message naming configs/vqvae2.json
+    if isinstance(grids, tuple) != (level is not None):
         return True
+    grid = grids[level] if level is not None else grids
+    needed = math.prod(int(g) for g in grid)
     if needed > model.max_seq_len:
-        grids = grid_size(autoencoder, image_size if image_size is not None else autoencoder.image_size)
-        grid = grids[level] if isinstance(grids, tuple) else grids
         raise SettingError(
             f"max_seq_len is {model.max_seq_len}, but the code map of this autoencoder is "
             f"{' x '.join(str(int(g)) for g in grid)} = {needed} positions: set --max_seq_len {needed} (the same value "
