@@ -1,0 +1,52 @@
+"""Every dotted package name the docs cite (``vqvae_medical.x.y`` or ``stages.frozen.read_record``) resolves."""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+import pytest
+from bundle_runner import REPO_ROOT
+
+DOCS = sorted(
+    [REPO_ROOT / "README.md", *(REPO_ROOT / "docs").glob("*.md"), *(REPO_ROOT / "bundles").glob("*/docs/README.md")]
+)
+_ROOTS = ("networks", "data", "training", "evaluation", "stages")
+_NAME = re.compile(r"(?<![\w./-])((?:vqvae_medical\.)?(?:{})(?:\.[A-Za-z_]\w*)+)".format("|".join(_ROOTS)))
+
+
+def resolves(dotted: str) -> bool:
+    """Whether ``dotted`` (with or without the ``vqvae_medical.`` prefix) is a module or an attribute path in one."""
+    parts = dotted.removeprefix("vqvae_medical.").split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module("vqvae_medical." + ".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def cited_names(text: str) -> set[str]:
+    return {m.group(1).rstrip(".") for m in _NAME.finditer(text) if not m.group(1).endswith((".py", ".json", ".md"))}
+
+
+def test_the_pattern_finds_names_and_the_check_can_fail():
+    text = "see `stages.frozen.read_record` and vqvae_medical.networks.vqvae.VQVAE, not stages.frozen.load_vqvae"
+    found = {name: resolves(name) for name in cited_names(text)}
+    assert found == {
+        "stages.frozen.read_record": True,
+        "vqvae_medical.networks.vqvae.VQVAE": True,
+        "stages.frozen.load_vqvae": False,
+    }
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_every_cited_package_name_resolves(doc):
+    text = doc.read_text()
+    missing = sorted(n for n in cited_names(text) if not resolves(n))
+    assert not missing, f"{doc.relative_to(REPO_ROOT)} cites names the package does not have: {missing}"
