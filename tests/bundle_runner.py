@@ -11,10 +11,15 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = REPO_ROOT / "bundles"
+#: the bundles the tests run: the repository's, or a copy named by ``VQVAE_MEDICAL_BUNDLES`` (``tests/test_leftovers.py``
+#: runs bundle tests against a copy with a user's trained outputs planted in it)
+BUNDLES = Path(os.environ.get("VQVAE_MEDICAL_BUNDLES") or REPO_ROOT / "bundles")
+#: what a bundle folder ships (git tracks these); everything else in it is a run's output (models/, logs/, cache/...)
+BUNDLE_SOURCES = ("configs", "docs", "LICENSE")
 
 __all__ = [
     "BUNDLES",
+    "BUNDLE_SOURCES",
     "REPO_ROOT",
     "TINY_VQVAE_2D",
     "TINY_VQVAE2_2D",
@@ -24,6 +29,7 @@ __all__ = [
     "run_bundle_in_process",
     "torchrun_bundle",
     "bundle_network",
+    "copy_bundle",
     "read_metrics",
     "reconstruction_metrics",
 ]
@@ -46,6 +52,22 @@ TINY_VQVAE2_2D = {
     "num_embeddings": [8, 16],
     "embedding_dim": [4, 4],
 }
+
+
+def copy_bundle(bundle: str, dest: str | os.PathLike) -> Path:
+    """``dest`` (created): a copy of what ``bundles/<bundle>`` ships (:data:`BUNDLE_SOURCES`), without the outputs a
+    user's runs may have left there. Returns ``dest``."""
+    import shutil
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in BUNDLE_SOURCES:
+        src = BUNDLES / bundle / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        elif src.is_file():
+            shutil.copy2(src, dest / name)
+    return dest
 
 
 def default_threads() -> int:

@@ -28,18 +28,30 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(default_threads())
 
 
-def _bundle_entries() -> set[str]:
-    return {f"{b.name}/{p.name}" for b in (REPO_ROOT / "bundles").iterdir() if b.is_dir() for p in b.iterdir()}
+def _bundle_entries() -> dict[str, tuple[int, int]]:
+    """Every entry of the bundle folders but what they ship (configs, docs: people edit those), with the size and
+    modification time of each file: also the files inside output folders a user's runs left there (``models/``)."""
+    from bundle_runner import BUNDLE_SOURCES, BUNDLES
+
+    entries = {}
+    for bundle in (b for b in BUNDLES.iterdir() if b.is_dir()):
+        for top in (p for p in bundle.iterdir() if p.name not in BUNDLE_SOURCES):
+            for path in [top, *top.rglob("*")] if top.is_dir() else [top]:
+                stat = path.lstat()
+                entries[str(path.relative_to(BUNDLES))] = (stat.st_size, stat.st_mtime_ns) if path.is_file() else (0, 0)
+    return entries
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _bundle_folders_stay_clean():
-    """No test may write into ``bundles/<name>`` (the configs' default ``output_dir``): tests run in parallel and
-    ``test_model_zoo.py`` copies those folders. Fails at the end of the session naming what appeared."""
+    """No test may write into ``bundles/<name>`` (the configs' default ``output_dir``), not even into the output
+    folders a user's runs left there: tests run in parallel and must not depend on what is there. Fails at the end of
+    the session naming what appeared, changed or went."""
     before = _bundle_entries()
     yield
-    new = sorted(_bundle_entries() - before)
-    assert not new, f"tests wrote into the bundle folders: {new}; give every bundle run an output_dir below tmp_path"
+    after = _bundle_entries()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"tests changed the bundle folders: {changed}; give every bundle run an output_dir below tmp_path"
 
 
 def _require(sub: str) -> Path:

@@ -37,7 +37,7 @@ from vqvae_medical.stages.diffusion.evaluation import evaluate_samples
 from vqvae_medical.stages.diffusion.latents import LatentSet
 from vqvae_medical.stages.diffusion.sampling import LatentSampler
 from vqvae_medical.stages.frozen import load_autoencoder
-from vqvae_medical.training.checkpoints import atomic_save, safe_load
+from vqvae_medical.training.checkpoints import ResumeFromCheckpoint, atomic_save, safe_load
 
 BUNDLE = "latent_diffusion"
 SIZE_2D = [96, 80]  # centre crop of the 208 x 176 slices: latents 24 x 20
@@ -190,9 +190,11 @@ def test_evaluate_2d_writes_sample_quality_diversity_and_mmd(trained_2d, brain_2
 
 
 def test_model_zoo_verify_net_in_out(tmp_path):
-    """The generator takes one tensor (latent noise) and returns images of the VQ-VAE's channels."""
+    """The generator takes one tensor (latent noise) and returns images of the VQ-VAE's channels. The autoencoder
+    folder is an empty one of this test (no record: the configs' default architecture), not the default
+    ``../vqvae_2d``, where a user's trained run may be (issue #31)."""
     args = ["network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
-    overrides = {**TINY, "_meta_#network_data_format#inputs#image#num_channels": 8}
+    overrides = {**TINY, "autoencoder_dir": tmp_path, "_meta_#network_data_format#inputs#image#num_channels": 8}
     proc = monai_bundle(BUNDLE, "verify_net_in_out", args, overrides)
     assert "verified with no error" in proc.stdout + proc.stderr
 
@@ -245,7 +247,7 @@ def test_vqvae_frozen_bit_identical_and_resume(brain_2d, tmp_path):
     parser = _parse(["train.json"], {**overrides, "max_epochs": 2})
     trainer = parser.get_parsed_content("train#trainer")
     trainer.run()
-    resume = next(h for h in parser.get_parsed_content("train#handlers") if type(h).__name__ == "ResumeFromCheckpoint")
+    resume = next(h for h in parser.get_parsed_content("train#handlers") if isinstance(h, ResumeFromCheckpoint))
     assert resume.loaded_from is not None and resume.loaded_from.name == "checkpoint_epoch=1.pt"
     assert trainer.state.epoch == 2 and (tmp_path / "models" / "checkpoint_epoch=2.pt").is_file()
     assert float(parser.get_parsed_content("network_def").scale_factor) == pytest.approx(scale, rel=1e-7)

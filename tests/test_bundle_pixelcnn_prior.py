@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import monai.bundle
+import numpy as np
 import pytest
 import torch
 from bundle_runner import BUNDLES, read_metrics, run_bundle, run_bundle_in_process
@@ -144,11 +145,13 @@ def test_inference_samples_each_class_and_decodes(trained, tmp_path):
     result = tmp_path / "result"
     run_bundle(BUNDLE, ["inference.json"], {**overrides, "output_dir": result, "ckpt_path": out / "models" / "model.pt", "num_samples": 4})
     inf = result / "inference"
+    info = json.loads((inf / "sampling.json").read_text())
     for c in (0, 1):
-        saved = torch.load(inf / f"samples_class{c}_codes.pt", weights_only=True)
-        assert saved["codes"].shape == (4, 8, 8) and saved["class_label"] == c
-        assert 0 <= int(saved["codes"].min()) and int(saved["codes"].max()) < 16
+        codes = np.load(inf / f"samples_class{c}_codes.npy")
+        assert codes.shape == (4, 8, 8) and info["classes"][c]["class_label"] == c
+        assert 0 <= int(codes.min()) and int(codes.max()) < 16
         assert Image.open(inf / f"samples_class{c}.png").mode in ("RGB", "RGBA")
+        assert len(list(inf.glob(f"sample_class{c}_*.png"))) == 4
     assert (inf / "samples.png").is_file()
 
 
@@ -288,8 +291,8 @@ def test_gated_overlay_inference(brain_gated, tmp_path):
     ckpt = brain_gated["out"] / "models" / "model.pt"
     overrides = {**GATED, "autoencoder_dir": common["autoencoder_dir"], "output_dir": tmp_path, "ckpt_path": ckpt}
     run_bundle(BUNDLE, ["inference.json", "gated.json"], {**overrides, "num_samples": 3}, threads=1)
-    saved = torch.load(tmp_path / "inference" / "samples_codes.pt", weights_only=True)
-    assert saved["codes"].shape == (3, 8, 8) and 0 <= int(saved["codes"].min()) and int(saved["codes"].max()) < 16
+    codes = np.load(tmp_path / "inference" / "samples_codes.npy")
+    assert codes.shape == (3, 8, 8) and 0 <= int(codes.min()) and int(codes.max()) < 16
     assert Image.open(tmp_path / "inference" / "samples.png").size[0] > 100
 
 

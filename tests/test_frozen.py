@@ -175,6 +175,10 @@ def test_swapped_checkpoint_is_refused(tmp_path):
     record = json.loads((folder / "models" / RECORD_FILE).read_text())
     record["network_def"]["model"]["embedding_dim"] = 4
     (folder / "models" / RECORD_FILE).write_text(json.dumps(record))
+    with pytest.raises(AutoencoderDirError, match=r"was edited after training \(network_def no longer"):
+        load_autoencoder(folder)
+    del record["identity_sha256"], record["sections_sha256"]  # a record of version 1 has no hashes to tell
+    (folder / "models" / RECORD_FILE).write_text(json.dumps(record))
     with pytest.raises(AutoencoderDirError, match="does not fit the network_def"):
         load_autoencoder(folder)
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from vqvae_medical.data import image_transforms_2d
-from vqvae_medical.evaluation.sample_quality import MIN_C2ST_IMAGES
+from vqvae_medical.evaluation.sample_quality import DEFAULT_TESTS, MIN_C2ST_IMAGES
 from vqvae_medical.evaluation.sample_report import (
     load_real_images,
     real_image_count,
     sample_classes,
     score_samples,
+    split_c2st_settings,
 )
 
 FAST_C2ST = {"image_size": 16, "epochs": 1, "n_folds": 2, "channels": [4, 8]}
@@ -57,6 +58,8 @@ def test_too_few_images_skip_the_two_sample_test(slices, caplog):
     with caplog.at_level("WARNING"):
         metrics = score_samples(real, generated, power_check=True)
     assert metrics["c2st_accuracy"] is None and metrics["c2st_power_blurred_real"] is None
+    for key in ("c2st_stats_accuracy", "c2st_stats_power_blurred_real", "c2st_strictest"):
+        assert key in metrics and metrics[key] is None
     assert metrics["c2st_n_per_set"] is None and "got 10 real (test split) and 6 generated" in metrics["c2st_skipped"]
     assert sum("no two-sample test" in r.message for r in caplog.records) == 1
     assert (metrics["n_real"], metrics["n_generated"]) == (10, 6)
@@ -73,6 +76,14 @@ def test_power_check_needs_128_real_images(slices, caplog):
     with caplog.at_level("WARNING"):
         metrics = score_samples(real, generated, seed=0, c2st_settings=FAST_C2ST)
     assert 0.0 <= metrics["c2st_accuracy"] <= 1.0 and metrics["c2st_n_per_set"] == MIN_C2ST_IMAGES
+    # every default test is run and reported; the strictest is the highest of them
+    accuracies = [metrics[k] for k in ("c2st_accuracy", "c2st_stats_accuracy")]
+    assert all(0.0 <= v <= 1.0 for v in accuracies) and metrics["c2st_strictest"] == max(accuracies)
+    assert metrics["c2st_stats_power_blurred_real"] is None and "c2st_full_accuracy" not in metrics
+    # the full-resolution test when asked for by name
+    full = score_samples(real, generated, power_check=False, c2st_settings={**FAST_C2ST, "tests": ["full"]})
+    assert 0.0 <= full["c2st_full_accuracy"] <= 1.0 and full["c2st_strictest_test"] == "full"
+    assert full["c2st_accuracy"] is None and "c2st_stats_accuracy" not in full
     assert "c2st_skipped" not in metrics
     assert metrics["c2st_power_blurred_real"] is None and "at least 128 real images" in metrics["c2st_power_skipped"]
     assert sum("no power check" in r.message for r in caplog.records) == 1
@@ -85,3 +96,16 @@ def test_score_samples_rejects_mismatched_or_single_images(slices):
         score_samples(slices[:4], slices[:4, :, :16, :16])
     with pytest.raises(ValueError, match="at least two real and two generated"):
         score_samples(slices[:1], slices[:4])
+
+
+def test_c2st_settings_pick_the_tests_and_their_settings():
+    tests, per_test = split_c2st_settings(None)
+    assert tests == list(DEFAULT_TESTS) and per_test == {t: {} for t in DEFAULT_TESTS}
+    # top-level settings go to both CNN tests, a test's own sub-dictionary wins, the stats test takes its own only
+    tests, per_test = split_c2st_settings(
+        {"tests": ["stats", "full"], "epochs": 3, "crop_size": 96, "full": {"crop_size": 64}, "stats": {"l2": 2.0}}
+    )
+    assert tests == ["stats", "full"]
+    assert per_test == {"stats": {"l2": 2.0}, "full": {"epochs": 3, "crop_size": 64}}
+    with pytest.raises(ValueError, match="unknown tests"):
+        split_c2st_settings({"tests": ["fid"]})

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from importlib import resources
 
 import jsonschema
 import pytest
-from bundle_runner import BUNDLES, _arg
+from bundle_runner import BUNDLES, _arg, copy_bundle
 
 STAGES = ("latent_diffusion", "pixelcnn_prior", "vqvae2_2d", "vqvae_2d", "vqvae_3d")
 BUNDLE_NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
@@ -91,12 +90,12 @@ def test_model_zoo_ci_checks(bundle, tmp_path):
     """What the Model Zoo's ``ci/verify_bundle.py -m full`` runs beyond the metadata (``verify_net_in_out`` and a
     TorchScript ``ckpt_export``), on a copy of the bundle with weights made from ``network_def`` as the zoo's
     ``_produce_fake_weights`` does, with the default configs and no exclusion; the exported module computes what
-    the eager network does."""
+    the eager network does. The copy holds what the bundle ships, not what a user's runs left in its folder, and
+    sits alone in ``tmp_path`` (a stage-2 bundle finds no ``../vqvae_2d`` there)."""
     import torch
     from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 
-    root = tmp_path / bundle
-    shutil.copytree(BUNDLES / bundle, root)
+    root = copy_bundle(bundle, tmp_path / bundle)
     files = {"meta_file": str(root / "configs" / "metadata.json"), "config_file": str(root / "configs" / "inference.json")}
     parser = ConfigParser()
     parser.read_config(files["config_file"])
@@ -172,7 +171,7 @@ def test_switching_a_setting_off_on_the_command_line():
     from monai.bundle import update_kwargs
 
     config = ConfigParser.load_config_file(str(BUNDLES / "vqvae_2d" / "configs" / "train.json"))
-    assert update_kwargs(dict(config), time_budget_minutes=None)["time_budget_minutes"] == 4.5
-    parser = ConfigParser(update_kwargs(dict(config), time_budget_minutes=_arg(None)))
-    assert _arg(None) == "$None" and parser.get_parsed_content("time_budget_minutes") is None
-    assert parser.get_parsed_content("train#time_budget").minutes is None
+    assert update_kwargs(dict(config), max_epochs=None)["max_epochs"] == 30
+    parser = ConfigParser(update_kwargs(dict(config), wall_ceiling_minutes=_arg(None)))
+    assert _arg(None) == "$None" and parser.get_parsed_content("wall_ceiling_minutes") is None
+    assert parser.get_parsed_content("train#time_budget").ceiling_minutes is None

@@ -50,6 +50,7 @@ WRITERS = {
 #: handlers every rank must run (same resume point, validation with reduced metrics, same schedule and stop)
 EVERY_RANK = {
     "ResumeFromCheckpoint",
+    "ResumeOrStartFresh",
     "LrScheduleHandler",
     "ValidationHandler",
     "CodebookMonitor",
@@ -62,9 +63,11 @@ EVERY_RANK = {
 
 
 def _handler_type(parser: ConfigParser, item) -> str:
-    """Class name of a handler entry of a config (``{"_target_": ...}`` or a reference ``"@id"`` to one)."""
-    while isinstance(item, str) and item.startswith("@"):
-        item = parser.get(item[1:])
+    """Class name of a handler entry of a config (``{"_target_": ...}``, a reference ``"@id"`` to one, or
+    ``{"_target_": "typing.cast", "val": "@id"}``: a handler defined elsewhere, in a dict as MONAI's
+    ``check_properties`` wants every entry)."""
+    while isinstance(item, str) and item.startswith("@") or isinstance(item, dict) and item["_target_"] == "typing.cast":
+        item = parser.get(item[1:]) if isinstance(item, str) else item["val"]
     return item["_target_"].split(".")[-1]
 
 

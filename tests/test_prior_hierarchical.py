@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from bundle_runner import BUNDLES, TINY_VQVAE2_2D, read_metrics, run_bundle, run_bundle_in_process
@@ -181,19 +182,24 @@ def test_sampler_decodes_the_code_pair_and_saves_both_levels(tmp_path):
     assert top.shape == (2, 3, 4) and bottom.shape == (2, 6, 8) and images.shape == (2, 1, 20, 32)
     with torch.no_grad():
         torch.testing.assert_close(images, vq2.decode_from_indices((top, bottom), [20, 32]).clamp(0, 1))
-    written = save_samples(tmp_path, sampler, prior, num_samples=2, class_names=["a", "b"], seed=1)
+    written = save_samples(tmp_path, sampler, prior, num_samples=2, class_names=["a", "b"], seed=1, sample_files=False)
     assert sorted(p.name for p in written) == sorted(
         [
             "samples_class0.png",
-            "samples_class0_codes.pt",
+            "samples_class0_codes_top.npy",
+            "samples_class0_codes_bottom.npy",
             "samples_class1.png",
-            "samples_class1_codes.pt",
+            "samples_class1_codes_top.npy",
+            "samples_class1_codes_bottom.npy",
             "samples.png",
+            "sampling.json",
         ]
     )
-    saved = torch.load(tmp_path / "samples_class1_codes.pt", weights_only=True)
-    assert torch.equal(saved["codes_top"].long(), top) and torch.equal(saved["codes_bottom"].long(), bottom)
-    assert "codes" not in saved and saved["class_label"] == 1
+    saved_top, saved_bottom = (np.load(tmp_path / f"samples_class1_codes_{lv}.npy") for lv in ("top", "bottom"))
+    assert torch.equal(torch.from_numpy(saved_top).long(), top)
+    assert torch.equal(torch.from_numpy(saved_bottom).long(), bottom)
+    info = json.loads((tmp_path / "sampling.json").read_text())
+    assert info["code_shape"] == {"top": [3, 4], "bottom": [6, 8]} and info["classes"][1]["class_label"] == 1
 
 
 #: configs/vqvae2.json, tiny: a transformer top prior (2 layers of 8 channels, 2 heads, the 4 x 4 top map's 16
@@ -327,9 +333,9 @@ def test_bundle_trains_evaluates_and_samples_both_levels(vqvae2_prior, tmp_path)
     sampling = {k: v for k, v in common.items() if k != "batch_size"}  # inference.json has no batch_size
     overrides = {**sampling, "output_dir": result, "ckpt_path": out / "models" / "model.pt", "num_samples": 4}
     run_bundle("pixelcnn_prior", ["inference.json", "vqvae2.json"], overrides)
-    saved = torch.load(result / "inference" / "samples_codes.pt", weights_only=True)
-    assert saved["codes_top"].shape == (4, 4, 4) and saved["codes_bottom"].shape == (4, 8, 8)
-    assert int(saved["codes_top"].max()) < K_TOP and int(saved["codes_bottom"].max()) < K_BOTTOM
+    saved = {lv: np.load(result / "inference" / f"samples_codes_{lv}.npy") for lv in ("top", "bottom")}
+    assert saved["top"].shape == (4, 4, 4) and saved["bottom"].shape == (4, 8, 8)
+    assert int(saved["top"].max()) < K_TOP and int(saved["bottom"].max()) < K_BOTTOM
     grid = Image.open(result / "inference" / "samples.png")
     assert grid.width >= 4 * SIZE[1] and grid.height >= SIZE[0]
 
@@ -370,8 +376,8 @@ def test_gated_top_overlay_trains_and_samples(vqvae2_prior, tmp_path):
     result = tmp_path / "result"
     run_bundle("pixelcnn_prior", ["inference.json", *overlays],
                {**sampling, "output_dir": result, "ckpt_path": out / "models" / "model.pt", "num_samples": 2})
-    saved = torch.load(result / "inference" / "samples_codes.pt", weights_only=True)
-    assert saved["codes_top"].shape == (2, 4, 4) and saved["codes_bottom"].shape == (2, 8, 8)
+    saved = {lv: np.load(result / "inference" / f"samples_codes_{lv}.npy") for lv in ("top", "bottom")}
+    assert saved["top"].shape == (2, 4, 4) and saved["bottom"].shape == (2, 8, 8)
 
 
 @VQVAE2_PRIOR

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -47,11 +50,21 @@ def test_save_samples_writes_the_sampler_output_per_class(tmp_path):
     sampler = PriorSampler(vqvae, SIZE, temperature=0.7)
     written = save_samples(tmp_path, sampler, network, num_samples=2, class_names=["a", "b"], seed=5)
     assert sorted(p.name for p in written) == sorted(
-        ["samples_class0.png", "samples_class0_codes.pt", "samples_class1.png", "samples_class1_codes.pt", "samples.png"]
+        [
+            *[f"sample_class{c}_{i:03d}.png" for c in (0, 1) for i in (0, 1)],
+            "samples_class0.png",
+            "samples_class0_codes.npy",
+            "samples_class1.png",
+            "samples_class1_codes.npy",
+            "samples.png",
+            "sampling.json",
+        ]
     )
-    saved = torch.load(tmp_path / "samples_class1_codes.pt", weights_only=True)
+    saved = np.load(tmp_path / "samples_class1_codes.npy")
     codes, _ = sampler.sample(network, 2, 1, seed=6)  # class c uses seed + c
-    assert torch.equal(saved["codes"].long(), codes) and saved["temperature"] == pytest.approx(0.7)
+    assert torch.equal(torch.from_numpy(saved).long(), codes)
+    info = json.loads((tmp_path / "sampling.json").read_text())
+    assert info["temperature"] == pytest.approx(0.7) and [c["seed"] for c in info["classes"]] == [5, 6]
     unconditional, vqvae = tiny_models(None)
-    written = save_samples(tmp_path / "u", PriorSampler(vqvae, SIZE), unconditional, num_samples=2)
-    assert sorted(p.name for p in written) == ["samples.png", "samples_codes.pt"]
+    written = save_samples(tmp_path / "u", PriorSampler(vqvae, SIZE), unconditional, num_samples=2, sample_files=False)
+    assert sorted(p.name for p in written) == ["samples.png", "samples_codes.npy", "sampling.json"]

@@ -24,6 +24,7 @@ __all__ = [
     "save_image_grid",
     "save_sample_grid",
     "save_prior_report",
+    "save_anomaly_figure",
 ]
 
 
@@ -287,5 +288,35 @@ def save_prior_report(
     axes[0].set_title(f"test NLL {nll:.3f} bits/code ({nll / uniform:.1%} of uniform)", fontsize=9)
     axes[0].legend(fontsize=7)
     plot_training_curves(history, ax=axes[1])
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def save_anomaly_figure(
+    path: str | os.PathLike,
+    images: Sequence[Any],
+    healed: Sequence[Any],
+    maps: Sequence[Any],
+    names: Sequence[str] | None = None,
+) -> Path:
+    """One row per input: the input, its healed version, the anomaly map and the map over the input (anomaly maps
+    of :mod:`vqvae_medical.stages.prior.anomaly`; images ``[C, H, W]`` in [0, 1], maps ``[1, H, W]``). The maps of
+    one figure share one colour scale, from 0 to their largest value."""
+    n = len(images)
+    top = max(float(np.max(to_display(m))) for m in maps) if n else 1.0
+    top = top if top > 0 else 1.0
+    fig, axes = plt.subplots(n, 4, figsize=(9.6, 2.6 * n), squeeze=False)
+    for i in range(n):
+        img, heal, amap = to_display(images[i]), to_display(healed[i]), to_display(maps[i])
+        grey = "gray" if img.ndim == 2 else None
+        panels = [(img, grey, 1.0), (heal, grey, 1.0), (amap, "hot", top)]
+        for ax, (arr, cmap, vmax) in zip(axes[i], panels):
+            ax.imshow(arr, cmap=cmap, vmin=0, vmax=vmax)
+        axes[i, 3].imshow(img, cmap=grey, vmin=0, vmax=1)
+        axes[i, 3].imshow(np.ma.masked_less_equal(amap, 0.0), cmap="hot", vmin=0, vmax=top, alpha=0.6)
+        titles = ["input" if names is None else str(names[i]), "healed", f"map (max {top:.2f})", "overlay"]
+        for ax, title in zip(axes[i], titles):
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
     fig.tight_layout()
     return _save_figure(fig, path)

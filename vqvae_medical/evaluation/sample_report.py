@@ -23,9 +23,22 @@ import torch
 
 from vqvae_medical.evaluation.diversity import ms_ssim_settings
 from vqvae_medical.evaluation.figures import save_sample_grid
-from vqvae_medical.evaluation.sample_quality import MIN_C2ST_IMAGES, diversity_pair, sample_quality
+from vqvae_medical.evaluation.sample_quality import (
+    C2ST_TESTS,
+    DEFAULT_TESTS,
+    MIN_C2ST_IMAGES,
+    diversity_pair,
+    sample_quality,
+)
 
-__all__ = ["load_real_images", "real_image_count", "sample_classes", "save_samples_vs_real", "score_samples"]
+__all__ = [
+    "load_real_images",
+    "real_image_count",
+    "sample_classes",
+    "save_samples_vs_real",
+    "score_samples",
+    "split_c2st_settings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +78,24 @@ def sample_classes(labels: Sequence[Any], n: int, num_classes: int) -> torch.Ten
     return torch.repeat_interleave(torch.arange(num_classes), torch.as_tensor(per_class))
 
 
+def split_c2st_settings(
+    c2st_settings: Mapping[str, Any] | None,
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The tests and per-test settings of a bundle's ``c2st_settings``: ``tests`` (names of
+    :data:`~vqvae_medical.evaluation.sample_quality.C2ST_TESTS`, default
+    :data:`~vqvae_medical.evaluation.sample_quality.DEFAULT_TESTS`), a sub-dictionary per test name (its settings),
+    and any other key a setting of :func:`~vqvae_medical.evaluation.sample_quality.c2st_accuracy` for both CNN
+    tests (``downsampled`` and ``full``; a test's own sub-dictionary wins)."""
+    settings = dict(c2st_settings or {})
+    tests = list(settings.pop("tests", DEFAULT_TESTS))
+    unknown = [t for t in tests if t not in C2ST_TESTS]
+    if unknown:
+        raise ValueError(f"c2st_settings: unknown tests {unknown}; choose from {list(C2ST_TESTS)}.")
+    own = {t: dict(settings.pop(t) or {}) for t in list(C2ST_TESTS) if t in settings}
+    per_test = {t: {**(settings if t != "stats" else {}), **own.get(t, {})} for t in tests}
+    return tests, per_test
+
+
 def score_samples(
     real: torch.Tensor,
     generated: torch.Tensor,
@@ -78,8 +109,9 @@ def score_samples(
     """:func:`~vqvae_medical.evaluation.sample_quality.sample_quality` of ``generated`` against ``real`` (both
     ``[N, C, ...]`` in [0, 1], same preprocessing), with the rules of a bundle's evaluate:
 
-    - fewer than ``MIN_C2ST_IMAGES`` images in either set: no two-sample test; ``c2st_accuracy`` and
-      ``c2st_power_blurred_real`` are ``None`` and ``c2st_skipped`` says why (one warning is logged);
+    - fewer than ``MIN_C2ST_IMAGES`` images in either set: no two-sample test; every test's accuracy and power
+      (``c2st_accuracy``, ``c2st_full_accuracy``, ``c2st_stats_accuracy``, ... and ``c2st_strictest``) are
+      ``None`` and ``c2st_skipped`` says why (one warning is logged);
     - the power check runs when ``power_check`` is set and there are at least ``2 * MIN_C2ST_IMAGES`` real
       images, else ``c2st_power_blurred_real`` is ``None`` and ``c2st_power_skipped`` says why.
 
@@ -94,8 +126,10 @@ def score_samples(
         max_diversity_images: images per set for the pairwise MS-SSIM.
         kernel_size: MS-SSIM kernel size.
         weights: MS-SSIM scale weights.
-        c2st_settings: keyword arguments of :func:`~vqvae_medical.evaluation.sample_quality.c2st_accuracy`
-            (``image_size``, ``n_folds``, ``epochs``, ``batch_size``, ``lr``, ``channels``).
+        c2st_settings: the two-sample tests and their settings (:func:`split_c2st_settings`): ``tests`` (default
+            ``downsampled`` and ``stats``; ``full`` on request), per-test sub-dictionaries, and keyword arguments of
+            :func:`~vqvae_medical.evaluation.sample_quality.c2st_accuracy` (``image_size``, ``n_folds``,
+            ``epochs``, ``batch_size``, ``lr``, ``channels``, ``crop_size``) for both CNN tests.
     """
     if len(real) < 2 or len(generated) < 2:
         raise ValueError(
@@ -109,6 +143,7 @@ def score_samples(
     if kernel_size is None or weights is None:
         k, w = ms_ssim_settings(generated.shape[2:])
         kernel_size, weights = kernel_size or k, weights or w
+    tests, per_test = split_c2st_settings(c2st_settings)
     n = min(len(real), len(generated))
     if n >= MIN_C2ST_IMAGES:
         power = bool(power_check) and len(real) >= 2 * MIN_C2ST_IMAGES
@@ -120,7 +155,8 @@ def score_samples(
             max_diversity_images=max_diversity_images,
             ms_ssim_kernel_size=kernel_size,
             ms_ssim_weights=weights,
-            **dict(c2st_settings or {}),
+            tests=tests,
+            test_overrides=per_test,
         )
         if power_check and not power:
             metrics["c2st_power_skipped"] = (
@@ -130,8 +166,11 @@ def score_samples(
             logger.warning(f"sample quality: no power check: {metrics['c2st_power_skipped']}.")
     else:
         metrics = {
+            **{f"{C2ST_TESTS[t]}_{k}": None for t in tests for k in ("accuracy", "power_blurred_real")},
             "c2st_accuracy": None,
             "c2st_power_blurred_real": None,
+            "c2st_strictest": None,
+            "c2st_strictest_test": None,
             **diversity_pair(real, generated, max_diversity_images, seed, kernel_size, weights),
             "n_real": len(real),
             "n_generated": len(generated),

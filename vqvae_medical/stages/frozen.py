@@ -4,6 +4,9 @@ One loader (:func:`load_autoencoder`: ``models/autoencoder.json`` + ``models/mod
 ``output_dir``), one weights fingerprint (checked against the record, and keying every cache), one grid size
 (:func:`grid_size`), one encode-and-cache mechanism (:func:`encode_cached`) for the prior's code maps and the
 diffusion model's latents, and one error type (:class:`AutoencoderDirError`) whose message names the folder.
+
+What a stage-2 model records of the autoencoder it was built on, and the checks of that record, are in
+:mod:`vqvae_medical.stages.provenance`.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from torch import nn
 from vqvae_medical.networks.config import build_network
 from vqvae_medical.stages.autoencoder.record import (
     RECORD_FILE,
+    edited_sections,
     preprocessing_transforms,
     record_datalist,
+    record_identity,
     state_fingerprint,
     weights_of,
 )
@@ -66,6 +71,9 @@ _TRAIN_HINT = (
 )
 
 
+_REWRITE = "Put back the file the autoencoder bundle wrote, or train it again to rewrite it."
+
+
 class AutoencoderDirError(ValueError):
     """``autoencoder_dir`` is not the output of a trained autoencoder bundle, or its checkpoint does not match
     its record. The message names the folder and what is missing."""
@@ -98,7 +106,29 @@ def read_record(autoencoder_dir: str | os.PathLike) -> dict[str, Any]:
             f"autoencoder_dir {folder}: models/{RECORD_FILE} lacks {', '.join(lacking)}; train the autoencoder "
             "bundle again to rewrite it."
         )
+    edited = edited_sections(record)
+    if edited:
+        raise AutoencoderDirError(
+            f"autoencoder_dir {folder}: models/{RECORD_FILE} was edited after training ({', '.join(edited)} no longer "
+            "what was written with the weights), so it no longer describes them. Put back the file the autoencoder "
+            "bundle wrote, or train it again; to run stage 2 on other data pass --dataset_dir instead."
+        )
+    _check_record_values(folder, record)
     return record
+
+
+def _check_record_values(folder: Path, record: Mapping[str, Any]) -> None:
+    """One line for a record value of the wrong type (a version-1 record has no hashes to catch an edit)."""
+    size, dims = record.get("image_size"), record.get("spatial_dims")
+    where = f"autoencoder_dir {folder}: models/{RECORD_FILE}"
+    if dims not in (2, 3) or isinstance(dims, bool):
+        raise AutoencoderDirError(f"{where} has spatial_dims {json.dumps(dims)}; it must be 2 or 3. {_REWRITE}")
+    if size is not None and not (
+        isinstance(size, list) and len(size) == dims and all(type(s) is int and s > 0 for s in size)
+    ):
+        raise AutoencoderDirError(
+            f"{where} has image_size {json.dumps(size)}; it must be null or {dims} positive whole numbers. {_REWRITE}"
+        )
 
 
 def grid_size(autoencoder: nn.Module, image_size: Sequence[int]) -> list[int] | tuple[list[int], ...]:
@@ -228,6 +258,12 @@ class FrozenAutoencoder(nn.Module):
         return None if size is None else [int(s) for s in size]
 
     @property
+    def identity(self) -> str:
+        """The autoencoder's identity: its record's (:func:`~vqvae_medical.stages.autoencoder.record.record_identity`),
+        or the weights' fingerprint when it was not loaded from a stage-1 folder."""
+        return self.fingerprint if self.record is None else record_identity(self.record)
+
+    @property
     def preprocessing(self) -> dict[str, Any]:
         """The preprocessing settings of the record (``{"transforms": name, **arguments}``)."""
         if self.record is None:
@@ -262,6 +298,20 @@ class FrozenAutoencoder(nn.Module):
             test_fraction: test fraction instead of the recorded one.
             skip_bad_files: skip unusable files instead of the recorded setting.
         """
+        data = self.data_settings(dataset_dir, layout, val_fraction, test_fraction, skip_bad_files)
+        same_size = self.preprocessing.get("spatial_size") is None
+        return record_datalist(self.spatial_dims, self.in_channels, data, cache_dir, require_same_size=same_size)
+
+    def data_settings(
+        self,
+        dataset_dir: str | os.PathLike | None = None,
+        layout: str | None = None,
+        val_fraction: float | None = None,
+        test_fraction: float | None = None,
+        skip_bad_files: bool | None = None,
+    ) -> dict[str, Any]:
+        """The recorded data settings with the given ones (those not ``None``) in their place: what
+        :meth:`datalist` reads."""
         if self.record is None:
             raise ValueError("this autoencoder was not loaded from a stage-1 folder: it has no data record.")
         data = dict(self.record["data"])
@@ -269,8 +319,7 @@ class FrozenAutoencoder(nn.Module):
             data["dataset_dir"] = data["source"] = os.path.abspath(os.fspath(dataset_dir))
         given = {"layout": layout, "val_fraction": val_fraction, "test_fraction": test_fraction}
         data.update({k: v for k, v in {**given, "skip_bad_files": skip_bad_files}.items() if v is not None})
-        same_size = self.preprocessing.get("spatial_size") is None
-        return record_datalist(self.spatial_dims, self.in_channels, data, cache_dir, require_same_size=same_size)
+        return data
 
     def _single_level(self, what: str) -> nn.Module:
         if self.levels != 1:
@@ -374,7 +423,13 @@ def recorded_architecture(autoencoder_dir: str | os.PathLike | None, default: nn
     """
     if autoencoder_dir is None or not (Path(autoencoder_dir) / "models" / RECORD_FILE).is_file():
         return default
-    network = build_network(read_record(autoencoder_dir)["network_def"])
+    record = read_record(autoencoder_dir)
+    dims = getattr(getattr(default, "model", default), "spatial_dims", None)
+    if dims is not None:
+        from vqvae_medical.stages.provenance import check_dims  # the provenance module builds on this one
+
+        check_dims(int(record["spatial_dims"]), int(dims), "latent_diffusion", Path(autoencoder_dir).absolute())
+    network = build_network(record["network_def"])
     return getattr(network, "model", network)
 
 

@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import stat
 import tempfile
 import time
 import warnings
@@ -38,6 +39,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+
+from vqvae_medical.training.mismatch import describe_mismatch
 
 __all__ = [
     "CheckpointError",
@@ -78,12 +81,31 @@ class UntrustedCheckpointError(CheckpointError):
     """A checkpoint holds pickled objects other than tensors and plain containers, and was refused."""
 
 
+def _file_mode(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would give: those of the file it replaces, else ``0o666`` less the umask
+    (``mkstemp`` makes ``0o600`` files, which colleagues sharing an output folder could not read)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        pass
+    try:  # Linux: read the umask without changing it (os.umask would, for every thread, for a moment)
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write`` on a temporary file in the folder of ``path``, fsync, then rename it over ``path``."""
+    """Call ``write`` on a temporary file in the folder of ``path``, fsync, then rename it over ``path``; the file
+    gets the permissions a plain write would give it (:func:`_file_mode`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -219,71 +241,6 @@ def remove_stale_temporary_files(folder: str | os.PathLike) -> list[Path]:
         except FileNotFoundError:  # removed by another rank meanwhile
             continue
     return removed
-
-
-def _setting_hint(key: str, saved: tuple[int, ...], wanted: tuple[int, ...]) -> str:
-    """Which bundle setting a tensor's shape comes from, for the few that users change."""
-    if re.search(r"quanti[sz]er.*\.(codebook|embed_sum|weight|cluster_size)$", key) and saved and wanted:
-        level = m.group(1) if (m := re.search(r"quanti[sz]er_([a-z]+)", key)) else None
-        where = f" of the {level} level" if level else ""
-        for i, name in ((0, "num_embeddings"), (1, "embedding_dim")):
-            if len(saved) > i and len(wanted) > i and saved[i] != wanted[i]:
-                arg = f"{saved[i]}" if not level else f"a list with {saved[i]} for the {level} level"
-                return f"{name}{where} is {saved[i]} in the checkpoint and {wanted[i]} here: pass --{name} {arg}"
-    if key.endswith("position_embeddings.embedding.weight") and saved and wanted and saved[0] != wanted[0]:
-        return f"max_seq_len is {saved[0]} in the checkpoint and {wanted[0]} here: pass --max_seq_len {saved[0]}"
-    return (
-        "the network settings differ from the run that wrote it (channels, res_channels, num_res_units, "
-        "in_channels, num_embeddings, embedding_dim): pass the settings it was trained with"
-    )
-
-
-def _prior_kind_hint(own: Mapping[str, Any], state: Mapping[str, Any]) -> str | None:
-    """A prior checkpoint of the other network (transformer or gated PixelCNN; the default changed in
-    pixelcnn_prior 0.4.0): which overlay loads it."""
-
-    def transformer(keys, prefix: str) -> bool | None:
-        keys = [k for k in keys if k.startswith(prefix)]
-        return any(".transformer." in f".{k}" for k in keys) if keys else None
-
-    for prefix, overlay in (("model.", "configs/gated.json"), ("top.", "configs/vqvae2_gated_top.json")):
-        mine, theirs = transformer(own, prefix), transformer(state, prefix)
-        if mine is None or theirs is None or mine == theirs:
-            continue
-        if theirs:
-            return f"it holds a transformer prior and the network is a gated PixelCNN: leave out {overlay}"
-        return f"it holds a gated PixelCNN prior and the network is a transformer: add {overlay} after the first config"
-    return None
-
-
-def describe_mismatch(module: torch.nn.Module, state: Mapping[str, Any]) -> str | None:
-    """One sentence on why ``state`` does not fit ``module.state_dict()``, or ``None`` when it fits.
-
-    Quantizer codebooks are examined first, so that the message names ``num_embeddings``/``embedding_dim`` when
-    they are the cause (they also change the shapes of the encoder's last and the decoder's first layer).
-    """
-    own = module.state_dict()
-    shape = {k: tuple(v.shape) for k, v in own.items()}
-    saved = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-    differing = [k for k in shape if k in saved and saved[k] != shape[k]]
-    differing.sort(key=lambda k: 0 if re.search(r"quanti[sz]er", k) else 1)
-    if differing:
-        k = differing[0]
-        more = f" (and {len(differing) - 1} more tensors)" if len(differing) > 1 else ""
-        return (
-            f"tensor {k} has shape {list(saved[k])} in the checkpoint but {list(shape[k])} in the network{more}; "
-            f"{_setting_hint(k, saved[k], shape[k])}."
-        )
-    missing = [k for k in shape if k not in state]
-    unexpected = [k for k in state if k not in shape]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} tensors of the network are not in it (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"it has {len(unexpected)} tensors the network lacks (e.g. {unexpected[0]})")
-        return "; ".join(parts) + f"; {_prior_kind_hint(shape, state) or _setting_hint('', (), ())}."
-    return None
 
 
 def _load_into(obj: Any, state: Any, path: Path, name: str, fix: str) -> None:
@@ -452,6 +409,10 @@ class ResumeFromCheckpoint:
             self.load_dict.setdefault(self.engine_key, engine)
         engine.add_event_handler(Events.STARTED, self)
 
+    def start_fresh(self, engine: Engine) -> None:
+        """Called when the run starts from scratch (``enabled=False``, or no checkpoint); does nothing here (see
+        :class:`~vqvae_medical.training.provenance.ResumeOrStartFresh`)."""
+
     def _newest_intact(self, map_location: Any) -> tuple[Path, Any] | None:
         candidates = checkpoints_newest_first(self.save_dir, self.prefix)
         for path in candidates:
@@ -476,10 +437,10 @@ class ResumeFromCheckpoint:
     def __call__(self, engine: Engine) -> None:
         # a process killed while writing a checkpoint leaves its temporary file (never a truncated checkpoint)
         remove_stale_temporary_files(self.save_dir)
-        if not self.enabled:
-            return
-        found = self._newest_intact(engine.state.device if hasattr(engine.state, "device") else "cpu")
+        device = engine.state.device if hasattr(engine.state, "device") else "cpu"
+        found = self._newest_intact(device) if self.enabled else None
         if found is None:
+            self.start_fresh(engine)
             return
         path, state = found
         config = _run_settings(engine, self.load_dict)

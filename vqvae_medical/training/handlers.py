@@ -1,4 +1,4 @@
-"""Ignite handlers every stage uses: codebook monitor, time budget, metrics history, progress bar."""
+"""Ignite handlers every stage uses: codebook monitor, time budget / wall-clock ceiling, metrics history, progress bar."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from vqvae_medical.evaluation.figures import (
     plot_training_curves,
 )
 
-__all__ = ["level_names", "read_history", "CodebookMonitor", "TimeBudget", "MetricsHistory", "ProgressBar"]
+__all__ = ["CodebookMonitor", "MetricsHistory", "ProgressBar", "TimeBudget", "level_names", "read_history"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,40 +83,60 @@ class CodebookMonitor:
 
 
 class TimeBudget:
-    """Ends training cleanly once a time budget is spent: the current epoch is cut short after the running
-    iteration, the epoch-end handlers (validation, checkpoints) still run, then the run stops. Benchmarks use it
-    to say "N minutes of training" on any machine.
+    """Ends training on time, in one of two modes; without either, training ends on ``max_epochs`` only.
 
-    ``clock="wall"`` counts elapsed seconds; ``clock="process"`` counts the CPU seconds of this process (all its
-    threads), which stays fair when other jobs share the machine: on a 2-core machine, 10 wall-minutes of an
-    otherwise idle run correspond to about 20 process-minutes.
+    - **Budget** (``minutes`` > 0; the docs' experiments): training ends once ``minutes`` of ``clock`` are spent, and
+      :func:`vqvae_medical.training.schedules.cosine_decay` decays the learning rate by the share of the budget spent
+      (``fraction_spent``), so the run ends at the low rate. ``clock="process"`` counts the CPU seconds of this
+      process (all its threads), which stays fair when other jobs share the machine: on 2 cores, 10 minutes of an
+      otherwise idle run are about 20 process-minutes. The model then depends on the machine's speed.
+    - **Ceiling** (``ceiling_minutes`` > 0 and no budget; the bundles' default guard): a wall-clock limit far above
+      the run's idle time. It never changes the learning rate (``fraction_spent`` stays 0), so a run it does not cut
+      gives the same model on a fast or a loaded machine, only later; when it cuts one, it logs one WARNING line
+      saying at which epoch and that the model is not the documented one.
+
+    Either way the current epoch is cut short after the running iteration, the epoch-end handlers (validation,
+    checkpoints) still run, then the run stops. Under DDP every rank stops at the same iteration.
 
     Args:
-        minutes: the budget; ``None`` or ``0`` disables the handler (on ``monai.bundle run``'s command line only
-            ``0`` does: it reads ``null`` as the text ``'null'`` and ignores an override whose value is ``None``).
-        clock: ``"wall"`` or ``"process"``.
+        minutes: the budget; ``None`` or ``0``: none (on ``monai.bundle run``'s command line only ``0`` does: it
+            reads ``null`` as the text ``'null'`` and ignores an override whose value is ``None``).
+        clock: clock of the budget, ``"process"`` or ``"wall"``.
+        ceiling_minutes: the wall-clock ceiling (``wall_ceiling_minutes`` in the configs); ``None`` or ``0``: none.
+            Ignored when a budget is set.
     """
 
-    def __init__(self, minutes: float | None, clock: str = "wall") -> None:
+    def __init__(self, minutes: float | None = None, clock: str = "process", ceiling_minutes: float | None = None) -> None:
         if clock not in ("wall", "process"):
             raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}.")
-        if isinstance(minutes, str) or (minutes is not None and not isinstance(minutes, (int, float))):
-            hint = ""
-            if isinstance(minutes, str):
-                hint = " (on the command line write 0 for no budget: MONAI reads `null` as text and drops `None`)"
-            raise ValueError(f"time_budget_minutes must be a number of minutes or None, got {minutes!r}{hint}.")
-        if minutes is not None and minutes < 0:
-            raise ValueError(f"time_budget_minutes must be >= 0 (0 or None: no budget), got {minutes}.")
-        self.minutes = minutes
+        self.minutes = _check_minutes(minutes, "time_budget_minutes")
+        self.ceiling_minutes = _check_minutes(ceiling_minutes, "wall_ceiling_minutes")
         self.clock = clock
         self._start = 0.0
         self.spent_s = 0.0
+        self.cut = False
+
+    @property
+    def mode(self) -> str | None:
+        """``"budget"``, ``"ceiling"`` or ``None`` (training ends on epochs only)."""
+        if self.minutes:
+            return "budget"
+        return "ceiling" if self.ceiling_minutes else None
+
+    @property
+    def limit_s(self) -> float:
+        """Seconds after which training stops (infinite without a budget or ceiling)."""
+        if self.mode == "budget":
+            return float(self.minutes) * 60.0
+        if self.mode == "ceiling":
+            return float(self.ceiling_minutes) * 60.0
+        return float("inf")
 
     def _now(self) -> float:
-        return time.process_time() if self.clock == "process" else time.perf_counter()
+        return time.process_time() if self.mode == "budget" and self.clock == "process" else time.perf_counter()
 
     def attach(self, engine: Engine) -> None:
-        if not self.minutes:
+        if self.mode is None:
             return
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -127,12 +147,13 @@ class TimeBudget:
 
     @property
     def fraction_spent(self) -> float:
-        """Share of the budget used so far (0 without a budget)."""
-        return self.spent_s / (float(self.minutes) * 60.0) if self.minutes else 0.0
+        """Share of the budget used so far; 0 without a budget, and always 0 for the ceiling (the learning rate
+        must not depend on the machine's speed)."""
+        return self.spent_s / self.limit_s if self.mode == "budget" else 0.0
 
     @property
     def spent(self) -> bool:
-        return bool(self.minutes) and self.spent_s >= float(self.minutes) * 60.0
+        return self.mode is not None and self.spent_s >= self.limit_s
 
     def __call__(self, engine: Engine) -> None:
         self.spent_s = self._now() - self._start
@@ -147,12 +168,35 @@ class TimeBudget:
             engine.terminate_epoch()
 
     def _stop_if_spent(self, engine: Engine) -> None:
-        if self.spent:
+        if not self.spent or self.cut:
+            return
+        self.cut = True
+        state = engine.state
+        if self.mode == "budget":
             logger.info(
                 f"time budget of {self.minutes} {self.clock}-minutes spent ({self.spent_s:.0f} s) at epoch "
-                f"{engine.state.epoch}, iteration {engine.state.iteration}: stopping"
+                f"{state.epoch}, iteration {state.iteration}: stopping"
             )
-            engine.terminate()
+        else:
+            logger.warning(
+                f"wall-clock ceiling of {self.ceiling_minutes} minutes (wall_ceiling_minutes) cut training at epoch "
+                f"{state.epoch} of {state.max_epochs} (iteration {state.iteration}, {self.spent_s:.0f} s): the model "
+                f"is not the documented one; rerun with --wall_ceiling_minutes 0 and a new --output_dir to train all "
+                f"{state.max_epochs} epochs"
+            )
+        engine.terminate()
+
+
+def _check_minutes(minutes: Any, name: str) -> float | None:
+    """``minutes`` when it is a number >= 0 or ``None``; otherwise a ValueError naming the setting ``name``."""
+    if isinstance(minutes, (bool, str)) or (minutes is not None and not isinstance(minutes, (int, float))):
+        hint = ""
+        if isinstance(minutes, str):
+            hint = " (on the command line write 0 for no budget or ceiling: MONAI reads `null` as text and drops `None`)"
+        raise ValueError(f"{name} must be a number of minutes or None, got {minutes!r}{hint}.")
+    if minutes is not None and minutes < 0:
+        raise ValueError(f"{name} must be >= 0 (0 or None: none), got {minutes}.")
+    return minutes
 
 
 class MetricsHistory:

@@ -1,9 +1,10 @@
 """Learning-rate schedules for the bundles' ``torch.optim.lr_scheduler.LambdaLR``.
 
-PyTorch's ``CosineAnnealingLR`` anneals over a fixed number of steps; a run limited by a time budget
-(``vqvae_medical.training.handlers.TimeBudget``) does not know in advance how many epochs it will reach, so it would stop
-with the learning rate still high. The factor here follows whichever of the two ends comes first, the epoch
-count or the time budget.
+By default the rate follows the epoch count only, so a run gives the same model on a fast or a loaded machine. In
+the explicit time-budget mode of ``vqvae_medical.training.handlers.TimeBudget`` (``time_budget_minutes`` > 0, the
+docs' CPU-minute experiments) a run does not know in advance how many epochs it will reach; PyTorch's
+``CosineAnnealingLR`` would then stop with the rate still high, so the factor here follows whichever of the two ends
+comes first, the epoch count or the budget. The wall-clock ceiling (``wall_ceiling_minutes``) never moves the rate.
 """
 
 from __future__ import annotations
@@ -19,16 +20,16 @@ def cosine_decay(max_epochs: int, time_budget: Any = None, final_factor: float =
     """Cosine decay of the learning rate (Loshchilov and Hutter, "SGDR", ICLR 2017) from 1 to ``final_factor``,
     as a ``lr_lambda`` for ``LambdaLR`` stepped once per epoch (MONAI's ``LrScheduleHandler``).
 
-    The progress after ``epoch`` epochs is ``max(epoch / max_epochs, time spent / time budget)``, so a run that
-    ends on its time budget still finishes at the low learning rate (the rate then depends on measured time, so
-    such runs are not bit-identical between machines or reruns; without a budget it depends on the epoch only).
-    A plain function is returned (not a callable
-    object), so ``LambdaLR.state_dict()`` stays tensors-and-numbers only and checkpoints load with
-    ``weights_only=True``.
+    The progress after ``epoch`` epochs is ``epoch / max_epochs``; with a time budget set (``time_budget``'s
+    ``fraction_spent`` > 0, budget mode only) it is ``max(epoch / max_epochs, time spent / time budget)``, so a run
+    that ends on its budget still finishes at the low rate (the rate then depends on measured time, so such runs are
+    not bit-identical between machines or reruns). A ``TimeBudget`` with only a wall-clock ceiling, or none, leaves the
+    rate a function of the epoch alone. A plain function is returned (not a callable object), so
+    ``LambdaLR.state_dict()`` stays tensors-and-numbers only and checkpoints load with ``weights_only=True``.
 
     Args:
         max_epochs: epochs over which the rate decays.
-        time_budget: a ``TimeBudget`` handler (its ``fraction_spent`` is read), or ``None``.
+        time_budget: a ``TimeBudget`` handler (its ``fraction_spent`` is read: 0 unless in budget mode), or ``None``.
         final_factor: the factor reached at the end; ``1.0`` keeps the learning rate constant.
     """
     if max_epochs < 1:

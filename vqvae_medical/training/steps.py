@@ -12,9 +12,12 @@ import torch
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
-__all__ = ["NonFiniteLossError", "check_finite_loss", "FiniteLossGuard", "TrainStep", "unwrap"]
+from vqvae_medical.training.runtime import register_user_error, resolve_cpu_bf16
+
+__all__ = ["FiniteLossGuard", "NonFiniteLossError", "TrainStep", "check_finite_loss", "unwrap"]
 
 
+@register_user_error
 class NonFiniteLossError(RuntimeError):
     """Raised when a training loss is NaN or infinite; the step stops before the optimizer changes any weight."""
 
@@ -74,12 +77,15 @@ class TrainStep(ABC):
     when the loss is NaN or infinite. The returned output has every tensor detached.
 
     Args:
-        cpu_bf16: on the CPU, run the forward pass under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
+        cpu_bf16: on the CPU, run the forward pass under ``torch.autocast("cpu", dtype=torch.bfloat16)``: ``True``
+            where the CPU has native bf16 instructions (AVX512-BF16 or AMX; else fp32 and one warning, see
+            :func:`~vqvae_medical.training.runtime.resolve_cpu_bf16`), ``"force"`` on any CPU. The attribute
+            ``cpu_bf16`` holds what the step does.
         loss_name: name of the loss in the non-finite-loss message.
     """
 
-    def __init__(self, cpu_bf16: bool = False, loss_name: str = "training loss") -> None:
-        self.cpu_bf16 = bool(cpu_bf16)
+    def __init__(self, cpu_bf16: bool | str = False, loss_name: str = "training loss") -> None:
+        self.cpu_bf16 = resolve_cpu_bf16(cpu_bf16)
         self.loss_name = loss_name
 
     def autocast(self, engine: Any, device: torch.device) -> AbstractContextManager:
@@ -113,7 +119,7 @@ class TrainStep(ABC):
         output.update(terms)
         output[CommonKeys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        details = lambda: ", ".join(f"{k} {v.detach().float().item()}" for k, v in terms.items())  # noqa: E731
+        details = lambda: ", ".join(f"{k} {v.detach().float().item()}" for k, v in terms.items())
         check_finite_loss(engine, loss, what=self.loss_name, details=details)
         scaler = engine.scaler if engine.amp and device.type == "cuda" else None
         if scaler is not None:

@@ -5,7 +5,10 @@ Written by every autoencoder bundle next to ``models/model.pt``, each time ``mod
 (the same dict the bundle's transforms are built from, so the two cannot disagree), the data settings (data set
 folder or the embedded MNI152 data, layout, split fractions and seed), the size of the images it was validated on,
 and :func:`state_fingerprint` of the weights in ``model.pt``, so that a checkpoint swapped under the record is
-detected. :mod:`vqvae_medical.stages.frozen` reads it back.
+detected. Since record version 2 it also holds ``identity_sha256`` (:func:`record_identity`: a hash over the weights'
+fingerprint, ``network_def``, preprocessing, image size and data settings) and a hash of each of these sections, so
+that a record edited by hand is detected and named (:func:`edited_sections`); stage 2 records the identity of the
+autoencoder it was trained on. :mod:`vqvae_medical.stages.frozen` reads it back.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ __all__ = [
     "RecordMismatchError",
     "check_against_record",
     "LoadRecordedWeights",
+    "IDENTITY_SECTIONS",
+    "record_identity",
+    "edited_sections",
+    "autoencoder_run_provenance",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,7 +59,10 @@ logger = logging.getLogger(__name__)
 RECORD_FILE = "autoencoder.json"
 """File name of the record, in the ``models`` folder next to ``model.pt``."""
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+
+IDENTITY_SECTIONS: tuple[str, ...] = ("weights_sha256", "network_def", "spatial_dims", "preprocessing", "image_size", "data")
+"""The parts of a record that make the autoencoder's identity (:func:`record_identity`)."""
 
 EMBEDDED_DATA = "embedded MNI152"
 """``data.source`` of a model trained without ``dataset_dir`` (the MNI152 template shipped with nilearn)."""
@@ -149,6 +159,41 @@ def record_datalist(
 
 
 
+def _sha256(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def record_identity(record: Mapping[str, Any]) -> str:
+    """The identity of a stage-1 autoencoder: SHA-256 over its record's :data:`IDENTITY_SECTIONS` (weights,
+    architecture, preprocessing, image size, data and split). Stage 2 records it; any change (stage 1 trained on,
+    another folder, an edited record) changes it."""
+    return _sha256({k: record.get(k) for k in IDENTITY_SECTIONS})
+
+
+def edited_sections(record: Mapping[str, Any]) -> list[str] | None:
+    """The sections of a record that no longer hash to what was written with it (edited by hand), ``[]`` when none,
+    ``None`` for a record without hashes (version 1: nothing can be checked)."""
+    stored = record.get("identity_sha256")
+    if not isinstance(stored, str):
+        return None
+    sections = record.get("sections_sha256") if isinstance(record.get("sections_sha256"), Mapping) else {}
+    edited = [k for k in IDENTITY_SECTIONS if k in sections and sections[k] != _sha256(record.get(k))]
+    if not edited and record_identity(record) != stored:
+        edited = ["identity_sha256"]
+    return edited
+
+
+def autoencoder_run_provenance(
+    network: nn.Module, preprocessing: Mapping[str, Any], data: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """What an autoencoder bundle's run is built from, for
+    :class:`~vqvae_medical.training.provenance.ResumeOrStartFresh`: the data and split (:func:`data_settings`), the
+    preprocessing, and the network settings that change what it computes (training-only settings such as the EMA
+    ``decay`` may change on resume)."""
+    return {"identity": {"data": dict(data), "preprocessing": dict(preprocessing), "network": _settings(network)}}
+
+
 def write_record(
     model_path: str | os.PathLike,
     network: nn.Module,
@@ -180,7 +225,9 @@ def write_record(
         "image_size": None if image_size is None else [int(s) for s in image_size],
         "data": dict(data),
     }
-    json.dumps(record)  # plain JSON only
+    record = json.loads(json.dumps(record))  # plain JSON only (tuples as lists, as the record is read back)
+    record["identity_sha256"] = record_identity(record)
+    record["sections_sha256"] = {k: _sha256(record[k]) for k in IDENTITY_SECTIONS}
     return atomic_write_json(record, model_path.parent / RECORD_FILE)
 
 

@@ -19,6 +19,7 @@ from vqvae_medical.evaluation.sample_report import (
 )
 from vqvae_medical.stages.diffusion.sampling import LatentSampler
 from vqvae_medical.training.checkpoints import atomic_write_json
+from vqvae_medical.training.runtime import SettingError
 
 __all__ = ["evaluate_samples"]
 
@@ -38,6 +39,8 @@ def evaluate_samples(
     power_check: bool = True,
     c2st_settings: Mapping[str, Any] | None = None,
     label_key: str | None = "label",
+    models: Mapping[str, Any] | None = None,
+    memorisation: Any = None,
 ) -> dict[str, Any]:
     """Sample quality, diversity and distribution metrics of generated samples against held-out real images;
     writes ``<output_dir>/metrics.json`` and ``samples_vs_real.png``.
@@ -54,7 +57,11 @@ def evaluate_samples(
     - ``mmd_real_reference``: the same between the real images and a disjoint set of real images (the value
       an ideal generator would reach up to sampling noise; NaN when the test set is too small);
     - ``n_samples``, ``samples_per_class`` (class-conditioned model), ``seconds_per_sample``, ``cpu_seconds_per_sample`` (process CPU time of sampling and
-      decoding per image), ``num_inference_steps``.
+      decoding per image), ``num_inference_steps``;
+    - ``models``: the checkpoint and autoencoder evaluated (:func:`~vqvae_medical.stages.provenance.models_used`).
+
+    ``metrics.json`` is written once, atomically, when everything is computed; the settings and the size of the
+    test split are checked before anything is sampled.
 
     The real images are :func:`~vqvae_medical.evaluation.sample_report.real_image_count` test items (as many as
     the samples, at least 128, at most the whole split) drawn with ``seed``; a class-conditioned model samples the
@@ -71,14 +78,25 @@ def evaluate_samples(
         kernel_size: MS-SSIM kernel, default fitted to the image size.
         weights: MS-SSIM scale weights, default fitted too.
         power_check: run the two-sample test's power check (real against blurred real images) when possible.
-        c2st_settings: keyword arguments of :func:`~vqvae_medical.evaluation.sample_quality.c2st_accuracy`.
+        c2st_settings: the two-sample tests and their settings
+            (:func:`~vqvae_medical.evaluation.sample_report.split_c2st_settings`).
         label_key: key of the class labels in ``real_data`` (used for a class-conditioned model).
+        models: what to record as ``models``.
+        memorisation: the memorisation audit (:class:`~vqvae_medical.stages.memorisation.MemorisationAudit`:
+            ``copy_rate``, ``copy_threshold``, ``nearest_train_distance_median``, ...), or ``None``.
+
+    Raises:
+        SettingError: ``n_samples`` below 2, or a test split of fewer than 2 images.
     """
-    if n_samples < 2:
-        raise ValueError(f"n_samples must be at least 2 for pairwise diversity and MMD, got {n_samples}.")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
+        raise SettingError(f"n_samples is {n_samples!r}: pass --n_samples <at least 2> (pairwise diversity and MMD).")
     n_real = real_image_count(len(real_data), n_samples)
     if n_real < 2:
-        raise ValueError(f"at least two real images are needed, the test section has {len(real_data)}.")
+        count = f"{len(real_data)} image{'' if len(real_data) == 1 else 's'}"
+        raise SettingError(
+            f"the test split has {count}, and the evaluation compares samples with at least 2 real images: train "
+            "the autoencoder with a larger --test_fraction (its split is the one evaluated)."
+        )
     n_ref = min(n_real, len(real_data) - n_real)  # a disjoint real set, for a real-vs-real MMD reference
     real_all = load_real_images(real_data, transform, n_real + n_ref, image_key, seed)
     real, reference = real_all[:n_real], real_all[n_real:]
@@ -96,6 +114,8 @@ def evaluate_samples(
     metrics = score_samples(
         real, samples, seed, power_check, kernel_size=kernel_size, weights=weights, c2st_settings=c2st_settings
     )
+    if memorisation is not None:
+        metrics.update(memorisation(samples, real))
     m = min(len(real), len(samples))
     metrics["mmd"] = float(MMDMetric()(real[:m], samples[:m]))
     metrics["mmd_real_reference"] = (
@@ -110,6 +130,7 @@ def evaluate_samples(
             "seconds_per_sample": sampler.last_seconds_per_sample,
             "cpu_seconds_per_sample": sampler.last_cpu_seconds_per_sample,
             "num_inference_steps": sampler.num_inference_steps,
+            "models": None if models is None else dict(models),
         }
     )
     out = Path(output_dir)

@@ -16,9 +16,9 @@ from vqvae_medical.stages.diffusion.network import (
     LatentDiffusionNetwork,
 )
 from vqvae_medical.stages.diffusion.torchscript import scriptable_copy
-from vqvae_medical.training.checkpoints import safe_load
+from vqvae_medical.training.checkpoints import CheckpointError, MissingCheckpointError, describe_mismatch, safe_load
 
-__all__ = ["LatentDiffusionGenerator", "load_generator"]
+__all__ = ["LatentDiffusionGenerator", "check_class_embeds", "load_generator"]
 
 
 class LatentDiffusionGenerator(nn.Module):
@@ -144,6 +144,24 @@ class LatentDiffusionGenerator(nn.Module):
         return self.decode(self.denoise(x, class_labels))
 
 
+def check_class_embeds(generator: LatentDiffusionGenerator, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Raise a :class:`CheckpointError` naming ``--num_class_embeds`` when the classes of the UNet in ``state``
+    (``diffusion.unet.class_embedding.weight``: one row per class) are not those of the generator built now."""
+    key = "diffusion.unet.class_embedding.weight"
+    saved = int(state[key].shape[0]) if key in state else None
+    wanted = generator.diffusion.num_class_embeds
+    wanted = int(wanted) if wanted else None
+    if saved == wanted:
+        return
+    if wanted is None:
+        fix = f"it is a class-conditioned model ({saved} classes): pass --num_class_embeds {saved}"
+    elif saved is None:
+        fix = f"it is an unconditioned model, and num_class_embeds is {wanted}: leave out --num_class_embeds"
+    else:
+        fix = f"it has {saved} classes, and num_class_embeds is {wanted}: pass --num_class_embeds {saved}"
+    raise CheckpointError(f"{path} does not fit the network: {fix}.")
+
+
 def load_generator(
     generator: LatentDiffusionGenerator,
     ckpt_path: str | os.PathLike,
@@ -158,12 +176,22 @@ def load_generator(
     """
     path = Path(ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no diffusion checkpoint; train the latent_diffusion bundle first.")
+        raise MissingCheckpointError(
+            f"{path}: no diffusion checkpoint; train the latent_diffusion bundle first, or pass --ckpt_path <its "
+            "models/model.pt>."
+        )
     state = safe_load(path, map_location="cpu")
     if "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if any(k.startswith("diffusion.") for k in state):
-        generator.load_state_dict(state)
+        check_class_embeds(generator, state, path)
+        try:
+            generator.load_state_dict(state)
+        except RuntimeError:
+            why = describe_mismatch(generator, state)
+            if why is None:
+                raise
+            raise CheckpointError(f"{path} does not fit the network: {why}.") from None
     elif autoencoder is None:
         raise ValueError(
             f"{path} holds the diffusion UNet only (a model.pt of bundle version 0.1.x): pass the frozen VQ-VAE it "

@@ -5,22 +5,24 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from monai.inferers import DiffusionInferer, Inferer
 from torch import nn
+from tqdm import tqdm
 
 from vqvae_medical.evaluation.figures import save_sample_grid
+from vqvae_medical.evaluation.sample_files import SampleFiles
 from vqvae_medical.stages.diffusion.generator import LatentDiffusionGenerator
 from vqvae_medical.stages.diffusion.network import PREDICTION_TYPES
 from vqvae_medical.training.checkpoints import atomic_write_json
+from vqvae_medical.training.runtime import SettingError, check_writable
 
-__all__ = ["ClassConditionedDiffusionInferer", "LatentSampler", "generate", "write_samples"]
+__all__ = ["ClassConditionedDiffusionInferer", "LatentSampler", "check_n_samples", "generate", "write_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,30 +131,51 @@ class LatentSampler(Inferer):
         network.eval()
         return network(inputs.to(self.device), *args, **kwargs)
 
-    @torch.no_grad()
-    def sample(
+    def batches(
         self, n: int, class_label: int | Sequence[int] | None = None, seed: int | None = 0
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``n`` images ``[n, C, *image_size]`` on the CPU and their class labels (``None`` if unconditional); the
-        noise ``[n, *latent_shape]`` comes from a generator seeded with ``seed``, drawn on the CPU."""
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``n`` samples, ``batch_size`` at a time: images ``[b, C, *image_size]`` on the CPU and their class labels
+        (``None`` if unconditional). The noise ``[1, *latent_shape]`` of each sample is drawn in turn on the CPU
+        from one generator seeded with ``seed``, so sample ``i`` is the same whatever ``n`` and ``batch_size``, and
+        the memory of a run is that of one batch. The timing of the whole run (sampling only) is in
+        ``last_seconds_per_sample`` and ``last_cpu_seconds_per_sample`` when the last batch has been drawn."""
+        if isinstance(n, bool) or int(n) != n or int(n) < 1:
+            raise ValueError(f"the number of samples must be a whole number of at least 1, got {n}.")
+        n = int(n)
         self.check()
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         labels = self.class_labels(n, class_label)
-        shape = [int(n), *[int(s) for s in self.network.diffusion.latent_shape]]
-        noise = torch.randn(shape, generator=generator)
-        out = []
-        start, cpu_start = time.perf_counter(), time.process_time()
+        latent = [int(s) for s in self.network.diffusion.latent_shape]
+        seconds = cpu_seconds = 0.0
         for i in range(0, n, self.batch_size):
-            batch_labels = None if labels is None else labels[i : i + self.batch_size].to(self.device)
-            out.append(self(noise[i : i + self.batch_size], class_labels=batch_labels).float().cpu())
-        self.last_seconds_per_sample = (time.perf_counter() - start) / max(n, 1)
-        self.last_cpu_seconds_per_sample = (time.process_time() - cpu_start) / max(n, 1)
+            b = min(self.batch_size, n - i)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            noise = torch.cat([torch.randn([1, *latent], generator=generator) for _ in range(b)])
+            batch_labels = None if labels is None else labels[i : i + b]
+            with torch.no_grad():
+                device_labels = None if batch_labels is None else batch_labels.to(self.device)
+                images = self(noise, class_labels=device_labels).float().cpu()
+            seconds += time.perf_counter() - start
+            cpu_seconds += time.process_time() - cpu_start
+            yield images, batch_labels
+        self.last_seconds_per_sample = seconds / n
+        self.last_cpu_seconds_per_sample = cpu_seconds / n
         logger.info(
-            f"sampled {n} images in {self.last_seconds_per_sample * n:.1f} s ({self.last_seconds_per_sample:.2f} s per "
-            f"sample, {self.last_cpu_seconds_per_sample:.2f} CPU-s of this process per sample, "
+            f"sampled {n} images in {seconds:.1f} s ({self.last_seconds_per_sample:.2f} s per sample, "
+            f"{self.last_cpu_seconds_per_sample:.2f} CPU-s of this process per sample, "
             f"{self.num_inference_steps} {self.scheduler_name} steps, {torch.get_num_threads()} threads)"
         )
-        return torch.cat(out), labels
+
+    def sample(
+        self, n: int, class_label: int | Sequence[int] | None = None, seed: int | None = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``n`` images ``[n, C, *image_size]`` on the CPU and their class labels (``None`` if unconditional), drawn
+        by :meth:`batches` and kept together (for an evaluation; :func:`generate` writes them as they come)."""
+        images, labels = [], []
+        for batch, batch_labels in self.batches(n, class_label, seed):
+            images.append(batch)
+            labels.append(batch_labels)
+        return torch.cat(images), None if labels[0] is None else torch.cat(labels)
 
 
 def write_samples(
@@ -164,26 +187,18 @@ def write_samples(
 ) -> list[Path]:
     """Write samples: 2D -> ``<prefix>_NNN.png`` (8-bit grey or RGB); 3D -> ``<prefix>_NNN.nii.gz`` (float32,
     affine ``diag(voxel_size)``); plus ``samples.png``, a grid of all (3D: mid-slices)."""
-    import nibabel as nib
-    from PIL import Image
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for i, img in enumerate(images):
-        arr = img.float().numpy()
-        if images.ndim == 4:
-            pix = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr[:3], 0, -1)
-            path = out / f"{prefix}_{i:03d}.png"
-            Image.fromarray(np.round(np.clip(pix, 0, 1) * 255.0).astype(np.uint8)).save(path)
-        else:
-            vs = [1.0, 1.0, 1.0] if voxel_size is None else list(np.broadcast_to(np.asarray(voxel_size, float), (3,)))
-            data = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
-            path = out / f"{prefix}_{i:03d}.nii.gz"
-            nib.save(nib.Nifti1Image(data.astype(np.float32), np.diag([*vs, 1.0])), path)
-        written.append(path)
-    written.append(save_sample_grid(out / "samples.png", images, labels))
-    return written
+    files = SampleFiles(out, len(images), prefix, keep=len(images), voxel_size=voxel_size)
+    files.add(images, labels)
+    return [*files.close(), save_sample_grid(out / "samples.png", images, labels)]
+
+
+def check_n_samples(n: Any, setting: str = "n_samples") -> int:
+    """``n`` as an int when it is a whole number of at least 1, else a :class:`SettingError` naming ``--setting``."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or int(n) != n or n < 1:
+        raise SettingError(f"{setting} is {n!r}: pass --{setting} <a whole number of at least 1>.")
+    return int(n)
 
 
 def generate(
@@ -193,12 +208,43 @@ def generate(
     class_label: int | Sequence[int] | None = None,
     seed: int = 0,
     voxel_size: Sequence[float] | float | None = None,
+    grid_samples: int = 16,
+    models: Mapping[str, Any] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Sample ``n`` images, write them (:func:`write_samples`) and ``sampling.json`` (timing); returns the latter."""
-    images, labels = sampler.sample(n, class_label=class_label, seed=seed)
-    write_samples(images, output_dir, labels, voxel_size)
+    """Sample ``n`` images and write each batch as it comes (a progress bar on stderr), so that the memory of the
+    run does not grow with ``n`` and what was drawn is on disk if it is interrupted: ``sample_<n>.png`` (2D) or
+    ``sample_<n>.nii.gz`` (3D, affine ``diag(voxel_size)``) per sample, ``samples.png`` (a grid of the first
+    ``grid_samples``; 3D: mid-slices) and, at the end, ``sampling.json`` (settings, timing, labels and ``models``,
+    the checkpoint and autoencoder that made the samples: :func:`~vqvae_medical.stages.provenance.models_used`).
+    The settings and the folder are checked before anything is sampled. Returns what ``sampling.json`` holds.
+
+    Raises:
+        SettingError: ``n`` below 1, a class label the model does not have, or a folder that cannot be written.
+    """
+    n = check_n_samples(n)
+    out = Path(output_dir)
+    check_writable(out, setting="output_dir")
+    sampler.check()
+    try:
+        sampler.class_labels(n, class_label)
+    except ValueError as e:
+        raise SettingError(f"{e} Pass --class_label <a class of the model>, or leave it out.") from None
+    bar = tqdm(total=n, desc="sampling", unit="sample", disable=not progress)
+    all_labels: list[int] = []
+    try:
+        with SampleFiles(out, n, "sample", grid_samples, voxel_size) as files:
+            for images, labels in sampler.batches(n, class_label, seed):
+                files.add(images, labels)
+                all_labels += [] if labels is None else [int(c) for c in labels]
+                bar.update(len(images))
+            files.close()
+    finally:
+        bar.close()
+    save_sample_grid(out / "samples.png", torch.stack(files.kept), files.kept_labels or None)
     info = {
-        "n_samples": int(n),
+        "n_samples": n,
+        "seed": None if seed is None else int(seed),
         "seconds_per_sample": sampler.last_seconds_per_sample,
         "cpu_seconds_per_sample": sampler.last_cpu_seconds_per_sample,
         "num_inference_steps": sampler.num_inference_steps,
@@ -208,7 +254,9 @@ def generate(
         "threads": torch.get_num_threads(),
         "image_size": [int(s) for s in sampler.network.diffusion.image_size],
         "latent_shape": [int(s) for s in sampler.network.diffusion.latent_shape],
-        "labels": None if labels is None else [int(c) for c in labels],
+        "labels": all_labels or None,
+        "models": None if models is None else dict(models),
     }
-    atomic_write_json(info, Path(output_dir) / "sampling.json")
+    atomic_write_json(info, out / "sampling.json")
+    logger.info(f"wrote {n} samples, samples.png and sampling.json to {out}")
     return info

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.inferers import Inferer
 from torch import nn
+from tqdm import tqdm
 
 from vqvae_medical.evaluation.figures import save_image_grid
+from vqvae_medical.evaluation.sample_files import SampleFiles
 from vqvae_medical.stages.frozen import grid_size
 from vqvae_medical.stages.prior.codes import check_codebooks
 from vqvae_medical.stages.prior.hierarchical import LEVELS, HierarchicalPrior, sample_hierarchical
 from vqvae_medical.stages.prior.network import prior_of
 from vqvae_medical.stages.prior.sampling import prior_device, sample
-from vqvae_medical.training.checkpoints import atomic_save
+from vqvae_medical.training.checkpoints import atomic_write_json
+from vqvae_medical.training.runtime import SettingError, check_writable
 
-__all__ = ["PriorSampleWriter", "PriorSampler", "sample_and_decode", "save_samples"]
+__all__ = ["PriorSampleWriter", "PriorSampler", "sample_and_decode", "sampled_classes", "save_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,7 @@ def sample_and_decode(
     temperature: float = 1.0,
     seed: int = 0,
     threads: int | None = 1,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Draw code maps from the prior (cached ancestral sampling) and decode them with the VQ-VAE.
 
@@ -52,6 +59,8 @@ def sample_and_decode(
         seed: seed of the sampler's own generator (the global RNG is untouched).
         threads: on the CPU, intra-op threads while sampling (1 is fastest for the cached sampler), then restored;
             ``None`` keeps the current setting.
+        generator: the random generator to draw from (on the prior's device), e.g. one that goes on from batch to
+            batch; ``None`` makes one seeded with ``seed``.
 
     Returns:
         int64 codes ``[N, h, w]`` (a ``(top, bottom)`` pair for a hierarchical prior) and images ``[N, C, H, W]``
@@ -70,7 +79,8 @@ def sample_and_decode(
         raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
     device = prior_device(model)
     grids = grid_size(vqvae, image_size)
-    generator = torch.Generator(device=device).manual_seed(int(seed))
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
     old_threads = torch.get_num_threads()
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(int(threads))
@@ -115,13 +125,37 @@ class PriorSampler(Inferer):
         self.temperature = float(temperature)
         self.seed = int(seed)
 
+    def batches(
+        self,
+        network: nn.Module,
+        num_samples: int,
+        class_label: int | None = None,
+        seed: int | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """``num_samples`` samples, ``batch_size`` at a time (all at once when ``None``), as codes and images (see
+        :func:`sample_and_decode`), all drawn from one generator seeded with ``seed``: the same seed and batch size
+        give the same samples, and a batch as large as ``num_samples`` gives those of :meth:`sample`. Memory stays
+        that of one batch however many are drawn."""
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+        size = int(num_samples) if batch_size is None else int(batch_size)
+        if size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        seed = self.seed if seed is None else int(seed)
+        generator = torch.Generator(device=prior_device(prior_of(network))).manual_seed(seed)
+        for start in range(0, int(num_samples), size):
+            n = min(size, int(num_samples) - start)
+            yield sample_and_decode(
+                network, self.vqvae, n, self.image_size, class_label, self.temperature, generator=generator
+            )
+
     def sample(
         self, network: nn.Module, num_samples: int, class_label: int | None = None, seed: int | None = None
     ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Codes ``[N, h, w]`` (a ``(top, bottom)`` pair for a hierarchical prior) and images ``[N, C, H, W]`` (see
-        :func:`sample_and_decode`)."""
-        seed = self.seed if seed is None else int(seed)
-        return sample_and_decode(network, self.vqvae, num_samples, self.image_size, class_label, self.temperature, seed)
+        :func:`sample_and_decode`), in one batch."""
+        return next(self.batches(network, num_samples, class_label, seed))
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
         labels = torch.as_tensor(inputs).reshape(-1).long()
@@ -129,6 +163,36 @@ class PriorSampler(Inferer):
             raise ValueError("PriorSampler samples one class per call: class_labels must be [B] equal values.")
         label = int(labels[0])
         return self.sample(network, labels.numel(), None if label < 0 else label)[1]
+
+
+def sampled_classes(prior: nn.Module, num_samples: int, class_label: int | None, batch_size: int) -> list[int | None]:
+    """The classes :func:`save_samples` draws (``[None]`` for an unconditioned prior), after checking its settings.
+
+    Raises:
+        SettingError: ``num_samples`` or ``batch_size`` below 1, a ``class_label`` for a prior without classes, or
+            one that is not a class of the prior; the message names the setting and the values it may take.
+    """
+    model = prior_of(prior)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise SettingError(f"num_samples is {num_samples!r}: pass --num_samples <a whole number of at least 1>.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SettingError(f"batch_size is {batch_size!r}: pass --batch_size <a whole number of at least 1>.")
+    if not model.class_conditioned:
+        if class_label is not None:
+            raise SettingError(
+                f"class_label is {class_label!r}, but this prior has no classes (it was trained with num_classes 0): "
+                "leave out --class_label, or pass the --ckpt_path of a class-conditioned prior and its --num_classes."
+            )
+        return [None]
+    k = int(model.num_classes)
+    if class_label is None:
+        return list(range(k))
+    if isinstance(class_label, bool) or not isinstance(class_label, int) or not 0 <= class_label < k:
+        raise SettingError(
+            f"class_label is {class_label!r}, not a class of this prior: pass --class_label 0 to {k - 1} "
+            f"(num_classes {k}), or leave it out to sample every class."
+        )
+    return [int(class_label)]
 
 
 def save_samples(
@@ -141,59 +205,106 @@ def save_samples(
     seed: int = 0,
     ncols: int = 4,
     prefix: str = "samples",
+    batch_size: int = 64,
+    grid_samples: int = 16,
+    sample_files: bool = True,
+    models: Mapping[str, Any] | None = None,
+    progress: bool = True,
 ) -> list[Path]:
-    """Sample with ``sampler``, decode and save PNG grids and code maps.
+    """Sample, decode and write as the samples come, ``batch_size`` at a time: the memory of the run does not grow
+    with ``num_samples``, and what was drawn is on disk if it is interrupted. The folder is checked first (one
+    :class:`SettingError` line naming it), and the settings (:func:`sampled_classes`).
 
-    For an unconditioned prior: ``<prefix>.png`` and ``<prefix>_codes.pt``. For a class-conditioned prior, per
-    class (``class_label``, or every class when ``None``): ``<prefix>_class<c>.png`` and ``<prefix>_class<c>_codes.pt``,
-    plus ``<prefix>.png`` with all classes when there are several. The ``.pt`` files hold ``codes`` (int16
-    ``[N, h, w]``; for a hierarchical prior ``codes_top`` and ``codes_bottom`` instead), ``class_label``,
-    ``temperature`` and ``seed`` (``torch.load(weights_only=True)`` reads them).
-    Class ``c`` is sampled with seed ``seed + c``, so one class gives the same samples alone or with the others.
+    Files, per class (``class_label``, or every class when ``None``; an unconditioned prior has no ``_class<c>``):
+
+    - ``sample_class<c>_<n>.png``: each sample (with ``sample_files``);
+    - ``<prefix>_class<c>_codes.npy``: its code maps, int16 ``[N, h, w]`` (``np.load``; int32 above 32,767 codes),
+      for a hierarchical prior ``<prefix>_class<c>_codes_top.npy`` and ``..._codes_bottom.npy`` instead;
+    - ``<prefix>_class<c>.png``: a grid of the first ``grid_samples``;
+
+    plus ``<prefix>.png`` with every class when there are several, and ``sampling.json``: the settings (seed of each
+    class, temperature, batch size, image and code map size), the timing and ``models``, the checkpoint and the
+    autoencoder that made the samples (:func:`~vqvae_medical.stages.provenance.models_used`). A ``.npy`` file and
+    ``sampling.json`` are whole or absent. Class ``c`` is sampled with seed ``seed + c`` from one generator, batch
+    after batch, so one class gives the same samples alone or with the others (for the same ``batch_size``).
 
     Returns:
         the written files.
+
+    Raises:
+        SettingError: an output folder that cannot be written, or settings that cannot be sampled.
     """
-    model = prior_of(prior)
+    classes = sampled_classes(prior, num_samples, class_label, batch_size)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if model.class_conditioned:
-        classes: list[int | None] = (
-            list(range(int(model.num_classes))) if class_label is None else [int(class_label)]
-        )
-    else:
-        classes = [None]
+    check_writable(out, setting="output_dir")
+    model = prior_of(prior)
+    num_embeddings = max(model.num_embeddings) if isinstance(model, HierarchicalPrior) else model.num_embeddings
+    dtype = np.int16 if int(num_embeddings) <= np.iinfo(np.int16).max + 1 else np.int32
+    grids = grid_size(sampler.vqvae, sampler.image_size)
+    levels = list(LEVELS) if isinstance(model, HierarchicalPrior) else [None]
+    level_grids = list(grids) if isinstance(model, HierarchicalPrior) else [grids]
     written: list[Path] = []
     all_images: list[torch.Tensor] = []
     titles: list[str] = []
-    for c in classes:
-        codes, images = sampler.sample(prior, num_samples, c, seed + (c or 0))
-        stem = prefix if c is None else f"{prefix}_class{c}"
-        name = "" if c is None else (class_names[c] if class_names and c < len(class_names) else f"class {c}")
-        written.append(save_image_grid(out / f"{stem}.png", list(images), ncols=ncols))
-        levels = dict(zip([f"codes_{lv}" for lv in LEVELS], codes)) if isinstance(codes, tuple) else {"codes": codes}
-        payload = {
-            **{k: v.to(torch.int16) for k, v in levels.items()},
-            "class_label": -1 if c is None else c,
-            "temperature": float(sampler.temperature),
-            "seed": int(seed + (c or 0)),
-        }
-        written.append(atomic_save(payload, out / f"{stem}_codes.pt"))
-        all_images += list(images)
-        titles += [name] + [""] * (len(images) - 1)
-        of = "" if c is None else f" of {name}"
-        shapes = " + ".join(str(list(v.shape[1:])) for v in levels.values())
-        logger.info(f"sampled {num_samples} code maps {shapes}{of} -> {out / stem}.png")
+    record: dict[str, Any] = {"n_samples": int(num_samples), "classes": []}
+    start, cpu_start = time.perf_counter(), time.process_time()
+    bar = tqdm(total=num_samples * len(classes), desc="sampling", unit="sample", disable=not progress)
+    try:
+        for c in classes:
+            stem = prefix if c is None else f"{prefix}_class{c}"
+            name = "" if c is None else (class_names[c] if class_names and c < len(class_names) else f"class {c}")
+            arrays = {
+                f"{stem}_codes" + ("" if lv is None else f"_{lv}"): ([int(g) for g in grid], dtype)
+                for lv, grid in zip(levels, level_grids)
+            }
+            image_prefix = ("sample" if c is None else f"sample_class{c}") if sample_files else None
+            with SampleFiles(out, num_samples, image_prefix, grid_samples, arrays=arrays) as files:
+                for codes, images in sampler.batches(prior, num_samples, c, seed + (c or 0), batch_size):
+                    files.add(images, arrays=dict(zip(arrays, codes if isinstance(codes, tuple) else (codes,))))
+                    bar.update(len(images))
+                written += files.close()
+            written.append(save_image_grid(out / f"{stem}.png", files.kept, ncols=ncols))
+            all_images += files.kept
+            titles += [name] + [""] * (len(files.kept) - 1)
+            record["classes"].append(
+                {
+                    "class_label": -1 if c is None else c,
+                    "name": name or None,
+                    "seed": int(seed + (c or 0)),
+                    "codes": [f"{a}.npy" for a in arrays],
+                    "grid": f"{stem}.png",
+                    "images": f"{image_prefix}_<n>.png" if image_prefix else None,
+                }
+            )
+            shapes = " + ".join(str(shape) for shape, _ in arrays.values())
+            of = "" if c is None else f" of {name}"
+            logger.info(f"sampled {num_samples} code maps {shapes}{of} -> {out / stem}.png, {out / stem}_codes*.npy")
+    finally:
+        bar.close()
     if len(classes) > 1:
         written.append(save_image_grid(out / f"{prefix}.png", all_images, ncols=max(ncols, 8), titles=titles))
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    n = num_samples * len(classes)
+    record.update(
+        {
+            "temperature": float(sampler.temperature),
+            "batch_size": int(batch_size),
+            "image_size": [int(s) for s in sampler.image_size],
+            "code_shape": dict(zip(LEVELS, level_grids)) if levels[0] else level_grids[0],
+            "seconds_per_sample": seconds / n,
+            "cpu_seconds_per_sample": cpu_seconds / n,
+            "models": None if models is None else dict(models),
+        }
+    )
+    written.append(atomic_write_json(record, out / "sampling.json"))
     return written
 
 
 class PriorSampleWriter:
     """Every ``interval`` training epochs, samples ``num_samples`` images (per class) and writes PNG grids.
 
-    Files go to ``<output_dir>/epoch=<N>/`` (see :func:`save_samples`); the sampler has its own seeded generator,
-    so training's random state is unaffected.
+    Files go to ``<output_dir>/epoch=<N>/`` (see :func:`save_samples`: the grids, code maps and ``sampling.json``,
+    no file per sample); the sampler has its own seeded generator, so training's random state is unaffected.
 
     Args:
         output_dir: folder of the sample grids.
@@ -232,4 +343,5 @@ class PriorSampleWriter:
 
     def __call__(self, engine: Engine) -> None:
         sampler = PriorSampler(self.vqvae, self.image_size, self.temperature, self.seed)
-        save_samples(self.output_dir / f"epoch={engine.state.epoch}", sampler, self.prior, self.num_samples, seed=self.seed)
+        folder = self.output_dir / f"epoch={engine.state.epoch}"
+        save_samples(folder, sampler, self.prior, self.num_samples, seed=self.seed, sample_files=False, progress=False)

@@ -14,7 +14,9 @@ from torch import nn  # noqa: E402
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN
 from vqvae_medical.networks.transformer_prior import TransformerPrior
 from vqvae_medical.stages.frozen import grid_size
+from vqvae_medical.stages.prior.checkpoint_settings import check_prior_checkpoint
 from vqvae_medical.stages.prior.hierarchical import HierarchicalPrior
+from vqvae_medical.stages.provenance import check_dims
 from vqvae_medical.training.checkpoints import load_weights
 from vqvae_medical.training.runtime import SettingError
 from vqvae_medical.training.steps import unwrap  # noqa: E402
@@ -42,6 +44,8 @@ class PriorNetwork(nn.Module):
         self.model = model
         self.class_conditioned: bool = bool(model.class_conditioned)
         self.in_channels: int = 2 if self.class_conditioned else 1
+        # a checkpoint of other settings (e.g. in ckpt_export): one error naming the settings to pass
+        self.register_load_state_dict_pre_hook(check_prior_checkpoint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -109,8 +113,12 @@ def check_sequence_length(
 
     Raises:
         SettingError: naming ``max_seq_len`` (the top prior's, for a VQ-VAE-2), the code map, and the value to
-            set.
+            set; or saying that the autoencoder is 3D, which the prior does not model.
     """
+    # a 3D autoencoder: say so before anything is encoded (the priors are 2D only)
+    dims = getattr(autoencoder, "spatial_dims", None)
+    if dims is not None:
+        check_dims(int(dims), 2, "pixelcnn_prior", getattr(autoencoder, "directory", None))
     prior = prior_of(network)
     if isinstance(prior, HierarchicalPrior):
         model, level, gated = prior.top, 0, "a gated top prior (configs/vqvae2_gated_top.json)"

@@ -29,8 +29,9 @@ from vqvae_medical.stages.prior.hierarchical import LEVEL_KEYS, LEVELS
 from vqvae_medical.stages.prior.network import prior_of
 from vqvae_medical.training.checkpoints import atomic_write_json
 from vqvae_medical.training.handlers import read_history
+from vqvae_medical.training.runtime import SettingError
 
-__all__ = ["PriorEvaluationReport", "PriorSampleQuality", "evaluate_prior_samples"]
+__all__ = ["PriorEvaluationReport", "PriorSampleQuality", "evaluate_prior_samples", "prior_sample_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +50,18 @@ class PriorEvaluationReport:
     weighted by each level's codes), and each level adds ``nll_bits_per_code_<level>``,
     ``uniform_bits_per_code_<level>``, ``marginal_bits_per_code_<level>`` and ``n_codes_<level>``.
 
+    ``metrics.json`` is written once, atomically, when the evaluator completes, with the keys that handlers attached
+    after this one put in ``engine.state.sample_quality`` when the epoch completed (:class:`PriorSampleQuality`) and
+    ``models``: it is whole or absent, never the bits per code of a run whose sampling failed. ``report.png`` is
+    drawn when the epoch completes.
+
     Args:
         output_dir: folder of the two files.
         num_embeddings: number of codes ``K`` (a ``(top, bottom)`` pair for a VQ-VAE-2).
         history_path: the training :class:`~vqvae_medical.training.handlers.MetricsHistory` file.
         class_names: display names of the classes.
+        models: the checkpoint and autoencoder evaluated (:func:`~vqvae_medical.stages.provenance.models_used`),
+            written as ``models``.
     """
 
     def __init__(
@@ -62,8 +70,10 @@ class PriorEvaluationReport:
         num_embeddings: int | Sequence[int],
         history_path: str | os.PathLike | None = None,
         class_names: Sequence[str] | None = None,
+        models: Mapping[str, Any] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.models = None if models is None else dict(models)
         if isinstance(num_embeddings, (list, tuple)):
             if len(num_embeddings) != len(LEVELS):
                 raise ValueError(f"num_embeddings must be one int or a (top, bottom) pair, got {num_embeddings}.")
@@ -76,7 +86,8 @@ class PriorEvaluationReport:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+        engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
         self.bits: dict[str, list[float]] = {lv: [] for lv in self.levels}
@@ -97,7 +108,8 @@ class PriorEvaluationReport:
     def _name(self, c: int) -> str:
         return self.class_names[c] if self.class_names and 0 <= c < len(self.class_names) else f"class {c}"
 
-    def _write(self, engine: Engine) -> None:
+    def _report(self, engine: Engine) -> None:
+        engine.state.sample_quality = {}
         self.output_dir.mkdir(parents=True, exist_ok=True)
         bits = sum(np.asarray(b, dtype=np.float64) for b in self.bits.values())
         labels = np.asarray(self.labels, dtype=np.int64)
@@ -129,12 +141,68 @@ class PriorEvaluationReport:
         for c in classes:
             metrics[f"nll_bits_per_code_class{c}"] = float(bits[labels == c].sum() / ((labels == c).sum() * n_codes))
             metrics[f"n_maps_class{c}"] = int((labels == c).sum())
-        atomic_write_json(metrics, self.output_dir / "metrics.json")
+        self.metrics = metrics
         per_map = bits / max(n_codes, 1)
         groups = [(self._name(c), per_map[labels == c]) for c in classes] if classes else [("all", per_map)]
         history = read_history(self.history_path) if self.history_path else []
         save_prior_report(self.output_dir / "report.png", groups, nll, uniform, marginal, history)
         logger.info(f"evaluation: {metrics} -> {self.output_dir}")
+
+    def _write(self, engine: Engine) -> None:
+        extra = getattr(engine.state, "sample_quality", None) or {}
+        atomic_write_json({**self.metrics, **extra, "models": self.models}, self.output_dir / "metrics.json")
+        logger.info(f"wrote {self.output_dir / 'metrics.json'}")
+
+
+def prior_sample_metrics(
+    sampler: Any,
+    prior: nn.Module,
+    real_data: Sequence[Mapping[str, Any]],
+    transform: Any,
+    n_samples: int = 128,
+    seed: int = 0,
+    power_check: bool = True,
+    c2st_settings: Mapping[str, Any] | None = None,
+    image_key: str = "image",
+    label_key: str | None = "label",
+    memorisation: Any = None,
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """The sample-quality keys of :func:`evaluate_prior_samples`, with the samples and the real images they were
+    scored against; nothing is written but the memorisation audit's own files (``memorisation``: a
+    :class:`~vqvae_medical.stages.memorisation.MemorisationAudit`, given the samples' code maps, or ``None``)."""
+    if n_samples < 2:
+        raise ValueError(f"n_samples must be at least 2 for pairwise diversity, got {n_samples}.")
+    if len(real_data) < 2:
+        raise ValueError(f"at least two real images are needed, the test section has {len(real_data)}.")
+    real = load_real_images(real_data, transform, real_image_count(len(real_data), n_samples), image_key, seed)
+    model = prior_of(prior)
+    groups: list[tuple[int | None, int]] = [(None, int(n_samples))]
+    if model.class_conditioned:
+        labels = [item.get(label_key) for item in real_data] if label_key else []
+        classes = sample_classes(labels, int(n_samples), int(model.num_classes))
+        groups = [(int(c), int((classes == c).sum())) for c in classes.unique()]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    drawn = [sampler.sample(prior, k, c, seed + (c or 0)) for c, k in groups]
+    samples = torch.cat([images for _, images in drawn])
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    metrics = score_samples(real, samples, seed, power_check, c2st_settings=c2st_settings)
+    if memorisation is not None:
+        codes = [c for c, _ in drawn]
+        codes = tuple(map(torch.cat, zip(*codes))) if isinstance(codes[0], tuple) else torch.cat(codes)
+        metrics.update(memorisation(samples, real, codes))
+    metrics.update(
+        {
+            "n_samples": int(n_samples),
+            "samples_per_class": {str(c): k for c, k in groups} if model.class_conditioned else None,
+            "seconds_per_sample": seconds / n_samples,
+            "cpu_seconds_per_sample": cpu_seconds / n_samples,
+        }
+    )
+    logger.info(
+        f"sampled {n_samples} images in {seconds:.1f} s ({cpu_seconds / n_samples:.3f} CPU-s per image); "
+        f"sample quality: {metrics}"
+    )
+    return metrics, samples, real
 
 
 def evaluate_prior_samples(
@@ -150,6 +218,7 @@ def evaluate_prior_samples(
     image_key: str = "image",
     label_key: str | None = "label",
     merge: bool = True,
+    memorisation: Any = None,
 ) -> dict[str, Any]:
     """Sample ``n_samples`` images from the prior, score them against held-out real images and add the
     sample-quality keys to ``<output_dir>/metrics.json`` (plus ``samples_vs_real.png``).
@@ -176,29 +245,12 @@ def evaluate_prior_samples(
         image_key: key of the images in ``real_data``.
         label_key: key of the class labels in ``real_data``.
         merge: add to the ``metrics.json`` of the same run (the bits per code) instead of replacing it.
+        memorisation: the memorisation audit (:class:`~vqvae_medical.stages.memorisation.MemorisationAudit`) whose
+            keys (``copy_rate``, ``longest_shared_code_run``, ...) are added, or ``None``.
     """
-    if n_samples < 2:
-        raise ValueError(f"n_samples must be at least 2 for pairwise diversity, got {n_samples}.")
-    if len(real_data) < 2:
-        raise ValueError(f"at least two real images are needed, the test section has {len(real_data)}.")
-    real = load_real_images(real_data, transform, real_image_count(len(real_data), n_samples), image_key, seed)
-    model = prior_of(prior)
-    groups: list[tuple[int | None, int]] = [(None, int(n_samples))]
-    if model.class_conditioned:
-        labels = [item.get(label_key) for item in real_data] if label_key else []
-        classes = sample_classes(labels, int(n_samples), int(model.num_classes))
-        groups = [(int(c), int((classes == c).sum())) for c in classes.unique()]
-    start, cpu_start = time.perf_counter(), time.process_time()
-    samples = torch.cat([sampler.sample(prior, k, c, seed + (c or 0))[1] for c, k in groups])
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    metrics = score_samples(real, samples, seed, power_check, c2st_settings=c2st_settings)
-    metrics.update(
-        {
-            "n_samples": int(n_samples),
-            "samples_per_class": {str(c): k for c, k in groups} if model.class_conditioned else None,
-            "seconds_per_sample": seconds / n_samples,
-            "cpu_seconds_per_sample": cpu_seconds / n_samples,
-        }
+    metrics, samples, real = prior_sample_metrics(
+        sampler, prior, real_data, transform, n_samples, seed, power_check, c2st_settings, image_key, label_key,
+        memorisation,
     )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,16 +258,16 @@ def evaluate_prior_samples(
     earlier = json.loads(path.read_text()) if merge and path.is_file() else {}
     atomic_write_json({**earlier, **metrics}, path)
     save_samples_vs_real(out / "samples_vs_real.png", samples, real)
-    logger.info(
-        f"sampled {n_samples} images in {seconds:.1f} s ({cpu_seconds / n_samples:.3f} CPU-s per image); "
-        f"sample quality: {metrics} -> {output_dir}"
-    )
+    logger.info(f"sample quality -> {output_dir}")
     return metrics
 
 
 class PriorSampleQuality:
-    """When the prior's evaluator completes (after :class:`PriorEvaluationReport` wrote ``metrics.json``), samples
-    ``n_samples`` images and adds the sample-quality keys to ``metrics.json`` (:func:`evaluate_prior_samples`).
+    """When the prior's evaluator has run its epoch (after :class:`PriorEvaluationReport`, attached before it, has
+    computed the bits per code), samples ``n_samples`` images, scores them (:func:`prior_sample_metrics`), draws
+    ``samples_vs_real.png`` and hands the keys to the report, which writes ``metrics.json`` once when the evaluator
+    completes (without the report, it writes them to ``metrics.json`` itself). A test split of fewer than two images
+    is refused when the handler is built, before anything is evaluated or written.
 
     The sampler has its own seeded generator and the two-sample test a private random state: the evaluator's
     metrics and the global random state are untouched.
@@ -229,7 +281,10 @@ class PriorSampleQuality:
         n_samples: images to generate; ``0`` disables the handler.
         seed: sampling and selection seed.
         power_check: run the power check when there are enough real images.
-        c2st_settings: keyword arguments of :func:`~vqvae_medical.evaluation.sample_quality.c2st_accuracy`.
+        c2st_settings: the two-sample tests and their settings
+            (:func:`~vqvae_medical.evaluation.sample_report.split_c2st_settings`).
+        memorisation: the memorisation audit (:class:`~vqvae_medical.stages.memorisation.MemorisationAudit`), or
+            ``None``.
     """
 
     def __init__(
@@ -243,9 +298,16 @@ class PriorSampleQuality:
         seed: int = 0,
         power_check: bool = True,
         c2st_settings: Mapping[str, Any] | None = None,
+        memorisation: Any = None,
     ) -> None:
-        if n_samples == 1 or n_samples < 0:
-            raise ValueError(f"n_samples must be 0 (no sampling) or at least 2, got {n_samples}.")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples == 1 or n_samples < 0:
+            raise SettingError(f"n_samples is {n_samples!r}: pass --n_samples 0 (no sampling) or at least 2.")
+        if n_samples > 0 and len(real_data) < 2:
+            raise SettingError(
+                f"the test split has {len(real_data)} image{'' if len(real_data) == 1 else 's'}, and the sample "
+                "quality needs at least 2 real images: pass --n_samples 0 to evaluate the bits per code alone, or "
+                "train the autoencoder with a larger --test_fraction."
+            )
         self.output_dir = output_dir
         self.sampler = sampler
         self.prior = prior
@@ -255,20 +317,40 @@ class PriorSampleQuality:
         self.seed = int(seed)
         self.power_check = bool(power_check)
         self.c2st_settings = dict(c2st_settings or {})
+        self.memorisation = memorisation
 
     def attach(self, engine: Engine) -> None:
         if self.n_samples > 0:
-            engine.add_event_handler(Events.COMPLETED, self)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        evaluate_prior_samples(
+        report = getattr(engine.state, "sample_quality", None)
+        if report is None:  # no PriorEvaluationReport: write metrics.json here
+            evaluate_prior_samples(
+                self.sampler,
+                self.prior,
+                self.real_data,
+                self.transform,
+                self.output_dir,
+                self.n_samples,
+                self.seed,
+                self.power_check,
+                self.c2st_settings,
+                memorisation=self.memorisation,
+            )
+            return
+        metrics, samples, real = prior_sample_metrics(
             self.sampler,
             self.prior,
             self.real_data,
             self.transform,
-            self.output_dir,
             self.n_samples,
             self.seed,
             self.power_check,
             self.c2st_settings,
+            memorisation=self.memorisation,
         )
+        out = Path(self.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_samples_vs_real(out / "samples_vs_real.png", samples, real)
+        report.update(metrics)

@@ -1,0 +1,159 @@
+"""Calibration of the anomaly maps' NLL threshold on held-out healthy images (see :mod:`.anomaly`).
+
+The NLL threshold of each code level is the ``quantile``-th percentile of the per-code NLL of the prior over the code
+maps of held-out healthy images: the ``section`` (default ``validation``) of the stage-1 model's own split, i.e.
+images neither the VQ-VAE nor the prior trained on. With ``quantile=0.99`` about 1% of the codes of a healthy image
+are resampled. The result is stored as JSON next to the prior's checkpoint (:data:`CALIBRATION_FILE`) with the SHA-256
+of the checkpoint and the fingerprint of the autoencoder's weights, and recomputed when either, the quantile, the
+section or the class changes. The calibration also refuses a prior that does not model this autoencoder's codes (its
+NLL no better than the codes' own histogram: a prior trained on another autoencoder), and a stored calibration of the
+same checkpoint made with another autoencoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vqvae_medical.data.lists import section
+from vqvae_medical.networks.quantizers import perplexity
+from vqvae_medical.stages.frozen import FrozenAutoencoder, encode_cached
+from vqvae_medical.stages.prior.anomaly import code_nll
+from vqvae_medical.stages.provenance import file_sha256
+from vqvae_medical.training.checkpoints import atomic_write_json
+from vqvae_medical.training.runtime import SettingError
+
+__all__ = ["CALIBRATION_FILE", "calibrate", "load_calibration"]
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "anomaly_calibration.json"
+"""The calibration's file name, next to the prior's ``model.pt``."""
+
+_VERSION = 1
+
+
+def _where(autoencoder: FrozenAutoencoder) -> str:
+    return str(autoencoder.directory) if autoencoder.directory else "the autoencoder"
+
+
+def _marginal_nats(codes: torch.Tensor, num_embeddings: int) -> float:
+    counts = torch.bincount(codes.flatten().long(), minlength=num_embeddings).double()
+    return float(torch.log(perplexity(counts)))
+
+
+@torch.no_grad()
+def calibrate(
+    autoencoder: FrozenAutoencoder,
+    network: nn.Module,
+    items: Sequence[Mapping[str, Any]],
+    quantile: float = 0.99,
+    class_label: int | None = None,
+    cache_path: str | os.PathLike | None = None,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Per-level NLL thresholds: the ``quantile`` of the per-code NLL (nats) over the code maps of ``items``
+    (held-out healthy images), and the statistics that go with them.
+
+    Args:
+        autoencoder: the frozen stage-1 model.
+        network: the prior.
+        items: datalist items of the held-out healthy images.
+        quantile: in ``(0, 1)``; the share of healthy codes left untouched.
+        class_label: class of a class-conditioned prior.
+        cache_path: the code-map cache (e.g. the prior's own ``cache/codes_validation.pt``), or ``None``.
+        batch_size: code maps per forward pass.
+
+    Raises:
+        SettingError: the prior's NLL on these codes is no better than the codes' own histogram (a prior trained
+            on another autoencoder's codes).
+    """
+    if not 0 < quantile < 1:
+        raise SettingError(f"quantile must be in (0, 1), got {quantile}.")
+    encoded = encode_cached(autoencoder, items, "codes", cache_path)
+    levels = encoded.values if isinstance(encoded.values, tuple) else (encoded.values,)
+    codebooks = autoencoder.num_embeddings
+    codebooks = codebooks if isinstance(codebooks, tuple) else (codebooks,)
+    nll: list[list[torch.Tensor]] = [[] for _ in levels]
+    for start in range(0, int(levels[0].shape[0]), batch_size):
+        batch = tuple(lv[start : start + batch_size].long() for lv in levels)
+        for i, n in enumerate(code_nll(network, batch if len(batch) > 1 else batch[0], class_label)):
+            nll[i].append(n.flatten().cpu())
+    stats: dict[str, Any] = {"thresholds_nats": [], "mean_nll_bits": [], "marginal_bits": [], "n_codes": []}
+    for i, (parts, k) in enumerate(zip(nll, codebooks)):
+        values = torch.cat(parts).double()
+        mean, marginal = float(values.mean()), _marginal_nats(levels[i], k)
+        if mean >= marginal:
+            level = "" if len(levels) == 1 else f" ({('top', 'bottom')[i]} level)"
+            raise SettingError(
+                f"the prior does not model the codes of autoencoder_dir {_where(autoencoder)}{level}: "
+                f"{mean / math.log(2):.2f} bits per held-out code, no better than the codes' own histogram "
+                f"({marginal / math.log(2):.2f}); pass the ckpt_path of the prior trained on this autoencoder's codes."
+            )
+        stats["thresholds_nats"].append(float(torch.quantile(values, quantile)))
+        stats["mean_nll_bits"].append(mean / math.log(2))
+        stats["marginal_bits"].append(marginal / math.log(2))
+        stats["n_codes"].append(int(values.numel()))
+    return {"quantile": float(quantile), "n_images": len(items), **stats}
+
+
+def load_calibration(
+    path: str | os.PathLike,
+    autoencoder: FrozenAutoencoder,
+    network: nn.Module,
+    ckpt_path: str | os.PathLike,
+    quantile: float = 0.99,
+    section_name: str = "validation",
+    class_label: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The calibration stored at ``path`` when it was made for this checkpoint, autoencoder and settings; else
+    :func:`calibrate` on the ``section_name`` of the stage-1 split, written to ``path`` (a folder that cannot be
+    written only logs a warning).
+
+    Raises:
+        SettingError: the stored calibration of this same checkpoint was made with another autoencoder (the prior
+            belongs to that one), or see :func:`calibrate`.
+    """
+    key = {
+        "version": _VERSION,
+        "prior_sha256": file_sha256(ckpt_path),
+        "autoencoder": autoencoder.fingerprint,
+        "quantile": float(quantile),
+        "section": section_name,
+        "class_label": class_label,
+    }
+    path = Path(path)
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+        except ValueError:
+            stored = {}
+        if stored.get("prior_sha256") == key["prior_sha256"] and stored.get("autoencoder") != key["autoencoder"]:
+            raise SettingError(
+                f"ckpt_path {ckpt_path} is a prior over the codes of another autoencoder than autoencoder_dir "
+                f"{_where(autoencoder)} (its calibration {path} was made with other stage-1 weights): pass the "
+                "autoencoder_dir it was trained on, or delete that file if the prior really belongs to this one."
+            )
+        if all(stored.get(k) == v for k, v in key.items()):
+            logger.info(f"read the anomaly calibration {path}")
+            return stored
+    cache_dir = Path(cache_dir) if cache_dir is not None else path.parent
+    datalist = autoencoder.datalist(cache_dir)
+    items = section(datalist, section_name)
+    cache = cache_dir / f"codes_{section_name}.pt"
+    result = {**key, **calibrate(autoencoder, network, items, quantile, class_label, cache)}
+    try:
+        atomic_write_json(result, path)
+        logger.info(f"calibrated the NLL thresholds {result['thresholds_nats']} on {len(items)} images -> {path}")
+    except OSError as e:
+        logger.warning(f"could not write the anomaly calibration to {path} ({e}); it is recomputed next time")
+    return result

@@ -1,0 +1,198 @@
+"""The anomaly config of the prior bundle: checks of the prior and the inputs against the stage-1 record, and the
+run that writes maps, healed images, ``scores.csv`` and a figure (the method: :mod:`.anomaly`; the threshold:
+:mod:`.anomaly_calibration`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from PIL import Image
+from torch import nn
+
+from vqvae_medical.data.checks import NIFTI_EXTENSIONS, DataError, inspect_image
+from vqvae_medical.data.datalists import list_images
+from vqvae_medical.data.lists import inference_datalist
+from vqvae_medical.evaluation.figures import save_anomaly_figure
+from vqvae_medical.evaluation.writers import output_names
+from vqvae_medical.stages.frozen import FrozenAutoencoder
+from vqvae_medical.stages.prior.anomaly import IMAGE_SCORES, anomaly_maps
+from vqvae_medical.stages.prior.anomaly_calibration import _where
+from vqvae_medical.stages.prior.codes import check_codebooks
+from vqvae_medical.stages.prior.network import prior_of
+from vqvae_medical.training.checkpoints import _atomic_write
+from vqvae_medical.training.runtime import SettingError
+
+__all__ = ["anomaly_inputs", "check_prior", "run_anomaly"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_prior(
+    network: nn.Module, autoencoder: FrozenAutoencoder, num_embeddings: int | Sequence[int], class_label: int | None
+) -> bool:
+    """Stop with one line when the prior cannot score this autoencoder's codes: another codebook size or number of
+    levels (:func:`~vqvae_medical.stages.prior.codes.check_codebooks`), or a class-conditioned prior without
+    ``class_label`` (the class of the healthy images). Returns ``True`` (for config expressions)."""
+    try:
+        check_codebooks(autoencoder, num_embeddings)
+    except ValueError as e:
+        raise SettingError(str(e)) from e
+    conditioned = bool(prior_of(network).class_conditioned)
+    if conditioned and class_label is None:
+        raise SettingError("the prior is class-conditioned: set --class_label to the class of healthy images.")
+    if not conditioned and class_label is not None:
+        raise SettingError(f"the prior has no class conditioning: leave class_label null (got {class_label}).")
+    return True
+
+
+def anomaly_inputs(
+    input_dir: str | os.PathLike | Sequence[str] | None, autoencoder: FrozenAutoencoder, skip_bad: bool = False
+) -> list[dict]:
+    """Items ``{"image": path}`` of the inputs, checked against the stage-1 record: 2D only, the record's channel
+    count, and the record's image size when its preprocessing keeps each image's own size.
+
+    Raises:
+        DataError: no input, an empty folder, an unreadable file, a 3D volume, another size or channel count; one
+            line naming the file and the fix.
+        SettingError: a 3D autoencoder.
+    """
+    if autoencoder.spatial_dims != 2:
+        raise SettingError(
+            f"autoencoder_dir {_where(autoencoder)} is a 3D VQ-VAE, but anomaly maps need a 2D prior over its codes and "
+            "the prior bundle models 2D code maps only: use a vqvae_2d or vqvae2_2d stage-1 folder."
+        )
+    if isinstance(input_dir, (str, os.PathLike)) and Path(input_dir).is_dir():
+        paths = list_images(input_dir)
+    elif isinstance(input_dir, (str, os.PathLike)) and Path(input_dir).is_file() and not str(input_dir).endswith(".json"):
+        paths = [os.fspath(input_dir)]
+    else:
+        paths = []
+    for p in paths:  # a volume gets this line, not the generic "use a 3D config" of the data checks
+        if str(p).lower().endswith(NIFTI_EXTENSIONS):
+            info = inspect_image(p)
+            if len(info.squeezed_shape(2)) > 2:
+                raise DataError(
+                    f"{p}: is a 3D volume {info.spatial_shape}, but anomaly maps are 2D only (the prior models 2D code "
+                    "maps): give 2D slices (e.g. python benchmarks/make_ixi_slices.py writes NIfTI slices of volumes)."
+                )
+    items = inference_datalist(input_dir, spatial_dims=2, channels=autoencoder.in_channels, skip_bad=skip_bad)
+    want_size = autoencoder.image_size if autoencoder.preprocessing.get("spatial_size") is None else None
+    kept = []
+    for item in items:
+        path = os.fspath(item["image"])
+        info = inspect_image(path)
+        channels = info.channels - (1 if info.alpha == "opaque" else 0)
+        problem = None
+        if channels != autoencoder.in_channels:
+            problem = (
+                f"{path}: has {channels} channel(s), but the stage-1 model of {_where(autoencoder)} was trained on "
+                f"{autoencoder.in_channels}-channel images: give images of its modality and channel count"
+            )
+        elif want_size is not None and list(info.squeezed_shape(2)) != list(want_size):
+            problem = (
+                f"{path}: has size {list(info.squeezed_shape(2))}, but the stage-1 model of {_where(autoencoder)} "
+                f"and its prior were trained on {list(want_size)} images: pad/crop or resample it to that size"
+            )
+        if problem is None:
+            kept.append(item)
+        elif skip_bad:
+            logger.warning(f"skipping {problem}.")
+        else:
+            raise DataError(f"{problem}, or set skip_bad_files=true to skip it.")
+    if not kept:
+        raise DataError(f"{input_dir}: none of the {len(items)} images can be used; see the warnings above.")
+    return kept
+
+
+def _png(array: np.ndarray, path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    _atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    arr = image.clamp(0, 1).numpy()
+    arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr[:3], 0, -1)
+    return np.round(arr * 255.0).astype(np.uint8)
+
+
+def run_anomaly(
+    autoencoder: FrozenAutoencoder,
+    network: nn.Module,
+    items: Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    calibration: Mapping[str, Any],
+    input_dir: str | os.PathLike | None = None,
+    nll_threshold: float | Sequence[float] | None = None,
+    image_score: str = "map_top",
+    top_fraction: float = 0.01,
+    mask_sigma: float = 0.0,
+    temperature: float = 1.0,
+    class_label: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    num_figure: int = 4,
+) -> Path:
+    """Anomaly maps of ``items``: per input ``<name>_anomaly.png`` (the map, 8-bit, 255 = an intensity difference
+    of 1) and ``<name>_healed.png`` under ``output_dir`` (input folders kept, same-named inputs kept apart as
+    :func:`~vqvae_medical.evaluation.writers.output_names` does), ``scores.csv`` (one row per input) and
+    ``figure.png`` (input, healed, map, overlay of the first ``num_figure`` inputs). Returns the CSV's path.
+    """
+    if image_score not in IMAGE_SCORES:
+        raise SettingError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {image_score!r}.")
+    levels = 2 if isinstance(autoencoder.num_embeddings, tuple) else 1
+    if nll_threshold is not None:
+        thresholds = list(nll_threshold) if isinstance(nll_threshold, (list, tuple)) else [float(nll_threshold)] * levels
+    else:
+        thresholds = list(calibration["thresholds_nats"])
+    if len(thresholds) != levels:
+        raise SettingError(f"nll_threshold needs {levels} value(s), one per code level, got {thresholds}.")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [os.path.abspath(os.fspath(i["image"])) for i in items]
+    names = output_names(paths, input_dir)
+    transform = autoencoder.transforms()
+    loader = DataLoader(Dataset(list(items), transform), batch_size=batch_size, shuffle=False, num_workers=0)
+    generator = torch.Generator(device=autoencoder.device).manual_seed(int(seed))
+    settings = {"quantile": calibration.get("quantile"), "nll_threshold": ";".join(f"{t:.4g}" for t in thresholds),
+                "image_score": image_score, "top_fraction": top_fraction, "mask_sigma": mask_sigma,
+                "temperature": temperature, "seed": seed}
+    rows, shown = [], []
+    for batch in loader:
+        images = batch["image"]
+        srcs = [os.path.abspath(str(m)) for m in images.meta["filename_or_obj"]]
+        result = anomaly_maps(autoencoder, network, images, thresholds, class_label, temperature, mask_sigma,
+                              top_fraction, generator)
+        for b, src in enumerate(srcs):
+            name = names.get(src, Path(src).stem)
+            map_path, healed_path = out / f"{name}_anomaly.png", out / f"{name}_healed.png"
+            _png(_to_uint8(result.maps[b]), map_path)
+            _png(_to_uint8(result.healed[b]), healed_path)
+            scores = {k: float(v[b]) for k, v in result.scores.items()}
+            rows.append({"path": src, "score": scores[image_score], **{f"score_{k}": v for k, v in scores.items()},
+                         "resampled": float(result.resampled[b]), "map": map_path.relative_to(out).as_posix(),
+                         "healed": healed_path.relative_to(out).as_posix(), **settings})
+            if float(result.resampled[b]) > 0.5:
+                logger.warning(f"{src}: {float(result.resampled[b]):.0%} of its codes are unlikely under the prior; "
+                               "is it the modality and preprocessing the stage-1 model was trained on?")
+            if len(shown) < num_figure:
+                shown.append((images[b].as_tensor().cpu(), result.healed[b], result.maps[b], Path(src).name))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path = _atomic_write(out / "scores.csv", lambda f: f.write(buffer.getvalue().encode()))
+    if shown:
+        save_anomaly_figure(out / "figure.png", *zip(*shown))
+    logger.info(f"wrote anomaly maps of {len(rows)} images to {out} (scores in {csv_path})")
+    return csv_path
