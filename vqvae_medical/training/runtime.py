@@ -149,6 +149,8 @@ def install_error_hook() -> bool:
     that refused its arguments are shortened. Returns whether the hook was installed."""
     if not _running_bundle_cli():
         return False
+    if getattr(sys.excepthook, "_vqvae_medical", False):  # installed already (at import, or by another initialize)
+        return True
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
@@ -165,6 +167,7 @@ def install_error_hook() -> bool:
             )
         sys.stderr.write(f"\nERROR ({name}): {message}\n")
 
+    hook._vqvae_medical = True
     sys.excepthook = hook
     return True
 
