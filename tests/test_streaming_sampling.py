@@ -192,3 +192,20 @@ def test_sample_files_keep_the_first_for_the_grid_and_remove_partial_arrays_on_e
         broken.add(images[:2], arrays={"z": torch.rand(2, 2)})
         raise RuntimeError("interrupted")
     assert not list((tmp_path / "b").iterdir())  # the incomplete array is gone, no image was asked for
+
+
+@FOLDERS
+@pytest.mark.parametrize("bundle", [PRIOR, DIFFUSION])
+def test_inference_reads_the_model_of_its_output_dir(folders, tmp_path, bundle):
+    """``--output_dir`` of a trained stage-2 run is enough, as for stage 1 (before: the checkpoint was looked for in
+    the bundle folder whatever ``--output_dir`` said, and the run stopped with "models/model.pt: no such
+    checkpoint")."""
+    import shutil
+
+    trained = shutil.copytree(folders["prior" if bundle == PRIOR else "diffusion"], tmp_path / "trained")
+    make = _prior if bundle == PRIOR else _diffusion
+    overrides = make(folders, trained, **{"num_samples" if bundle == PRIOR else "n_samples": 2})
+    del overrides["ckpt_path"]
+    run_bundle(bundle, ["inference.json"], overrides)
+    sampling = json.loads((trained / "inference" / "sampling.json").read_text())
+    _models_named(sampling["models"], trained / "models" / "model.pt", folders["vq"])
