@@ -1,6 +1,6 @@
 """Benchmark: anomaly maps from the prior (healing) against two baselines, on synthetic lesions in held-out slices.
 
-Inputs: a stage-1 folder (``vqvae_2d`` output_dir) and a prior trained on its codes (``pixelcnn_prior`` output_dir),
+Inputs: a stage-1 folder (``vqvae`` output_dir) and a prior trained on its codes (``pixelcnn_prior`` output_dir),
 both trained on healthy slices only. The held-out healthy images are the ``--section`` (default ``test``) of the
 stage-1 model's own split; the NLL threshold is calibrated on its ``validation`` section
 (:func:`vqvae_medical.stages.prior.anomaly_calibration.load_calibration`, stored next to the prior's ``model.pt``).
@@ -27,7 +27,7 @@ the NLL above the threshold summed over codes), and per lesion size the AUPRC an
 
 Usage::
 
-    python benchmarks/anomaly_maps.py --autoencoder_dir OUT/vqvae_2d --prior_dir OUT/prior --max_seq_len 572 \\
+    python benchmarks/anomaly_maps.py --autoencoder_dir OUT/vqvae --prior_dir OUT/prior --max_seq_len 572 \\
         --n_images 64 --json OUT/anomaly.json --figure docs/anomaly_brain.png
 """
 

@@ -2,7 +2,7 @@
 ``logs/history.jsonl`` (``vqvae_medical.training.handlers.MetricsHistory``), or, for ``benchmarks/convergence_probe.py``
 output, the SSIM with its foreground/background split per iteration.
 
-    python benchmarks/convergence_figure.py --out bundles/vqvae_2d/docs/brain_convergence.png \
+    python benchmarks/convergence_figure.py --out bundles/vqvae/docs/brain_convergence.png \
         --title "brain_mri_2d, 20 CPU-min" "0.2.0=/tmp/brain_before/logs/history.jsonl" "fixed=/tmp/brain_after/logs/history.jsonl"
     python benchmarks/convergence_figure.py --probe --out probe.png "0.2.0=/tmp/pb_base.jsonl" "fixed=/tmp/pb_clip.jsonl"
 

@@ -15,9 +15,9 @@ TITLE=${TITLE:-"$SET: $BEFORE_LABEL vs this version, side by side, one thread ea
 AFTER=$(cd "$(dirname "$0")/.." && pwd)
 DATA=$(cd "$AFTER/../shared/data" && pwd)
 case $SET in
-  brain) B=vqvae_2d; ARGS="--dataset_dir $DATA/brain_mri_2d --data_layout folder --test_fraction 0.1 --val_fraction 0.02 --seed 0"
+  brain) B=vqvae; ARGS="--dataset_dir $DATA/brain_mri_2d --data_layout folder --test_fraction 0.1 --val_fraction 0.02 --seed 0"
          TRAIN="--max_epochs 100 --time_budget_minutes 20 --time_budget_clock process" ;;
-  isic)  B=vqvae_2d; ARGS="--dataset_dir $DATA/isic_256 --data_layout isic --in_channels 3 --test_fraction 0.1 --val_fraction 0.02 --seed 0"
+  isic)  B=vqvae; ARGS="--dataset_dir $DATA/isic_256 --data_layout isic --in_channels 3 --test_fraction 0.1 --val_fraction 0.02 --seed 0"
          TRAIN="--max_epochs 1000 --time_budget_minutes 20 --time_budget_clock process" ;;
   ixi)   B=vqvae_3d; ARGS="--dataset_dir $DATA/ixi_t1_2mm --seed 0"
          TRAIN="--patch_size [64,64,64] --max_epochs 1000 --val_interval 5 --time_budget_minutes 30 --time_budget_clock process --cpu_bf16 True" ;;

@@ -7,7 +7,7 @@ mean above 0.02) and over the background, the mean and the 99th percentile of th
 pixels (target == 0), the PSNR, the learning rate, the codes used by the validation images and the last training
 loss. Used to find the cause of the validation-SSIM collapses of issue 18.
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/convergence_probe.py bundles/vqvae_2d --every 6 \
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/convergence_probe.py bundles/vqvae --every 6 \
         --out /tmp/probe.jsonl -- --max_epochs 30 --output_dir /tmp/probe
 """
 

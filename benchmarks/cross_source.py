@@ -8,7 +8,7 @@ instead clips each IXI image to its 0.5-99.5th percentiles before scaling (the b
 skull-on T1 otherwise compress the brain's range). Scores are MONAI's ``SSIMMetric`` and PSNR of the
 reconstruction clamped to [0, 1], as in the bundle's evaluation.
 
-    cd bundles/vqvae_2d && python -m monai.bundle run --config_file configs/train.json \
+    cd bundles/vqvae && python -m monai.bundle run --config_file configs/train.json \
         --dataset_dir ../../../shared/data/brain_mri_2d --data_layout folder --test_fraction 0.1 --val_fraction 0.02 \
         --seed 0 --output_dir /tmp/brain_vqvae --max_epochs 100 --time_budget_minutes 20 --time_budget_clock process
     cd ../.. && python benchmarks/make_ixi_slices.py --output-dir /tmp/ixi_slices
@@ -32,7 +32,7 @@ __all__ = ["load_bundle_network", "main", "percentile_scale", "score"]
 
 
 def load_bundle_network(run_dir: Path, overrides: dict | None = None) -> torch.nn.Module:
-    """The ``vqvae_2d`` network of a training run (its ``models/model.pt``), in eval mode on the CPU: built from the
+    """The ``vqvae`` network of a training run (its ``models/model.pt``), in eval mode on the CPU: built from the
     run's ``models/autoencoder.json`` when it has one (the architecture it was trained with), else from today's
     ``train.json`` with ``overrides`` (runs of versions before 0.3, e.g. ``{"network_def#model#normalize_latents":
     false}`` for one made before 0.4)."""
@@ -45,7 +45,7 @@ def load_bundle_network(run_dir: Path, overrides: dict | None = None) -> torch.n
         wrapper = build_network(json.loads(record.read_text())["network_def"])
     else:
         parser = ConfigParser()
-        parser.read_config(str(REPO / "bundles" / "vqvae_2d" / "configs" / "train.json"))
+        parser.read_config(str(REPO / "bundles" / "vqvae" / "configs" / "train.json"))
         parser.update({"in_channels": 1, **(overrides or {})})
         wrapper = parser.get_parsed_content("network_def")
     state = torch.load(run_dir / "models" / "model.pt", map_location="cpu", weights_only=True)

@@ -2,18 +2,18 @@
 # The four generators of this repository at equal budgets on one data set (issue 16, part 4).
 #   bash benchmarks/generator_comparison.sh OUT brain|isic [GEN_CPU_MINUTES] [STAGE1_CPU_MINUTES] [GENERATORS]
 # Stage 1, each bundle's default recipe (max_epochs 100 on brain, 1000 on ISIC, as convergence_pairs.sh) for STAGE1_CPU_MINUTES (default 20) process CPU-minutes:
-#   OUT/vqvae_2d (skipped when it already holds models/model.pt, e.g. the "after" side of convergence_pairs.sh,
-#   copied or linked there) and OUT/vqvae2_2d.
+#   OUT/vqvae (skipped when it already holds models/model.pt, e.g. the "after" side of convergence_pairs.sh,
+#   copied or linked there) and OUT/vqvae2.
 # Stage 2, GEN_CPU_MINUTES (default 8) process CPU-minutes of training each, one thread each, two at a time:
-#   gated     pixelcnn_prior + configs/gated.json (a gated PixelCNN) on OUT/vqvae_2d
-#   transformer pixelcnn_prior (the default causal transformer prior) on OUT/vqvae_2d
+#   gated     pixelcnn_prior + configs/gated.json (a gated PixelCNN) on OUT/vqvae
+#   transformer pixelcnn_prior (the default causal transformer prior) on OUT/vqvae
 #   hierarchical pixelcnn_prior + configs/vqvae2.json + configs/vqvae2_gated_top.json (top and bottom gated
-#             PixelCNNs) on OUT/vqvae2_2d
+#             PixelCNNs) on OUT/vqvae2
 #   hierarchical_transformer  pixelcnn_prior + configs/vqvae2.json (the default: a transformer top prior, as the
-#             paper's self-attention top prior, and a gated bottom prior) on OUT/vqvae2_2d
+#             paper's self-attention top prior, and a gated bottom prior) on OUT/vqvae2
 # (before pixelcnn_prior 0.4.0 the gated PixelCNNs were the defaults and the transformers overlays; the generator
 # names, and what each trains, are the same.)
-#   diffusion latent_diffusion on OUT/vqvae_2d
+#   diffusion latent_diffusion on OUT/vqvae
 # then each bundle's evaluate.json: 128 samples against 128 test images (c2st_accuracy with its power check,
 # MS-SSIM diversity, NLL per level, CPU seconds per sample; diffusion with DIFFUSION_STEPS DDIM steps, default 50),
 # and benchmarks/generator_table.py, which prints the table and draws OUT/<set>_generators.png.
@@ -49,17 +49,17 @@ stage1() {  # stage1 BUNDLE: train + evaluate unless done
   fi
 }
 S1=()  # the stage-1 bundles that the chosen generators need
-case " $GENS " in *" gated "*|*" transformer "*|*" diffusion "*) stage1 vqvae_2d & S1+=($!) ;; esac
-case " $GENS " in *" hierarchical "*|*" hierarchical_transformer "*) stage1 vqvae2_2d & S1+=($!) ;; esac
+case " $GENS " in *" gated "*|*" transformer "*|*" diffusion "*) stage1 vqvae & S1+=($!) ;; esac
+case " $GENS " in *" hierarchical "*|*" hierarchical_transformer "*) stage1 vqvae2 & S1+=($!) ;; esac
 wait "${S1[@]}"
 BUDGET2="--max_epochs 10000 --time_budget_minutes $GEN_MIN --time_budget_clock process --sample_interval 0"
 gen() {  # gen NAME: train then evaluate one generator unless done
-  local g=$1 b=pixelcnn_prior vq=vqvae_2d overlay="" extra=""
+  local g=$1 b=pixelcnn_prior vq=vqvae overlay="" extra=""
   case $g in
     gated) overlay=",'configs/gated.json'" ;;
     transformer) ;;
-    hierarchical) overlay=",'configs/vqvae2.json','configs/vqvae2_gated_top.json'"; vq=vqvae2_2d ;;
-    hierarchical_transformer) overlay=",'configs/vqvae2.json'"; vq=vqvae2_2d ;;
+    hierarchical) overlay=",'configs/vqvae2.json','configs/vqvae2_gated_top.json'"; vq=vqvae2 ;;
+    hierarchical_transformer) overlay=",'configs/vqvae2.json'"; vq=vqvae2 ;;
     diffusion) b=latent_diffusion; extra="--num_inference_steps $STEPS" ;;
   esac
   local common="--autoencoder_dir $OUT/$vq --output_dir $OUT/$g"

@@ -1,4 +1,4 @@
-"""Per-iteration record of the encoder's latent norm, the codebook norm and the loss parts while the ``vqvae_2d``
+"""Per-iteration record of the encoder's latent norm, the codebook norm and the loss parts while the ``vqvae``
 bundle trains (issue 18: the MNI152 main job run for 60 epochs collapsed after epoch ~14).
 
 Runs the bundle's own ``train#trainer`` (``configs/train.json`` with the given overrides) and appends one JSON line
@@ -7,10 +7,10 @@ vectors), ``cb`` (mean norm of the codebook vectors), ``restarts`` (dead-code re
 gradient norm), ``lr``, ``perp`` (batch perplexity). ``--plot`` draws the norms, the commitment loss and the
 validation SSIM of two or more such runs side by side.
 
-    cd bundles/vqvae_2d
+    cd bundles/vqvae
     python ../../benchmarks/latent_drift.py --out /tmp/drift_off --override '{"max_epochs": 60, "time_budget_minutes": null, "network_def#model#normalize_latents": false}'
     python ../../benchmarks/latent_drift.py --out /tmp/drift_on --override '{"max_epochs": 60, "time_budget_minutes": null}'
-    python ../../benchmarks/latent_drift.py --plot --png ../vqvae_2d/docs/latent_drift.png "0.3.0=/tmp/drift_off" "l2 latents=/tmp/drift_on"
+    python ../../benchmarks/latent_drift.py --plot --png ../vqvae/docs/latent_drift.png "0.3.0=/tmp/drift_off" "l2 latents=/tmp/drift_on"
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ power check) and the process CPU seconds.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/reconstruction_floor.py /tmp/gen50_32/vqvae_2d --n 128
+    OMP_NUM_THREADS=1 python benchmarks/reconstruction_floor.py /tmp/gen50_32/vqvae --n 128
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def reconstruct(autoencoder, images: torch.Tensor, batch_size: int = 16) -> torc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("autoencoder_dir", type=Path, help="a stage-1 output folder (vqvae_2d --output_dir)")
+    parser.add_argument("autoencoder_dir", type=Path, help="a stage-1 output folder (vqvae --output_dir)")
     parser.add_argument("--n", type=int, default=128, help="images per set, as the bundles' evaluate (n_samples)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", default="training_real,training_reconstructed,test_reconstructed")

@@ -57,8 +57,8 @@ COMMON: dict[str, Any] = {
 """Overrides given to both bundles."""
 
 MODELS: dict[str, dict[str, Any]] = {
-    "vqvae2": {"bundle": "vqvae2_2d", "num_embeddings": [256, 256], "embedding_dim": [64, 64]},
-    "vqvae": {"bundle": "vqvae_2d", "num_embeddings": 1024, "embedding_dim": 64},
+    "vqvae2": {"bundle": "vqvae2", "num_embeddings": [256, 256], "embedding_dim": [64, 64]},
+    "vqvae": {"bundle": "vqvae", "num_embeddings": 1024, "embedding_dim": 64},
 }
 """Per-model bundle and codebook overrides (same bits per image, see the module docstring)."""
 

@@ -20,11 +20,11 @@ range over the seeds) and, for the ``stats`` test, the per-statistic effect and 
 decoded training images (copies), decoded held-out images and half of each. ``decode`` writes the
 reconstructions of a real folder through a stage-1 output folder as PNGs first::
 
-    python benchmarks/yardstick_power.py decode --autoencoder_dir RUN/vqvae_2d --real ../shared/data/brain_mri_2d \\
+    python benchmarks/yardstick_power.py decode --autoencoder_dir RUN/vqvae --real ../shared/data/brain_mri_2d \\
         --out $TMPDIR/decoded --n 256
     OMP_NUM_THREADS=1 python benchmarks/yardstick_power.py score --real ../shared/data/brain_mri_2d \\
         --decoded $TMPDIR/decoded --n 128 --seeds 0,1,2
-    OMP_NUM_THREADS=1 python benchmarks/yardstick_power.py audit --autoencoder_dir RUN/vqvae_2d --out $TMPDIR/audit
+    OMP_NUM_THREADS=1 python benchmarks/yardstick_power.py audit --autoencoder_dir RUN/vqvae --out $TMPDIR/audit
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ __all__ = [
     "reconstruction_metrics",
 ]
 
-#: overrides that make the vqvae_2d bundle tiny enough for tests
+#: overrides that make the vqvae bundle tiny enough for tests
 TINY_VQVAE_2D = {
     "network_def#model#channels": [8, 16],
     "network_def#model#res_channels": [8, 8],
@@ -44,7 +44,7 @@ TINY_VQVAE_2D = {
     "batch_size": 2,
 }
 
-#: overrides that make the vqvae2_2d network tiny (top codebook 8 codes, bottom 16, both 4-dimensional)
+#: overrides that make the vqvae2 network tiny (top codebook 8 codes, bottom 16, both 4-dimensional)
 TINY_VQVAE2_2D = {
     "network_def#model#channels": [8, 16],
     "network_def#model#res_channels": [8, 8],

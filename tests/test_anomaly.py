@@ -60,13 +60,13 @@ def tiny_prior() -> PriorNetwork:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, brain_files, real_folder):
-    """40 real NonDemented slices (64 x 64 centre crops, split 32 / 4 / 4); a tiny vqvae_2d and a tiny transformer
+    """40 real NonDemented slices (64 x 64 centre crops, split 32 / 4 / 4); a tiny vqvae and a tiny transformer
     prior trained 3 epochs each on them through the bundles' train.json, in this process: a stage-1 folder and a
     prior checkpoint as a user has them (their quality is not what these tests check)."""
     data = real_folder(brain_files(40), tmp_path_factory.mktemp("slices"), link=True)
     vq_out = tmp_path_factory.mktemp("vq")
     split = {"val_fraction": 0.1, "test_fraction": 0.1, "data_layout": "folder", "spatial_size": SIZE}
-    run_bundle_in_process("vqvae_2d", ["train.json"], {**VQ, **split, "dataset_dir": data, "output_dir": vq_out,
+    run_bundle_in_process("vqvae", ["train.json"], {**VQ, **split, "dataset_dir": data, "output_dir": vq_out,
                                                        "batch_size": 8, "max_epochs": 3})
     prior_out = tmp_path_factory.mktemp("prior")
     run_bundle_in_process(BUNDLE, ["train.json"], {**PRIOR, "autoencoder_dir": vq_out, "output_dir": prior_out,
@@ -267,7 +267,7 @@ def test_bundle_writes_maps_scores_and_figure(models, tmp_path, brain_files):
     other = tmp_path / "vq_other"
     shutil.copytree(models["vq"], other)
     split = {"val_fraction": 0.1, "test_fraction": 0.1, "data_layout": "folder", "spatial_size": SIZE}
-    run_bundle_in_process("vqvae_2d", ["train.json"], {**VQ, **split, "dataset_dir": models["data"],
+    run_bundle_in_process("vqvae", ["train.json"], {**VQ, **split, "dataset_dir": models["data"],
                                                        "output_dir": other, "batch_size": 8, "max_epochs": 4})
     proc = run_bundle(BUNDLE, ["inference.json", "anomaly.json"], {**common, "autoencoder_dir": other,
                       "input_dir": inputs}, threads=1, expect_ok=False)

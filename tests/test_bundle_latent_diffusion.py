@@ -1,4 +1,4 @@
-"""The latent diffusion bundle end to end on real images: a tiny VQ-VAE trained inside the test (the vqvae_2d
+"""The latent diffusion bundle end to end on real images: a tiny VQ-VAE trained inside the test (the vqvae
 bundle, in this process), then diffusion train -> inference -> evaluate through ``python -m monai.bundle`` (2D brain
 slices, 3D IXI volumes), plus in-process runs of the same configs for the checks that need the objects (frozen
 codebook, resume, classes)."""
@@ -67,8 +67,8 @@ def _parse(configs: list[str], overrides: dict) -> ConfigParser:
 
 @pytest.fixture(scope="module")
 def brain_2d(tmp_path_factory, brain_dir):
-    """12 real brain slices and a tiny VQ-VAE trained on them by the vqvae_2d bundle (in this process: its command
-    line is tested in ``test_bundle_vqvae_2d.py``)."""
+    """12 real brain slices and a tiny VQ-VAE trained on them by the vqvae bundle (in this process: its command
+    line is tested in ``test_bundle_vqvae.py``)."""
     data = tmp_path_factory.mktemp("slices")
     for f in sorted((brain_dir / "Test" / "NonDemented").glob("*.jpg"))[:12]:
         shutil.copy(f, data / f.name.replace(" ", "_"))
@@ -83,7 +83,7 @@ def brain_2d(tmp_path_factory, brain_dir):
         "max_epochs": 1,
         "spatial_size": SIZE_2D,
     }
-    run_bundle_in_process("vqvae_2d", ["train.json"], {**vq, "dataset_dir": data, "output_dir": vq_out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2})
+    run_bundle_in_process("vqvae", ["train.json"], {**vq, "dataset_dir": data, "output_dir": vq_out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2})
     assert (vq_out / "models" / "model.pt").is_file()
     # the data set, its split and the preprocessing (96 x 80) come from the VQ-VAE's record
     common = {**TINY, "autoencoder_dir": vq_out}
@@ -192,7 +192,7 @@ def test_evaluate_2d_writes_sample_quality_diversity_and_mmd(trained_2d, brain_2
 def test_model_zoo_verify_net_in_out(tmp_path):
     """The generator takes one tensor (latent noise) and returns images of the VQ-VAE's channels. The autoencoder
     folder is an empty one of this test (no record: the configs' default architecture), not the default
-    ``../vqvae_2d``, where a user's trained run may be (issue #31)."""
+    ``../vqvae``, where a user's trained run may be (issue #31)."""
     args = ["network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
     overrides = {**TINY, "autoencoder_dir": tmp_path, "_meta_#network_data_format#inputs#image#num_channels": 8}
     proc = monai_bundle(BUNDLE, "verify_net_in_out", args, overrides)

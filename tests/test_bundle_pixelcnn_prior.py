@@ -56,7 +56,7 @@ def _sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, isic_dir):
-    """12 real ISIC photos; a tiny vqvae_2d trained one epoch on them (in this process); the prior trained 1 epoch,
+    """12 real ISIC photos; a tiny vqvae trained one epoch on them (in this process); the prior trained 1 epoch,
     then resumed to 2 (through ``python -m monai.bundle``)."""
     data = tmp_path_factory.mktemp("isic")
     (data / "images").mkdir()
@@ -66,7 +66,7 @@ def trained(tmp_path_factory, isic_dir):
         shutil.copy(isic_dir / "metadata" / (f.stem + ".json"), data / "metadata" / (f.stem + ".json"))
     vq_out = tmp_path_factory.mktemp("vqvae")
     run_bundle_in_process(
-        "vqvae_2d",
+        "vqvae",
         ["train.json"],
         {**VQ_TINY, **SPLIT, "dataset_dir": data, "output_dir": vq_out, "spatial_size": SIZE, "batch_size": 4, "max_epochs": 1},
     )
@@ -248,13 +248,13 @@ BRAIN_GATED = pytest.mark.xdist_group("pixelcnn_prior_brain_gated")
 
 @pytest.fixture(scope="module")
 def brain_gated(tmp_path_factory, brain_files, real_folder):
-    """150 real brain slices (32 x 32 centre crops), 90 % of them in the test split; a tiny vqvae_2d and a tiny
-    gated PixelCNN prior (``gated.json``) trained one epoch each on the rest (the vqvae_2d in this process)."""
+    """150 real brain slices (32 x 32 centre crops), 90 % of them in the test split; a tiny vqvae and a tiny
+    gated PixelCNN prior (``gated.json``) trained one epoch each on the rest (the vqvae in this process)."""
     data = real_folder(brain_files(150), tmp_path_factory.mktemp("slices"))
     vq_out = tmp_path_factory.mktemp("vqvae_brain")
     split = {"val_fraction": 0.05, "test_fraction": 0.9}
     vq = {**VQ_TINY, **split, "in_channels": 1, "dataset_dir": data, "data_layout": "folder", "spatial_size": SIZE}
-    run_bundle_in_process("vqvae_2d", ["train.json"], {**vq, "output_dir": vq_out, "batch_size": 4, "max_epochs": 1})
+    run_bundle_in_process("vqvae", ["train.json"], {**vq, "output_dir": vq_out, "batch_size": 4, "max_epochs": 1})
     out = tmp_path_factory.mktemp("gated")
     common = {**GATED, "autoencoder_dir": vq_out, "output_dir": out, "batch_size": 4}
     train = run_bundle(BUNDLE, ["train.json", "gated.json"], {**common, "max_epochs": 1}, threads=1)

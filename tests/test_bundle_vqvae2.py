@@ -22,13 +22,13 @@ from PIL import Image
 
 from vqvae_medical.data import build_datalist, image_transforms_2d
 
-BUNDLE = "vqvae2_2d"
+BUNDLE = "vqvae2"
 K_TOP, K_BOTTOM = TINY_VQVAE2_2D["num_embeddings"]
 # two iterations of two slices, validation on two slices
 TINY = {**TINY_VQVAE2_2D, "batch_size": 2, "max_epochs": 1, "max_train_items": 4, "max_val_items": 2}
 
 #: every test uses the module fixtures ``slices`` or ``trained``: one pytest-xdist worker (--dist loadgroup) builds them once
-pytestmark = pytest.mark.xdist_group("vqvae2_2d_trained")
+pytestmark = pytest.mark.xdist_group("vqvae2_trained")
 
 
 def _slicer():

@@ -40,7 +40,7 @@ def test_override_names_reads_the_command_line_as_python_fire_does():
 
 
 def test_unknown_settings_names_the_nearest_defined_setting():
-    config = _config("vqvae_2d", "train.json")
+    config = _config("vqvae", "train.json")
     overrides = ["batch_size", "batch_sise", "max-epochs", "network_def#model#channels", "network_def#model#new_arg"]
     overrides += ["config_file", "meta_file", "_meta_#version", "zzzz_unrelated", "netwrok_def#model#channels"]
     assert unknown_settings(config, overrides) == [
@@ -61,13 +61,13 @@ def test_unknown_settings_names_the_nearest_defined_setting():
 def test_every_bundle_defines_the_common_settings():
     """The settings that the README and every bundle's docs pass to each bundle are defined in its train.json, so
     the check does not refuse them (the default suite runs every bundle through the command line as well)."""
-    for name in ("vqvae_2d", "vqvae_3d", "vqvae2_2d", "pixelcnn_prior", "latent_diffusion"):
+    for name in ("vqvae", "vqvae_3d", "vqvae2", "pixelcnn_prior", "latent_diffusion"):
         config = _config(name, "train.json")
         assert unknown_settings(config, ["bundle_root", "output_dir", "dataset_dir", "max_epochs", "seed"]) == []
 
 
 def test_check_command_line_only_acts_on_monai_bundle_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(BUNDLES / "vqvae_2d")
+    monkeypatch.chdir(BUNDLES / "vqvae")
     typo = ["--config_file", "configs/train.json", "--batch_sise", "4"]
     assert check_command_line(["pytest", "run", *typo])  # not monai.bundle: e.g. create_workflow from Python
     assert check_command_line([MONAI_MAIN, "ckpt_export", *typo])  # other commands do not run the workflow
@@ -89,7 +89,7 @@ def test_check_command_line_only_acts_on_monai_bundle_run(tmp_path, monkeypatch)
 def test_json_words_on_the_command_line_are_named_with_their_python_spelling():
     """python-fire passes JSON's true/false/null on as text, and the text 'false' is truthy: ``--resume false``
     resumed, ``--snap_to_codebook false`` snapped. Each such override is named with what to write instead."""
-    config = _config("vqvae_2d", "train.json")
+    config = _config("vqvae", "train.json")
     given = override_names(
         ["--resume", "false", "--amp=true", "--spatial_size", "null", "--network_def#model#normalize_latents", "false",
          "--max_epochs", "3", "--resume_typo", "False", "--device", "false", "--seed", "0"]
@@ -120,7 +120,7 @@ def test_a_misspelled_setting_stops_the_bundle_with_one_line(tmp_path, override,
     """Through ``python -m monai.bundle run`` as a user types it: one ``ERROR (SettingError)`` line, no traceback,
     and nothing trained (the output folder holds no checkpoint)."""
     proc = run_bundle(
-        "vqvae_2d", ["train.json"], {"output_dir": tmp_path / "run", **override}, expect_ok=False, threads=1
+        "vqvae", ["train.json"], {"output_dir": tmp_path / "run", **override}, expect_ok=False, threads=1
     )
     assert proc.returncode != 0, (proc.stdout + proc.stderr)[-3000:]
     last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]

@@ -1,10 +1,10 @@
-"""A short deterministic training run of the ``vqvae_2d`` recipe on real brain slices must not collapse.
+"""A short deterministic training run of the ``vqvae`` recipe on real brain slices must not collapse.
 
 Issue 18: the validation SSIM of the autoencoder bundles jumped between ~0.7 and ~0.1 from one validation to the
 next while PSNR rose steadily. The cause was the background: training scored the raw decoder output, validation
 the output clamped to [0, 1], and the decoder's background offset drifted across zero (``VQTrainStep``'s
 ``clip``). This test runs the bundle's own network, training step, learning rate and batch size (read from
-``bundles/vqvae_2d/configs/train.json``) for 60 iterations on the 48 training slices of the embedded MNI152 data
+``bundles/vqvae/configs/train.json``) for 60 iterations on the 48 training slices of the embedded MNI152 data
 (64 axial 128x128 slices of the template that ships with nilearn, no download, never skipped), validates every 6
 iterations on its 8 validation slices as the bundle's evaluator does (``VQEvalStep``, MONAI's ``SSIMMetric``),
 and requires no drop of the validation SSIM larger than 0.1 between consecutive validations after the first 18
@@ -45,10 +45,10 @@ MAX_RANGE_LOSS = 0.06
 
 
 def validation_curve(data_dir, step_overrides: dict | None = None) -> tuple[list[float], list[float]]:
-    """Validation SSIM every ``EVERY`` iterations of a ``ITERATIONS``-iteration run of the vqvae_2d recipe, and the
+    """Validation SSIM every ``EVERY`` iterations of a ``ITERATIONS``-iteration run of the vqvae recipe, and the
     training ``range_loss`` of every iteration."""
     parser = ConfigParser()
-    parser.read_config(str(BUNDLES / "vqvae_2d" / "configs" / "train.json"))
+    parser.read_config(str(BUNDLES / "vqvae" / "configs" / "train.json"))
     parser["in_channels"] = 1
     for key, value in (step_overrides or {}).items():
         parser[f"train#step#{key}"] = value

@@ -20,7 +20,7 @@ from vqvae_medical.training.handlers import TimeBudget
 from vqvae_medical.training.schedules import cosine_decay
 
 #: every bundle whose training runs a learning-rate schedule, and every training bundle with its handler
-SCHEDULED = ["vqvae_2d", "vqvae2_2d", "vqvae_3d"]
+SCHEDULED = ["vqvae", "vqvae2", "vqvae_3d"]
 TRAINING = [*SCHEDULED, "pixelcnn_prior", "latent_diffusion"]
 
 
@@ -142,7 +142,7 @@ SLOW_OVERLAY = {
 
 
 def test_default_bundle_run_gives_the_same_checkpoints_when_slowed(tmp_path, brain_files, real_folder):
-    """``vqvae_2d`` at its default stopping and schedule, once as is and once slowed by a sleep in every iteration:
+    """``vqvae`` at its default stopping and schedule, once as is and once slowed by a sleep in every iteration:
     both train every epoch and write bit-identical checkpoints and best models (same seed)."""
     data = real_folder(brain_files(10), tmp_path / "data")
     overlay = tmp_path / "slow.json"
@@ -154,7 +154,7 @@ def test_default_bundle_run_gives_the_same_checkpoints_when_slowed(tmp_path, bra
         outs[name] = tmp_path / name
         config_arg = json.dumps(configs).replace('"', "'")
         overrides = {"bundle_root": ".", **settings, "output_dir": outs[name]}
-        proc = monai_bundle("vqvae_2d", "run", ["--config_file", config_arg], overrides)
+        proc = monai_bundle("vqvae", "run", ["--config_file", config_arg], overrides)
         assert "ceiling" not in proc.stdout + proc.stderr
         history = [json.loads(line) for line in (outs[name] / "logs" / "history.jsonl").read_text().splitlines()]
         assert max(r["epoch"] for r in history) == 2

@@ -92,7 +92,7 @@ def test_a_host_process_keeps_its_traceback_after_initialize(tmp_path):
     named ``DataError`` (``pandas.errors.DataError``) printed one ``ERROR (DataError)`` line and lost its traceback."""
     script = tmp_path / "host.py"
     script.write_text(_HOST)
-    bundle = BUNDLES / "vqvae_2d"
+    bundle = BUNDLES / "vqvae"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("VQVAE_MEDICAL_TRACEBACK", None)
     proc = subprocess.run(
@@ -116,7 +116,7 @@ def test_the_command_line_still_prints_one_line_for_a_package_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = run_bundle(
-        "vqvae_2d", ["inference.json"], {"dataset_dir": empty, "output_dir": tmp_path / "out"}, expect_ok=False
+        "vqvae", ["inference.json"], {"dataset_dir": empty, "output_dir": tmp_path / "out"}, expect_ok=False
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -64,7 +64,7 @@ def trained(slices, tmp_path_factory) -> Path:
     """A run trained two epochs at learning rate 1e-3 (in this process): checkpoints of epochs 1 and 2 and
     ``models/model.pt``, what the faults below start from."""
     out = tmp_path_factory.mktemp("run") / "out"
-    run_bundle_in_process("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 2, "learning_rate": 1e-3})
+    run_bundle_in_process("vqvae", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 2, "learning_rate": 1e-3})
     assert (out / "models" / "checkpoint_epoch=2.pt").is_file() and (out / "models" / "model.pt").is_file()
     return out
 
@@ -90,7 +90,7 @@ def test_inference_gives_every_input_its_own_output_and_uses_the_model_of_output
         (inputs / rel).parent.mkdir(parents=True, exist_ok=True)
         img.save(inputs / rel, **({"quality": 95} if rel.endswith(".jpg") else {}))
     run_dir = _copy_run(trained, tmp_path / "run")  # another output_dir than the bundle's own
-    proc = run_bundle("vqvae_2d", ["inference.json"], {**NET, "input_dir": inputs, "output_dir": run_dir, "device": "cpu"})
+    proc = run_bundle("vqvae", ["inference.json"], {**NET, "input_dir": inputs, "output_dir": run_dir, "device": "cpu"})
     assert f"loaded weights from {run_dir / 'models' / 'model.pt'}" in proc.stdout + proc.stderr
     inference = run_dir / "inference"
     with open(inference / "manifest.csv", newline="") as f:
@@ -116,7 +116,7 @@ def test_changed_learning_rate_and_max_epochs_take_effect_on_resume(trained, sli
     out = _copy_run(trained, tmp_path / "run")
     before = safe_load(out / "models" / "checkpoint_epoch=2.pt")
     assert before["lr_scheduler"]["base_lrs"] == [pytest.approx(1e-3)]
-    proc = run_bundle("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 3, "learning_rate": 1e-5})
+    proc = run_bundle("vqvae", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 3, "learning_rate": 1e-5})
     log = proc.stdout + proc.stderr
     assert "learning_rate is 0.001 in" in log and "and 1e-05 in this run: continuing with 1e-05" in log, log[-3000:]
     assert "max_epochs is 2 in" in log
@@ -135,7 +135,7 @@ def test_changed_learning_rate_and_max_epochs_take_effect_on_resume(trained, sli
 def test_checkpoint_that_does_not_fit_names_tensor_and_setting(trained, slices, tmp_path):
     model = trained / "models" / "model.pt"
     proc = run_bundle(
-        "vqvae_2d",
+        "vqvae",
         ["inference.json"],
         {**NET, "num_embeddings": 32, "input_dir": slices, "output_dir": tmp_path / "inf", "ckpt_path": model, "device": "cpu"},
         expect_ok=False,
@@ -144,7 +144,7 @@ def test_checkpoint_that_does_not_fit_names_tensor_and_setting(trained, slices, 
     assert str(model) in last and "quantizer.codebook" in last and "--num_embeddings 16" in last, last
     # the same on resume, with how to start over
     out = _copy_run(trained, tmp_path / "run")
-    proc = run_bundle("vqvae_2d", ["train.json"], {**TINY, "num_embeddings": 32, "dataset_dir": slices, "output_dir": out, "max_epochs": 3}, expect_ok=False)
+    proc = run_bundle("vqvae", ["train.json"], {**TINY, "num_embeddings": 32, "dataset_dir": slices, "output_dir": out, "max_epochs": 3}, expect_ok=False)
     last = _one_line_error(proc, "CheckpointError")
     assert "checkpoint_epoch=2.pt" in last and "num_embeddings is 16 in the checkpoint and 32 here" in last, last
     assert "--resume False" in last
@@ -152,17 +152,17 @@ def test_checkpoint_that_does_not_fit_names_tensor_and_setting(trained, slices, 
 
 def test_missing_checkpoint_and_missing_input_dir(slices, tmp_path):
     empty_run = tmp_path / "never_trained"
-    proc = run_bundle("vqvae_2d", ["inference.json"], {**NET, "input_dir": slices, "output_dir": empty_run, "device": "cpu"}, expect_ok=False)
+    proc = run_bundle("vqvae", ["inference.json"], {**NET, "input_dir": slices, "output_dir": empty_run, "device": "cpu"}, expect_ok=False)
     last = _one_line_error(proc, "MissingCheckpointError")
     assert str(empty_run / "models" / "model.pt") in last and "--ckpt_path" in last, last
-    proc = run_bundle("vqvae_2d", ["inference.json"], {**NET, "output_dir": tmp_path / "o", "device": "cpu"}, expect_ok=False)
+    proc = run_bundle("vqvae", ["inference.json"], {**NET, "output_dir": tmp_path / "o", "device": "cpu"}, expect_ok=False)
     assert "--input_dir" in _one_line_error(proc, "DataError")
 
 
 def test_pickled_checkpoint_names_the_file_without_torch_advice(slices, tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"weights": argparse.Namespace(cmd="echo owned")}, evil)
-    proc = run_bundle("vqvae_2d", ["inference.json"], {**NET, "input_dir": slices, "output_dir": tmp_path / "o", "ckpt_path": evil, "device": "cpu"}, expect_ok=False)
+    proc = run_bundle("vqvae", ["inference.json"], {**NET, "input_dir": slices, "output_dir": tmp_path / "o", "ckpt_path": evil, "device": "cpu"}, expect_ok=False)
     last = _one_line_error(proc, "UntrustedCheckpointError")
     assert last.startswith(f"ERROR (UntrustedCheckpointError): {evil}: refused to load"), last
     assert "weights_only=False" not in proc.stderr and "weights_only" not in last
@@ -173,12 +173,12 @@ def test_images_smaller_than_the_ssim_window(slices, tmp_path):
     data.mkdir()
     for f in sorted(slices.glob("*.jpg")):
         Image.open(f).crop((100, 100, 108, 108)).save(data / f.name.replace(".jpg", ".png"))  # 8x8 patches
-    proc = run_bundle("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": data, "output_dir": tmp_path / "o", "max_epochs": 1}, expect_ok=False)
+    proc = run_bundle("vqvae", ["train.json"], {**TINY, "dataset_dir": data, "output_dir": tmp_path / "o", "max_epochs": 1}, expect_ok=False)
     last = _one_line_error(proc, "DataError")
     assert "smaller than the minimum size of 11" in last and "spatial_size" in last and "(8, 8)" in last, last
 
 
-@pytest.mark.parametrize("bundle", ["vqvae_2d", "vqvae_3d"])
+@pytest.mark.parametrize("bundle", ["vqvae", "vqvae_3d"])
 def test_output_folder_that_cannot_be_written_stops_before_training(bundle, slices, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a regular file, so no folder can be created below it")
@@ -196,7 +196,7 @@ def test_4d_nifti_in_the_2d_bundle_is_called_4d(ixi_dir, slices, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(slices, data)
     nib.save(nib.Nifti1Image(stacked, first.affine), data / "zz_4d.nii.gz")
-    proc = run_bundle("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": data, "output_dir": tmp_path / "o", "max_epochs": 1}, expect_ok=False)
+    proc = run_bundle("vqvae", ["train.json"], {**TINY, "dataset_dir": data, "output_dir": tmp_path / "o", "max_epochs": 1}, expect_ok=False)
     last = _one_line_error(proc, "DataError")
     assert "zz_4d.nii.gz" in last and f"is a 4D image of shape {tuple(stacked.shape)}" in last, last
 
@@ -211,7 +211,7 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_and_stale_tmp_fil
     stale = [out / "models" / ".checkpoint_epoch=3.pt.k9x1.tmp", out / "models" / ".model.pt.k9x2.tmp", out / "models" / "model.pt.tmp"]
     for f in stale:
         f.write_bytes(b"")
-    proc = run_bundle("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 3})
+    proc = run_bundle("vqvae", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 3})
     log = proc.stdout + proc.stderr
     assert "checkpoint_epoch=2.pt: cannot read the checkpoint" in log and "--resume False" in log, log[-3000:]
     assert f"resumed from {out / 'models' / 'checkpoint_epoch=1.pt'}" in log
@@ -277,7 +277,7 @@ def test_output_names_are_unique_and_keep_sub_folders(tmp_path):
 def test_constructor_refusing_a_setting_is_one_setting_error_line(slices, tmp_path):
     """A bad network setting on the command line: one line naming the component and the value, no traceback."""
     overrides = {**TINY, "dataset_dir": slices, "output_dir": tmp_path / "o", "max_epochs": 1}
-    proc = run_bundle("vqvae_2d", ["train.json"], {**overrides, "network_def#model#normalize_latents": "l1"}, expect_ok=False)
+    proc = run_bundle("vqvae", ["train.json"], {**overrides, "network_def#model#normalize_latents": "l1"}, expect_ok=False)
     last = _one_line_error(proc, "SettingError")
     assert "vqvae_medical.networks.VQVAE: normalize_latents must be false, true" in last and "got 'l1'." in last, last
     assert not (tmp_path / "o" / "models" / "model.pt").exists()

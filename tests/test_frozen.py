@@ -54,7 +54,7 @@ def slices(tmp_path_factory) -> list[dict]:
     return mni152_slices(tmp_path_factory.mktemp("mni"))["training"][:8]
 
 
-@pytest.mark.parametrize("bundle", ["vqvae_2d", "vqvae_3d", "vqvae2_2d"])
+@pytest.mark.parametrize("bundle", ["vqvae", "vqvae_3d", "vqvae2"])
 def test_bundle_network_def_round_trips_through_json(bundle):
     """The resolved network_def of each autoencoder bundle, written as plain JSON and rebuilt by ConfigParser, is
     the same network: same modules, same recorded arguments, and the saved weights load strictly."""
@@ -85,7 +85,7 @@ def test_bundle_network_def_round_trips_through_json(bundle):
         (lambda: VQVAE(3, 1, num_embeddings=16, embedding_dim=8, **TINY), PRE_3D, [24, 24, 24]),
         (lambda: VQVAE2(2, 1, channels=(8, 16), num_res_units=1, num_embeddings=(8, 16), embedding_dim=4), PRE_2D, [64, 64]),
     ],
-    ids=["vqvae_2d", "vqvae_3d", "vqvae2_2d"],
+    ids=["vqvae", "vqvae_3d", "vqvae2"],
 )
 def test_load_autoencoder_rebuilds_the_saved_network(tmp_path, model, preprocessing, size):
     saved = model()

@@ -87,7 +87,7 @@ def test_vqvae2_normalises_both_levels_and_scripts():
 
 
 def _recorded_model(folder, **kwargs):
-    """A tiny vqvae_2d network saved as ``folder/models/model.pt`` with its stage-1 record."""
+    """A tiny vqvae network saved as ``folder/models/model.pt`` with its stage-1 record."""
     from vqvae_medical.stages.autoencoder.record import write_record
 
     torch.manual_seed(0)
@@ -131,7 +131,7 @@ def test_a_record_written_before_the_setting_existed_means_its_default(tmp_path)
 
 
 def test_inference_bundle_stops_with_one_line_on_a_model_trained_with_normalised_latents(tmp_path, brain_files):
-    """The vqvae_2d inference config (normalize_latents false) on a model whose record says true: one line naming
+    """The vqvae inference config (normalize_latents false) on a model whose record says true: one line naming
     the override, no traceback, no output written; with the override it runs."""
     import shutil
 
@@ -144,12 +144,12 @@ def test_inference_bundle_stops_with_one_line_on_a_model_trained_with_normalised
     overrides = {"input_dir": inputs, "output_dir": tmp_path / "run", "ckpt_path": model_pt, "num_embeddings": 16,
                  "embedding_dim": 8, "network_def#model#channels": [8, 16], "network_def#model#res_channels": [8, 8],
                  "network_def#model#num_res_units": 1, "device": "cpu"}
-    refused = run_bundle("vqvae_2d", ["inference.json"], overrides, expect_ok=False, threads=1)
+    refused = run_bundle("vqvae", ["inference.json"], overrides, expect_ok=False, threads=1)
     assert refused.returncode != 0
     assert "Traceback" not in refused.stderr
     last = refused.stderr.strip().splitlines()[-1]
     assert "RecordMismatchError" in last and "--network_def#model#normalize_latents True" in last, last
     assert not list((tmp_path / "run" / "inference").glob("**/*.png"))
-    ok = run_bundle("vqvae_2d", ["inference.json"], {**overrides, "network_def#model#normalize_latents": True}, threads=1)
+    ok = run_bundle("vqvae", ["inference.json"], {**overrides, "network_def#model#normalize_latents": True}, threads=1)
     assert ok.returncode == 0
     assert len(list((tmp_path / "run" / "inference").glob("**/*_recon.png"))) == 1

@@ -2,7 +2,7 @@
 
 The README's commands write into the bundle folders (the configs' default ``output_dir``): ``models/`` with a trained
 stage-1 record, ``cache/``, ``logs/``, ``inference/``, ``eval/``. In a fresh clone after those commands the diffusion
-bundle's ``verify_net_in_out`` test built its ``network_def`` against the trained ``bundles/vqvae_2d`` it found. Here
+bundle's ``verify_net_in_out`` test built its ``network_def`` against the trained ``bundles/vqvae`` it found. Here
 the bundle tests that build networks from the default configs run (in a pytest subprocess) against a copy of
 ``bundles/`` with such leftovers planted in it (``VQVAE_MEDICAL_BUNDLES``), and ``git`` ignores every folder a bundle
 run writes."""
@@ -25,7 +25,7 @@ from vqvae_medical.stages.autoencoder.record import write_record
 from vqvae_medical.training.checkpoints import atomic_save
 from vqvae_medical.training.provenance import PREVIOUS_DIR
 
-STAGE_ONE = ("vqvae_2d", "vqvae2_2d", "vqvae_3d")
+STAGE_ONE = ("vqvae", "vqvae2", "vqvae_3d")
 #: the bundle tests that build networks from the configs' defaults, with no stage-1 folder of their own to point at
 #: (the stage-2 ones: a stage-1 bundle's network does not read another folder)
 NETWORK_CHECKS = (
@@ -73,7 +73,7 @@ def bundles_with_leftovers(tmp_path) -> Path:
 
 
 def test_network_checks_ignore_trained_leftovers_in_the_bundle_folders(bundles_with_leftovers):
-    """The planted ``vqvae_2d`` record has the default 32-dimensional codes; a test that built the diffusion network
+    """The planted ``vqvae`` record has the default 32-dimensional codes; a test that built the diffusion network
     from it instead of its own tiny settings failed with "expected a [B, 32, ...] tensor"; one that read a planted
     ``model.pt`` would fail to load it; one that wrote there fails the session's clean-folders check."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}

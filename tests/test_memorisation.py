@@ -110,7 +110,7 @@ def test_longest_shared_code_run_is_the_longest_common_substring():
 
 
 def _fitted_stage_one(folder, data):
-    """``folder`` as the vqvae_2d bundle leaves it, for 32 x 32 grey slices of ``data`` (split 0.6 / 0.2 / 0.2): the
+    """``folder`` as the vqvae bundle leaves it, for 32 x 32 grey slices of ``data`` (split 0.6 / 0.2 / 0.2): the
     tiny VQ-VAE of ``tiny_stage2.stage_one`` (untrained, whose random codebook gives every image the same codes),
     with a codebook of 16 spread-out encoder outputs of the images (farthest-point picks), so images differ."""
     torch.manual_seed(0)

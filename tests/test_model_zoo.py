@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 from bundle_runner import BUNDLES, _arg, copy_bundle
 
-STAGES = ("latent_diffusion", "pixelcnn_prior", "vqvae2_2d", "vqvae_2d", "vqvae_3d")
+STAGES = ("latent_diffusion", "pixelcnn_prior", "vqvae2", "vqvae", "vqvae_3d")
 BUNDLE_NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
 SCHEMA = json.loads(resources.files("vqvae_medical").joinpath("schemas/metadata_schema.json").read_text())
 README_SECTIONS = ("overview", "data", "training", "performance", "run", "limitations", "references")
@@ -27,7 +27,7 @@ def test_metadata_validates(bundle):
 
 
 def test_schema_rejects_incomplete_metadata():
-    meta = json.loads((BUNDLES / "vqvae_2d" / "configs" / "metadata.json").read_text())
+    meta = json.loads((BUNDLES / "vqvae" / "configs" / "metadata.json").read_text())
     for key in ("changelog", "network_data_format", "required_packages_version"):
         broken = {k: v for k, v in meta.items() if k != key}
         with pytest.raises(jsonschema.ValidationError):
@@ -53,9 +53,9 @@ def test_bundle_files(bundle):
 @pytest.mark.parametrize(
     "bundle, train_id, inference_id",
     [
-        ("vqvae_2d", "network_def", "network_def"),
+        ("vqvae", "network_def", "network_def"),
         ("vqvae_3d", "network_def", "network_def"),
-        ("vqvae2_2d", "network_def", "network_def"),
+        ("vqvae2", "network_def", "network_def"),
         ("pixelcnn_prior", "network_def", "network_def"),
         # the diffusion network_def of inference.json is the generator around the trained network; the training
         # network_def needs the training latents (scale factor), so its UNet and VQ-VAE are compared
@@ -91,7 +91,7 @@ def test_model_zoo_ci_checks(bundle, tmp_path):
     TorchScript ``ckpt_export``), on a copy of the bundle with weights made from ``network_def`` as the zoo's
     ``_produce_fake_weights`` does, with the default configs and no exclusion; the exported module computes what
     the eager network does. The copy holds what the bundle ships, not what a user's runs left in its folder, and
-    sits alone in ``tmp_path`` (a stage-2 bundle finds no ``../vqvae_2d`` there)."""
+    sits alone in ``tmp_path`` (a stage-2 bundle finds no ``../vqvae`` there)."""
     import torch
     from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 
@@ -170,7 +170,7 @@ def test_switching_a_setting_off_on_the_command_line():
     from monai.bundle import ConfigParser
     from monai.bundle import update_kwargs
 
-    config = ConfigParser.load_config_file(str(BUNDLES / "vqvae_2d" / "configs" / "train.json"))
+    config = ConfigParser.load_config_file(str(BUNDLES / "vqvae" / "configs" / "train.json"))
     assert update_kwargs(dict(config), max_epochs=None)["max_epochs"] == 30
     parser = ConfigParser(update_kwargs(dict(config), wall_ceiling_minutes=_arg(None)))
     assert _arg(None) == "$None" and parser.get_parsed_content("wall_ceiling_minutes") is None

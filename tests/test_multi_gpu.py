@@ -71,7 +71,7 @@ def _handler_type(parser: ConfigParser, item) -> str:
     return item["_target_"].split(".")[-1]
 
 
-@pytest.mark.parametrize("bundle", ["vqvae_2d", "vqvae_3d", "vqvae2_2d", "pixelcnn_prior", "latent_diffusion"])
+@pytest.mark.parametrize("bundle", ["vqvae", "vqvae_3d", "vqvae2", "pixelcnn_prior", "latent_diffusion"])
 def test_ranks_other_than_zero_run_every_handler_but_the_writers(bundle):
     """``multi_gpu_train.json`` names the handlers of ranks > 0 by their place in ``train.json``'s lists; this test
     fails when a list of ``train.json`` changes and the selection no longer is "all but the writers"."""
@@ -106,11 +106,11 @@ def _assert_same(rank0: dict, rank1: dict) -> None:
 
 
 def _tiny_vqvae_checkpoint(folder, images, overrides: dict):
-    """A tiny vqvae_2d network (built from that bundle's inference.json) whose EMA codebook is initialised from
+    """A tiny vqvae network (built from that bundle's inference.json) whose EMA codebook is initialised from
     the encodings of ``images`` by one training-mode forward pass, saved as a stage-1 output folder (model.pt and
     its record, 32 x 32 images): a VQ-VAE for the prior and the diffusion bundles without a training run."""
     torch.manual_seed(0)
-    net = bundle_network("vqvae_2d", overrides)
+    net = bundle_network("vqvae", overrides)
     net.model.train()
     with torch.no_grad():
         net.model(images)
@@ -122,11 +122,11 @@ def _tiny_vqvae_checkpoint(folder, images, overrides: dict):
 
 
 @pytest.mark.timeout(300)
-def test_vqvae_2d_two_processes(brain_slices, tmp_path):
+def test_vqvae_two_processes(brain_slices, tmp_path):
     out = tmp_path / "out"
     overrides = {**TINY_VQVAE_2D, "dataset_dir": brain_slices, "output_dir": out, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2, "max_epochs": 2}
     overrides["spatial_size"] = [64, 64]  # centre crops: the ranks' agreement does not need the whole slice
-    torchrun_bundle("vqvae_2d", ["train.json", "multi_gpu_train.json"], {**overrides, "finalize": [DUMP, DESTROY]})
+    torchrun_bundle("vqvae", ["train.json", "multi_gpu_train.json"], {**overrides, "finalize": [DUMP, DESTROY]})
 
     rank0, rank1 = _rank_states(out)
     for key in ("model.quantizer.codebook", "model.quantizer.cluster_size", "model.quantizer.embed_sum"):
@@ -135,7 +135,7 @@ def test_vqvae_2d_two_processes(brain_slices, tmp_path):
     assert rank0["model.quantizer.initialized"]
     # only rank 0 wrote checkpoints, and they load in a single-process run
     assert (out / "models" / "checkpoint_epoch=2.pt").is_file()
-    run_bundle_in_process("vqvae_2d", ["train.json", "evaluate.json"], overrides)
+    run_bundle_in_process("vqvae", ["train.json", "evaluate.json"], overrides)
     assert (out / "eval" / "metrics.json").is_file()
 
 
@@ -166,7 +166,7 @@ def test_vqvae_3d_two_processes(ixi_files, real_folder, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_vqvae2_2d_two_processes(brain_slices, tmp_path):
+def test_vqvae2_two_processes(brain_slices, tmp_path):
     """VQ-VAE-2: both codebooks (top and bottom) are all-reduced, so every weight and buffer is equal on the ranks."""
     out = tmp_path / "out"
     overrides = {
@@ -180,7 +180,7 @@ def test_vqvae2_2d_two_processes(brain_slices, tmp_path):
         "batch_size": 2,
         "max_epochs": 1,
     }
-    proc = torchrun_bundle("vqvae2_2d", ["train.json", "multi_gpu_train.json"], {**overrides, "finalize": [DUMP, DESTROY]})
+    proc = torchrun_bundle("vqvae2", ["train.json", "multi_gpu_train.json"], {**overrides, "finalize": [DUMP, DESTROY]})
 
     rank0, rank1 = _rank_states(out)
     codebooks = [k for k in rank0 if k.endswith("codebook")]
@@ -191,7 +191,7 @@ def test_vqvae2_2d_two_processes(brain_slices, tmp_path):
     history = (out / "logs" / "history.jsonl").read_text().splitlines()
     assert sum('"phase": "train"' in line for line in history) == 1, history
     assert "Epoch[1] Metrics" in proc.stdout + proc.stderr
-    run_bundle_in_process("vqvae2_2d", ["train.json", "evaluate.json"], overrides)
+    run_bundle_in_process("vqvae2", ["train.json", "evaluate.json"], overrides)
     assert read_metrics(out)["n_images"] >= 1
 
 

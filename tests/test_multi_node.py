@@ -43,7 +43,7 @@ def _node(bundle: str, configs: list[str], overrides: dict, node_rank: int, nnod
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_vqvae_2d_two_nodes(brain_slices, tmp_path):  # noqa: F811
+def test_vqvae_two_nodes(brain_slices, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     overrides = {
         **TINY_VQVAE_2D,
@@ -57,7 +57,7 @@ def test_vqvae_2d_two_nodes(brain_slices, tmp_path):  # noqa: F811
         "finalize": [DUMP, DESTROY],
     }
     endpoint = f"127.0.0.1:{_free_port()}"
-    nodes = [_node("vqvae_2d", ["train.json", "multi_gpu_train.json"], overrides, r, 2, endpoint) for r in (0, 1)]
+    nodes = [_node("vqvae", ["train.json", "multi_gpu_train.json"], overrides, r, 2, endpoint) for r in (0, 1)]
     logs = []
     for node in nodes:
         try:
@@ -80,7 +80,7 @@ def test_vqvae_2d_two_nodes(brain_slices, tmp_path):  # noqa: F811
     # the checkpoints load in one ordinary process (strict, weights only) and hold rank 0's final weights
     ckpt = torch.load(out / "models" / "checkpoint_epoch=2.pt", weights_only=True)
     _assert_same(ckpt["model"], rank0)
-    net = bundle_network("vqvae_2d", {**TINY_VQVAE_2D, "spatial_size": [64, 64]}, ckpt=out / "models" / "model.pt")
+    net = bundle_network("vqvae", {**TINY_VQVAE_2D, "spatial_size": [64, 64]}, ckpt=out / "models" / "model.pt")
     image = image_transforms_2d(spatial_size=[64, 64])({"image": str(min(brain_slices.glob("*.jpg")))})["image"]
     with torch.no_grad():
         recon = net(image.as_tensor()[None])

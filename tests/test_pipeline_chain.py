@@ -37,9 +37,9 @@ def _log(proc) -> str:
 
 @pytest.fixture(scope="module")
 def stage_one(tmp_path_factory):
-    """vqvae_2d trained one epoch on 16 embedded slices (no dataset_dir), cropped to SIZE."""
-    out = tmp_path_factory.mktemp("vqvae_2d")
-    run_bundle("vqvae_2d", ["train.json"], {**TINY_VQVAE_2D, **QUICK, "output_dir": out, "spatial_size": SIZE})
+    """vqvae trained one epoch on 16 embedded slices (no dataset_dir), cropped to SIZE."""
+    out = tmp_path_factory.mktemp("vqvae")
+    run_bundle("vqvae", ["train.json"], {**TINY_VQVAE_2D, **QUICK, "output_dir": out, "spatial_size": SIZE})
     return out
 
 

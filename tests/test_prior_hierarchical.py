@@ -224,7 +224,7 @@ def test_overlay_builds_the_same_network_for_training_and_inference():
         parser.update({**PRIOR_NET_TINY, "num_classes": 2})
         net = parser.get_parsed_content("network_def")
         assert isinstance(net, HierarchicalPrior) and net.num_embeddings == (K_TOP, K_BOTTOM)
-        assert parser.get_parsed_content("autoencoder_dir").endswith("vqvae2_2d")
+        assert parser.get_parsed_content("autoencoder_dir").endswith("vqvae2")
         shapes.append({k: tuple(v.shape) for k, v in net.state_dict().items()})
     assert shapes[0] == shapes[1]
 
@@ -269,13 +269,13 @@ VQVAE2_PRIOR = pytest.mark.xdist_group("prior_hierarchical_vqvae2_prior")
 
 @pytest.fixture(scope="module")
 def vqvae2_prior(tmp_path_factory, brain_files, real_folder):
-    """A tiny vqvae2_2d trained one epoch on 12 real brain slices (in this process), then the prior bundle with
+    """A tiny vqvae2 trained one epoch on 12 real brain slices (in this process), then the prior bundle with
     configs/vqvae2.json (through ``python -m monai.bundle``)."""
     data = real_folder(brain_files(12), tmp_path_factory.mktemp("brain"))
     vq_out = tmp_path_factory.mktemp("vqvae2")
     split = {"data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2}
     run_bundle_in_process(
-        "vqvae2_2d",
+        "vqvae2",
         ["train.json"],
         {
             **TINY_VQVAE2_2D,

@@ -82,7 +82,7 @@ def stage_one(tmp_path_factory, umask_022):
     out = {}
     for seed in (0, 1):
         out[seed] = tmp_path_factory.mktemp(f"vqvae_seed{seed}")
-        run_bundle_in_process("vqvae_2d", ["train.json"], {**STAGE_ONE, "seed": seed, "output_dir": out[seed]})
+        run_bundle_in_process("vqvae", ["train.json"], {**STAGE_ONE, "seed": seed, "output_dir": out[seed]})
     return out
 
 
@@ -114,7 +114,7 @@ def test_stage_one_fresh_run_owns_its_folder(stage_one, tmp_path):
     out = _copy(stage_one[0], tmp_path / "run")
     old_model = _sha(out / "models" / "model.pt")
     atomic_write_json({"metric": "ssim", "value": 0.99}, out / "models" / "model.pt.json")  # a well-trained run
-    proc = run_bundle("vqvae_2d", ["train.json"], {**STAGE_ONE, "seed": 1, "resume": False, "output_dir": out})
+    proc = run_bundle("vqvae", ["train.json"], {**STAGE_ONE, "seed": 1, "resume": False, "output_dir": out})
     moved = [line for line in proc.stdout.splitlines() if "moved" in line and "earlier run" in line]
     assert len(moved) == 1 and "--resume False" in moved[0], proc.stdout[-3000:]
     (previous,) = (out / "previous").iterdir()
@@ -135,7 +135,7 @@ def test_stage_one_resume_with_other_data_is_refused(stage_one, tmp_path):
     """Resuming a checkpoint of seed 0 with seed 1 (another split) stops in one line naming both seeds."""
     out = _copy(stage_one[0], tmp_path / "run")
     before = {p.name: _sha(p) for p in (out / "models").iterdir()}
-    proc = run_bundle("vqvae_2d", ["train.json"], {**STAGE_ONE, "seed": 1, "max_epochs": 2, "output_dir": out}, expect_ok=False)
+    proc = run_bundle("vqvae", ["train.json"], {**STAGE_ONE, "seed": 1, "max_epochs": 2, "output_dir": out}, expect_ok=False)
     line = _one_line_error(proc, "CheckpointError")
     assert "data/seed: 0 then, 1 now" in line and "--resume False" in line
     assert {p.name: _sha(p) for p in (out / "models").iterdir()} == before

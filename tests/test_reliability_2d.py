@@ -25,7 +25,7 @@ from PIL import Image
 from vqvae_medical.training.handlers import CodebookMonitor
 from vqvae_medical.training.steps import NonFiniteLossError
 
-BUNDLE_DIR = BUNDLES / "vqvae_2d"
+BUNDLE_DIR = BUNDLES / "vqvae"
 TINY = {**TINY_VQVAE_2D, "data_layout": "folder", "val_fraction": 0.2, "test_fraction": 0.2}
 
 
@@ -72,7 +72,7 @@ def _write_bad_file(case: str, data: Path, ixi_dir: Path) -> tuple[Path, str]:
 def test_bad_file_gives_one_clear_error(case, slices, ixi_dir, tmp_path):
     bad, expected = _write_bad_file(case, slices, ixi_dir)
     out = tmp_path / "out"
-    proc = run_bundle("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 1}, expect_ok=False)
+    proc = run_bundle("vqvae", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 1}, expect_ok=False)
     assert proc.returncode != 0
     last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
     assert last.startswith("ERROR (DataError):"), proc.stderr[-3000:]
@@ -85,7 +85,7 @@ def test_bad_files_are_skipped_with_the_flag(slices, ixi_dir, tmp_path):
     """``skip_bad_files`` skips each kind of bad file with a warning (all four in one folder) and training goes on."""
     bad = [_write_bad_file(case, slices, ixi_dir)[0] for case in BAD_CASES]
     out = tmp_path / "out"
-    proc = run_bundle("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 1, "skip_bad_files": True})
+    proc = run_bundle("vqvae", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 1, "skip_bad_files": True})
     log = proc.stdout + proc.stderr
     assert all(f"skipping {f}" in log for f in bad), log[-3000:]
     assert (out / "models" / "model.pt").is_file()
@@ -94,12 +94,12 @@ def test_bad_files_are_skipped_with_the_flag(slices, ixi_dir, tmp_path):
 def test_empty_folder_and_missing_file(tmp_path, slices):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run_bundle("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": empty, "output_dir": tmp_path / "o1"}, expect_ok=False)
+    proc = run_bundle("vqvae", ["train.json"], {**TINY, "dataset_dir": empty, "output_dir": tmp_path / "o1"}, expect_ok=False)
     assert proc.returncode != 0 and "ERROR (DataError):" in proc.stderr and str(empty) in proc.stderr
     listing = tmp_path / "dataset.json"
     files = sorted(str(p) for p in slices.glob("*.jpg"))
     listing.write_text(json.dumps({"training": [{"image": f} for f in files[:4]] + [{"image": str(tmp_path / "gone.png")}], "validation": [{"image": files[5]}]}))
-    proc = run_bundle("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": listing, "data_layout": "decathlon", "output_dir": tmp_path / "o2"}, expect_ok=False)
+    proc = run_bundle("vqvae", ["train.json"], {**TINY, "dataset_dir": listing, "data_layout": "decathlon", "output_dir": tmp_path / "o2"}, expect_ok=False)
     assert proc.returncode != 0 and "gone.png" in proc.stderr.strip().splitlines()[-1]
 
 
@@ -155,7 +155,7 @@ def test_checkpoint_with_pickled_code_is_refused(slices, tmp_path):
     out = tmp_path / "out"
     (out / "models").mkdir(parents=True)
     torch.save({"model": {}, "payload": argparse.Namespace(cmd="echo owned")}, out / "models" / "checkpoint_epoch=9.pt")
-    proc = run_bundle("vqvae_2d", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 10}, expect_ok=False)
+    proc = run_bundle("vqvae", ["train.json"], {**TINY, "dataset_dir": slices, "output_dir": out, "max_epochs": 10}, expect_ok=False)
     assert proc.returncode != 0
     assert "ERROR (UntrustedCheckpointError)" in proc.stderr and "checkpoint_epoch=9.pt" in proc.stderr
 

@@ -1,4 +1,4 @@
-"""Reliability of the bundles other than vqvae_2d (which ``test_reliability_2d.py`` covers in full).
+"""Reliability of the bundles other than vqvae (which ``test_reliability_2d.py`` covers in full).
 
 The mechanisms are shared (input checks of :mod:`vqvae_medical.data.checks`, the error hook of
 :func:`vqvae_medical.training.runtime.install_error_hook`, the finite-loss guard of :mod:`vqvae_medical.training.steps`, the
@@ -6,12 +6,12 @@ checkpoints of :mod:`vqvae_medical.training.checkpoints`), so the tests are para
 bundle is wired to them:
 
 - bad input: corrupt/truncated NIfTI, NaN voxels, a 2D image in the 3D bundle, a two-channel volume for a
-  one-channel config (vqvae_3d); a corrupt 2D NIfTI slice and a 3D volume in vqvae2_2d -> one ``DataError`` naming
+  one-channel config (vqvae_3d); a corrupt 2D NIfTI slice and a 3D volume in vqvae2 -> one ``DataError`` naming
   the file, ``skip_bad_files`` skips it; through ``monai.bundle run`` the last line is ``ERROR (DataError): ...``
   and no traceback is printed;
 - mixed image sizes where the config batches images at their own size (``spatial_size`` null) -> one ``DataError``
   naming the odd file before training, instead of a collate error inside the data loader (all four bundles);
-- same seed -> bit-identical checkpoints (vqvae_3d, pixelcnn_prior, latent_diffusion; vqvae2_2d is covered by
+- same seed -> bit-identical checkpoints (vqvae_3d, pixelcnn_prior, latent_diffusion; vqvae2 is covered by
   ``test_bundle_vqvae2.py::test_same_seed_same_weights``);
 - a NaN loss stops training with ``NonFiniteLossError`` naming the epoch and iteration, before any weight update,
   and leaves the last checkpoint and ``model.pt`` byte-identical (all four bundles);
@@ -63,7 +63,7 @@ TINY = {
         "batch_size": 1,
         "data_layout": "decathlon",
     },
-    "vqvae2_2d": {
+    "vqvae2": {
         "network_def#model#channels": [8, 16],
         "network_def#model#res_channels": [8, 8],
         "network_def#model#num_res_units": 1,
@@ -150,12 +150,12 @@ def brain_slices(brain_dir, tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def vq_ckpt(tmp_path_factory) -> Path:
-    """``models/model.pt`` (and its record, 32 x 32 images) of a tiny grey vqvae_2d bundle network; the codebook is
+    """``models/model.pt`` (and its record, 32 x 32 images) of a tiny grey vqvae bundle network; the codebook is
     initialised from one batch of random images (a trained VQ-VAE is not needed to test the prior and the diffusion
     bundles' machinery)."""
     parser = ConfigParser()
-    parser.read_config(str(BUNDLES / "vqvae_2d" / "configs" / "train.json"))
-    parser.update({"bundle_root": str(BUNDLES / "vqvae_2d"), **VQ_NET, "in_channels": 1})
+    parser.read_config(str(BUNDLES / "vqvae" / "configs" / "train.json"))
+    parser.update({"bundle_root": str(BUNDLES / "vqvae"), **VQ_NET, "in_channels": 1})
     torch.manual_seed(0)
     net = parser.get_parsed_content("network_def")
     net.train()
@@ -172,7 +172,7 @@ def _dataset(bundle: str, request: pytest.FixtureRequest, folder: Path) -> Path:
     if bundle == "vqvae_3d":
         files = request.getfixturevalue("volumes")
         return _write_datalist(folder / "dataset.json", files[:2], files[2:3])
-    if bundle == "vqvae2_2d":
+    if bundle == "vqvae2":
         files = request.getfixturevalue("nifti_slices")
     else:
         files = request.getfixturevalue("brain_slices")
@@ -245,7 +245,7 @@ def _assert_identical(a: Any, b: Any, where: str = "") -> None:
         assert a == b, where
 
 
-# vqvae2_2d: tests/test_bundle_vqvae2.py::test_same_seed_same_weights trains it twice through monai.bundle run
+# vqvae2: tests/test_bundle_vqvae2.py::test_same_seed_same_weights trains it twice through monai.bundle run
 @FIRST_RUN
 @pytest.mark.parametrize("bundle", ["vqvae_3d", "pixelcnn_prior", "latent_diffusion"])
 def test_same_seed_gives_bit_identical_checkpoints(bundle, first_run, tmp_path):
@@ -262,7 +262,7 @@ def test_same_seed_gives_bit_identical_checkpoints(bundle, first_run, tmp_path):
 
 
 @FIRST_RUN
-@pytest.mark.parametrize("bundle", ["vqvae_3d", "vqvae2_2d", "pixelcnn_prior", "latent_diffusion"])
+@pytest.mark.parametrize("bundle", ["vqvae_3d", "vqvae2", "pixelcnn_prior", "latent_diffusion"])
 def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoints(bundle, first_run, tmp_path):
     overrides, first_out, iterations = first_run(bundle)
     out = tmp_path / "out"
@@ -325,8 +325,8 @@ BAD_CASES = [
     ("vqvae_3d", "NaN voxels"),
     ("vqvae_3d", "2D image in the 3D bundle"),
     ("vqvae_3d", "two-channel volume, one-channel config"),
-    ("vqvae2_2d", "corrupt 2D NIfTI slice"),
-    ("vqvae2_2d", "3D volume in the 2D bundle"),
+    ("vqvae2", "corrupt 2D NIfTI slice"),
+    ("vqvae2", "3D volume in the 2D bundle"),
 ]
 
 
@@ -353,7 +353,7 @@ def test_bad_file_gives_one_clear_error_and_can_be_skipped(bundle, case, request
     assert str(bad) not in json.dumps(datalist) and len(datalist["training"]) == len(listing["training"]) - 1
 
 
-@pytest.mark.parametrize("bundle, case", [("vqvae_3d", "NaN voxels"), ("vqvae2_2d", "3D volume in the 2D bundle")])
+@pytest.mark.parametrize("bundle, case", [("vqvae_3d", "NaN voxels"), ("vqvae2", "3D volume in the 2D bundle")])
 def test_bad_file_through_monai_bundle_run_prints_one_line(bundle, case, request, volumes, nifti_slices, tmp_path):
     """End to end: ``monai.bundle run`` stops with ``ERROR (DataError): <file>: ...`` as its last line, no traceback."""
     bad, expected = _bad_file(case, tmp_path, volumes, nifti_slices)
@@ -403,7 +403,7 @@ def _smaller_copy(path: Path, folder: Path) -> Path:
 
 NATIVE_SIZE = {
     "vqvae_3d": {"spatial_size": None, "patch_size": None, "batch_size": 2},
-    "vqvae2_2d": {"spatial_size": None},
+    "vqvae2": {"spatial_size": None},
 }  # stage 2 (prior, diffusion) preprocesses as its autoencoder did: the size check follows the stage-1 record
 
 

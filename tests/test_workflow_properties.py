@@ -65,12 +65,12 @@ def _stage_one_settings(bundle: str, data: dict[str, Path]) -> tuple[dict, dict]
             **tiny,
             "dataset_dir": data["volumes"],
         }
-    tiny = dict(TINY_VQVAE2_2D if bundle == "vqvae2_2d" else TINY_VQVAE_2D)
+    tiny = dict(TINY_VQVAE2_2D if bundle == "vqvae2" else TINY_VQVAE_2D)
     train = {**tiny, **split, "dataset_dir": data["slices"], "data_layout": "folder", "spatial_size": SIZE}
     return train, {**tiny, "dataset_dir": data["slices"], "spatial_size": SIZE}
 
 
-@pytest.mark.parametrize("bundle", ["vqvae_2d", "vqvae2_2d", "vqvae_3d"])
+@pytest.mark.parametrize("bundle", ["vqvae", "vqvae2", "vqvae_3d"])
 def test_autoencoder_train_and_infer_workflows_have_every_property(bundle, data, tmp_path):
     """The training workflow passes, trains one tiny epoch through ``run()``, and the inference workflow on its
     output folder passes too."""

@@ -45,7 +45,7 @@ def slice_folder(files: Sequence[Path], folder: Path) -> Path:
 
 
 def stage_one(folder: Path, data: Path | None, val_fraction: float = 0.2, test_fraction: float = 0.2) -> Path:
-    """``folder`` as the vqvae_2d bundle leaves it (``models/model.pt`` and its record), for grey ``SIZE`` images of
+    """``folder`` as the vqvae bundle leaves it (``models/model.pt`` and its record), for grey ``SIZE`` images of
     the ``data`` folder (flat layout) split with these fractions: a tiny VQ-VAE, 16 codes of dimension 8."""
     torch.manual_seed(0)
     model = VQVAE(2, 1, channels=(8, 16), num_res_units=1, res_channels=(8, 8), num_embeddings=16, embedding_dim=8)

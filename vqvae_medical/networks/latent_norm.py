@@ -3,7 +3,7 @@
 Without it (and before the training step's ``range_weight``) the encoder's output vectors drifted outwards in long
 runs: with an EMA codebook and the straight-through estimator nothing in the loss fixes their scale, the codebook
 follows them, and the commitment loss grows until reconstruction falls (measured in
-``bundles/vqvae_2d/docs/README.md``, "Convergence"). What pushed them was found later: the losses score the
+``bundles/vqvae/docs/README.md``, "Convergence"). What pushed them was found later: the losses score the
 reconstruction clamped to [0, 1], so the decoder's black background could sink below zero at no cost and kept
 sinking; :class:`~vqvae_medical.stages.autoencoder.steps.VQTrainStep`'s ``range_weight`` now stops that at the
 source, and these modes stay as options that bound the latents themselves:

@@ -66,7 +66,7 @@ ENCODINGS: tuple[str, ...] = ("codes", "latents")
 """What :func:`encode_cached` stores: code indices (the prior) or latents (diffusion)."""
 
 _TRAIN_HINT = (
-    "Train an autoencoder bundle first (e.g. in bundles/vqvae_2d: python -m monai.bundle run --config_file "
+    "Train an autoencoder bundle first (e.g. in bundles/vqvae: python -m monai.bundle run --config_file "
     "configs/train.json) and pass its output_dir as --autoencoder_dir."
 )
 
@@ -325,7 +325,7 @@ class FrozenAutoencoder(nn.Module):
         if self.levels != 1:
             where = f" of {self.directory}" if self.directory else ""
             raise ValueError(
-                f"{what} need a single-level VQ-VAE (vqvae_2d, vqvae_3d); the autoencoder{where} is a "
+                f"{what} need a single-level VQ-VAE (vqvae, vqvae_3d); the autoencoder{where} is a "
                 f"{type(self.autoencoder).__name__} with {self.levels} code levels."
             )
         return self.autoencoder

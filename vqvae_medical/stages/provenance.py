@@ -47,7 +47,7 @@ def check_dims(autoencoder_dims: int, dims: int, bundle: str, folder: Path | Non
         raise SettingError(
             f"the autoencoder{of} is a {autoencoder_dims}D VQ-VAE, and the pixelcnn_prior bundle models 2D code maps "
             "only (it has no 3D configuration): for a 3D autoencoder (vqvae_3d) use the latent_diffusion bundle with "
-            "configs/3d.json, or pass the --autoencoder_dir of a 2D one (vqvae_2d, vqvae2_2d)."
+            "configs/3d.json, or pass the --autoencoder_dir of a 2D one (vqvae, vqvae2)."
         )
     if autoencoder_dims == 3:
         raise SettingError(

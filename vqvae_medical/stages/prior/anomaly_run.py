@@ -69,7 +69,7 @@ def anomaly_inputs(
     if autoencoder.spatial_dims != 2:
         raise SettingError(
             f"autoencoder_dir {_where(autoencoder)} is a 3D VQ-VAE, but anomaly maps need a 2D prior over its codes and "
-            "the prior bundle models 2D code maps only: use a vqvae_2d or vqvae2_2d stage-1 folder."
+            "the prior bundle models 2D code maps only: use a vqvae or vqvae2 stage-1 folder."
         )
     if isinstance(input_dir, (str, os.PathLike)) and Path(input_dir).is_dir():
         paths = list_images(input_dir)

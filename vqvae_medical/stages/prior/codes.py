@@ -58,7 +58,7 @@ def check_codebooks(autoencoder: nn.Module, num_embeddings: int | Sequence[int])
         raise ValueError(
             f"the autoencoder{of} is a single-level VQ-VAE (one codebook of {codebooks[0]} codes), but "
             f"num_embeddings={list(num_embeddings)} is the hierarchical prior's of {_OVERLAY}: leave {_OVERLAY} out "
-            "for a vqvae_2d autoencoder."
+            "for a vqvae autoencoder."
         )
     given = tuple(int(k) for k in num_embeddings) if pair else (int(num_embeddings),)
     if given != codebooks:

@@ -19,12 +19,12 @@ from bundle_runner import (
 )
 from PIL import Image
 
-BUNDLE = "vqvae_2d"
+BUNDLE = "vqvae"
 TINY = {**TINY_VQVAE_2D, "max_epochs": 1}
 TINY_INFER = {k: v for k, v in TINY.items() if k not in ("batch_size", "max_epochs")}
 
 #: the tests that use ``trained`` run on one pytest-xdist worker (--dist loadgroup): it is built once
-TRAINED = pytest.mark.xdist_group("vqvae_2d_trained")
+TRAINED = pytest.mark.xdist_group("vqvae_trained")
 
 
 @pytest.fixture(scope="module")
