@@ -4,9 +4,9 @@
 Each argument is ``GENERATOR=MINUTES:OUT`` or ``GENERATOR=MINUTES:OUT:SERIES``: the run ``OUT/GENERATOR`` trained for
 ``MINUTES`` process CPU-minutes (its ``eval/metrics.json`` is read through :func:`generator_table.rows`); points
 with the same generator and ``SERIES`` (e.g. ``50 steps``, for another evaluate setting) form one curve; the same
-budget given more than once (evaluates with other ``--seed``) is drawn as the mean, with a faint dot per seed. Prints a Markdown table and, with
-``--figure``, draws ``c2st_accuracy`` against the budget per generator, with the target (0.75), chance (0.5) and the
-power check (real slices against blurred copies of themselves) as reference lines.
+budget given more than once (evaluates with other ``--seed``) is drawn as the mean, with a faint dot per seed. Prints a
+Markdown table and, with ``--figure``, draws ``c2st_accuracy`` against the budget per generator, with the target (0.75),
+chance (0.5) and the power check (real slices against blurred copies of themselves) as reference lines.
 
 Usage::
 
@@ -28,7 +28,8 @@ TARGET = 0.75
 
 
 def points(specs: list[str]) -> list[dict]:
-    """One row of :func:`generator_table.rows` per ``GENERATOR=MINUTES:OUT[:SERIES]``, with ``budget_cpu_min`` and ``label`` added."""
+    """One row of :func:`generator_table.rows` per ``GENERATOR=MINUTES:OUT[:SERIES]``, with ``budget_cpu_min`` and
+    ``label`` added."""
     found = []
     for spec in specs:
         try:
@@ -56,19 +57,23 @@ def by_budget(table: list[dict]) -> dict[tuple[str, float], list[dict]]:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| generator | budget (CPU-min) | epochs | c2st_accuracy | power (blur σ1) | MS-SSIM samples / real | NLL bits per code |",
+        "| generator | budget (CPU-min) | epochs | c2st_accuracy | power (blur σ1) | MS-SSIM samples / real "
+        "| NLL bits per code |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in table:
         lines.append(
             f"| {r['label']} | {r['budget_cpu_min']:g} | {r['epochs']} "
             f"| {_fmt(r['c2st_accuracy'])} | {_fmt(r['c2st_power_blurred_real'])} "
-            f"| {_fmt(r['ms_ssim_diversity_samples'])} / {_fmt(r['ms_ssim_diversity_real'])} | {_fmt(r['nll_bits_per_code'], 2)} |"
+            f"| {_fmt(r['ms_ssim_diversity_samples'])} / {_fmt(r['ms_ssim_diversity_real'])} "
+            f"| {_fmt(r['nll_bits_per_code'], 2)} |"
         )
     for (label, budget), same in by_budget(table).items():
         if len(same) > 1:  # the same run evaluated with several seeds
             mean = sum(r["c2st_accuracy"] for r in same) / len(same)
-            lines.append(f"| {label}, mean of {len(same)} | {budget:g} | {same[0]['epochs']} | {_fmt(mean)} | - | - | - |")
+            lines.append(
+                f"| {label}, mean of {len(same)} | {budget:g} | {same[0]['epochs']} | {_fmt(mean)} | - | - | - |"
+            )
     return "\n".join(lines)
 
 
@@ -85,9 +90,15 @@ def figure(table: list[dict], path: Path, title: str) -> None:
         scores = [[r["c2st_accuracy"] for r in groups[label, b]] for b in budgets]
         means = [sum(s) / len(s) for s in scores]
         (line,) = ax.plot(budgets, means, "o-", label=label + (" (mean of seeds)" if max(map(len, scores)) > 1 else ""))
-        several = [(b, s) for b, s in zip(budgets, scores) if len(s) > 1]
+        several = [(b, s) for b, s in zip(budgets, scores, strict=True) if len(s) > 1]
         if several:  # one faint dot per evaluate seed where a budget was scored more than once
-            ax.plot([b for b, s in several for _ in s], [v for _, s in several for v in s], ".", color=line.get_color(), alpha=0.5)
+            ax.plot(
+                [b for b, s in several for _ in s],
+                [v for _, s in several for v in s],
+                ".",
+                color=line.get_color(),
+                alpha=0.5,
+            )
     power = [r["c2st_power_blurred_real"] for r in table if r["c2st_power_blurred_real"] is not None]
     if power:
         ax.axhline(sum(power) / len(power), color="grey", ls=":", label="power check (real vs blurred real)")

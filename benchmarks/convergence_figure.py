@@ -2,9 +2,11 @@
 ``logs/history.jsonl`` (``vqvae_medical.training.handlers.MetricsHistory``), or, for ``benchmarks/convergence_probe.py``
 output, the SSIM with its foreground/background split per iteration.
 
-    python benchmarks/convergence_figure.py --out bundles/vqvae/docs/brain_convergence.png \
-        --title "brain_mri_2d, 20 CPU-min" "0.2.0=/tmp/brain_before/logs/history.jsonl" "fixed=/tmp/brain_after/logs/history.jsonl"
-    python benchmarks/convergence_figure.py --probe --out probe.png "0.2.0=/tmp/pb_base.jsonl" "fixed=/tmp/pb_clip.jsonl"
+    python benchmarks/convergence_figure.py --out bundles/vqvae/docs/brain_convergence.png \\
+        --title "brain_mri_2d, 20 CPU-min" \\
+        "0.2.0=$TMPDIR/brain_before/logs/history.jsonl" "fixed=$TMPDIR/brain_after/logs/history.jsonl"
+    python benchmarks/convergence_figure.py --probe --out probe.png \\
+        "0.2.0=$TMPDIR/pb_base.jsonl" "fixed=$TMPDIR/pb_clip.jsonl"
 
 Each run is ``label=path``; a ``metrics.json`` next to ``logs/`` under ``eval/`` (the bundle's evaluation) is
 added to the legend as the test SSIM. The largest drop of validation SSIM between consecutive validations after
@@ -34,8 +36,8 @@ def largest_late_drop(values: list[float]) -> float:
     35 of 120; figures made before 2026-12-03 left such a drop out).
     """
     start = len(values) // 4
-    late = values[max(start - 1, 0):]
-    return max([a - b for a, b in zip(late, late[1:])] + [0.0])
+    late = values[max(start - 1, 0) :]
+    return max([a - b for a, b in zip(late, late[1:], strict=False)] + [0.0])
 
 
 def main(argv=None) -> dict:
@@ -52,10 +54,20 @@ def main(argv=None) -> dict:
             label, path = spec.split("=", 1)
             recs = _records(Path(path))
             its = [r["iteration"] for r in recs]
-            for ax, key in zip(axes, ("ssim", "ssim_fg", "ssim_bg")):
+            for ax, key in zip(axes, ("ssim", "ssim_fg", "ssim_bg"), strict=True):
                 ax.plot(its, [r[key] for r in recs], marker="o", ms=2, label=label)
-                ax.set_title({"ssim": "validation SSIM (clamped output)", "ssim_fg": "SSIM, brain windows", "ssim_bg": "SSIM, background windows"}[key], fontsize=9)
-            summary[label] = {"largest_late_drop": largest_late_drop([r["ssim"] for r in recs]), "last": recs[-1]["ssim"]}
+                ax.set_title(
+                    {
+                        "ssim": "validation SSIM (clamped output)",
+                        "ssim_fg": "SSIM, brain windows",
+                        "ssim_bg": "SSIM, background windows",
+                    }[key],
+                    fontsize=9,
+                )
+            summary[label] = {
+                "largest_late_drop": largest_late_drop([r["ssim"] for r in recs]),
+                "last": recs[-1]["ssim"],
+            }
         for ax in axes:
             ax.set_xlabel("iteration")
             ax.set_ylim(0, 1)
@@ -70,10 +82,17 @@ def main(argv=None) -> dict:
             drop = largest_late_drop(ssim)
             metrics = Path(path).parents[1] / "eval" / "metrics.json"
             test = json.loads(metrics.read_text()).get("ssim") if metrics.is_file() else None
-            text = f"{label}: {len(epochs)} val., max late drop {drop:.3f}" + (f", test SSIM {test:.3f}" if test is not None else "")
+            text = f"{label}: {len(epochs)} val., max late drop {drop:.3f}" + (
+                f", test SSIM {test:.3f}" if test is not None else ""
+            )
             axes[0].plot(epochs, ssim, marker="o", ms=2, label=text)
             axes[1].plot(epochs, psnr, marker="o", ms=2, label=label)
-            summary[label] = {"epochs": epochs[-1] if epochs else 0, "largest_late_drop": drop, "last_val_ssim": ssim[-1] if ssim else None, "test_ssim": test}
+            summary[label] = {
+                "epochs": epochs[-1] if epochs else 0,
+                "largest_late_drop": drop,
+                "last_val_ssim": ssim[-1] if ssim else None,
+                "test_ssim": test,
+            }
         axes[0].set_title("validation SSIM", fontsize=9)
         axes[1].set_title("validation PSNR (dB)", fontsize=9)
         for ax in axes:

@@ -19,7 +19,7 @@ case $SET in
          TRAIN="--max_epochs 100 --time_budget_minutes 20 --time_budget_clock process" ;;
   isic)  B=vqvae; ARGS="--dataset_dir $DATA/isic_256 --data_layout isic --in_channels 3 --test_fraction 0.1 --val_fraction 0.02 --seed 0"
          TRAIN="--max_epochs 1000 --time_budget_minutes 20 --time_budget_clock process" ;;
-  ixi)   B=vqvae_3d; ARGS="--dataset_dir $DATA/ixi_t1_2mm --seed 0"
+  ixi)   B=vqvae; CONFIGS="['configs/train.json','configs/3d.json']"; ARGS="--dataset_dir $DATA/ixi_t1_2mm --seed 0"
          TRAIN="--patch_size [64,64,64] --max_epochs 1000 --val_interval 5 --time_budget_minutes 30 --time_budget_clock process --cpu_bf16 True" ;;
   *) echo "set must be brain, isic or ixi"; exit 1 ;;
 esac
@@ -30,7 +30,7 @@ for side in before after; do
   ROOT=$([ $side = before ] && echo "$BEFORE" || echo "$AFTER")
   EXTRA=$([ $side = before ] && echo "$BEFORE_ARGS" || echo "")
   ( cd "$ROOT/bundles/$B" && PYTHONPATH=$ROOT OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
-      python -m monai.bundle run --config_file configs/train.json $ARGS --output_dir "$OUT/${SET}_$side" $TRAIN $EXTRA \
+      python -m monai.bundle run --config_file "${CONFIGS:-configs/train.json}" $ARGS --output_dir "$OUT/${SET}_$side" $TRAIN $EXTRA \
       > "$OUT/${SET}_$side.log" 2>&1 ) &
   PIDS+=($!)
 done

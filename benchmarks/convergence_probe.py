@@ -76,7 +76,11 @@ def main() -> None:
     def probe(engine) -> None:
         was_training = network.training
         network.eval()
-        rec = {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "lr": engine.optimizer.param_groups[0]["lr"]}
+        rec = {
+            "epoch": engine.state.epoch,
+            "iteration": engine.state.iteration,
+            "lr": engine.optimizer.param_groups[0]["lr"],
+        }
         out = engine.state.output
         if isinstance(out, dict):
             rec["train_loss"] = float(out["loss"])
@@ -108,7 +112,9 @@ def main() -> None:
                         "bg_fraction": g.float().mean(),
                         "bg_mean_raw": raw[i][bg_pix[i]].mean() if bg_pix[i].any() else torch.tensor(0.0),
                         "bg_p99_raw": raw[i][bg_pix[i]].quantile(0.99) if bg_pix[i].any() else torch.tensor(0.0),
-                        "bg_frac_pos": (raw[i][bg_pix[i]] > 0.005).float().mean() if bg_pix[i].any() else torch.tensor(0.0),
+                        "bg_frac_pos": (raw[i][bg_pix[i]] > 0.005).float().mean()
+                        if bg_pix[i].any()
+                        else torch.tensor(0.0),
                         "psnr": -10 * torch.log10(((clamped[i] - x[i]) ** 2).mean().clamp_min(1e-12)),
                     }
                     for k, v in vals.items():

@@ -1,8 +1,9 @@
-"""CPU time of one training step of the ``vqvae_3d`` network in fp32 and under CPU bf16 autocast (``cpu_bf16``).
+"""CPU time of one training step of the 3D ``vqvae`` network (``configs/3d.json``) in fp32 and under CPU bf16 autocast
+(``cpu_bf16``).
 
-The network, the step (L1 + quantizer + SSIM terms) and the optimizer are those of ``bundles/vqvae_3d`` (its
-``train.json``, parsed), on a batch of IXI volumes cut to ``--patch`` voxels (random values when
-``../shared/data/ixi_t1_2mm`` is absent). Steps alternate between fp32 and bf16 so that machine noise hits both
+The network, the step (L1 + quantizer + SSIM terms) and the optimizer are those of ``bundles/vqvae`` with
+``configs/3d.json`` (its ``train.json``, parsed), on a batch of IXI volumes cut to ``--patch`` voxels (random values
+when ``../shared/data/ixi_t1_2mm`` is absent). Steps alternate between fp32 and bf16 so that machine noise hits both
 alike; the medians of the CPU time per step (``time.process_time``) and the CPU's bf16 flags are printed.
 
     OMP_NUM_THREADS=1 python benchmarks/cpu_bf16_step.py --patch 32 --steps 6
@@ -46,7 +47,7 @@ def batch(patch: int, batch_size: int) -> torch.Tensor:
 def trainer(cpu_bf16: bool | str, images: torch.Tensor) -> SupervisedTrainer:
     """A trainer of the bundle's network and optimizer settings whose every iteration is one step on ``images``."""
     parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundles" / "vqvae_3d" / "configs" / "train.json"))
+    parser.read_config([str(ROOT / "bundles" / "vqvae" / "configs" / c) for c in ("train.json", "3d.json")])
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def").model
     step = VQTrainStep(ssim_weight=parser["ssim_weight"], range_weight=parser["range_weight"], cpu_bf16=cpu_bf16)
@@ -78,15 +79,19 @@ def main() -> None:
             if i:  # the first step of each is a warm-up (oneDNN picks its kernels)
                 times[name].append(time.process_time() - start)
     fp32, bf16 = (statistics.median(times[k]) for k in ("fp32", "bf16"))
-    print(json.dumps({
-        "patch": args.patch,
-        "batch_size": args.batch_size,
-        "threads": torch.get_num_threads(),
-        "native_cpu_bf16": native_cpu_bf16(),
-        "fp32_cpu_s_per_step": round(fp32, 3),
-        "bf16_cpu_s_per_step": round(bf16, 3),
-        "bf16_over_fp32": round(bf16 / fp32, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "patch": args.patch,
+                "batch_size": args.batch_size,
+                "threads": torch.get_num_threads(),
+                "native_cpu_bf16": native_cpu_bf16(),
+                "fp32_cpu_s_per_step": round(fp32, 3),
+                "bf16_cpu_s_per_step": round(bf16, 3),
+                "bf16_over_fp32": round(bf16 / fp32, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

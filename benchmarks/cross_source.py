@@ -71,7 +71,12 @@ def score(network: torch.nn.Module, images: Sequence[torch.Tensor]) -> dict[str,
             pred = network.reconstruct(x).clamp(0, 1)
             values.append(float(ssim(pred, x).mean()))
             psnr(pred, x)
-    return {"ssim": float(np.mean(values)), "ssim_min": float(np.min(values)), "psnr": float(psnr.aggregate()), "n_images": len(values)}
+    return {
+        "ssim": float(np.mean(values)),
+        "ssim_min": float(np.min(values)),
+        "psnr": float(psnr.aggregate()),
+        "n_images": len(values),
+    }
 
 
 def _load(items: list[dict], zoom: float = 1.0, normalise: str = "minmax") -> list[torch.Tensor]:

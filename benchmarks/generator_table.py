@@ -104,9 +104,14 @@ def figure(out: Path, generators: list[str], path: Path, title: str) -> None:
         raise FileNotFoundError(f"No {out}/<generator>/eval/samples_vs_real.png: run the evaluate step first.")
     images = [plt.imread(p) for _, p in panels]
     heights = [im.shape[0] / im.shape[1] for im in images]
-    fig, axes = plt.subplots(len(images), 1, figsize=(12, 12 * sum(heights) + 0.5 * len(images)),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
-    for ax, (name, _), im in zip(axes[:, 0], panels, images):
+    fig, axes = plt.subplots(
+        len(images),
+        1,
+        figsize=(12, 12 * sum(heights) + 0.5 * len(images)),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
+    for ax, (name, _), im in zip(axes[:, 0], panels, images, strict=True):
         ax.imshow(im)
         ax.set_title(f"{LABELS.get(name, name)}: samples (top row), real test images (bottom row)", fontsize=10)
         ax.axis("off")

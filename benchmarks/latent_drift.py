@@ -8,9 +8,12 @@ gradient norm), ``lr``, ``perp`` (batch perplexity). ``--plot`` draws the norms,
 validation SSIM of two or more such runs side by side.
 
     cd bundles/vqvae
-    python ../../benchmarks/latent_drift.py --out /tmp/drift_off --override '{"max_epochs": 60, "time_budget_minutes": null, "network_def#model#normalize_latents": false}'
-    python ../../benchmarks/latent_drift.py --out /tmp/drift_on --override '{"max_epochs": 60, "time_budget_minutes": null}'
-    python ../../benchmarks/latent_drift.py --plot --png ../vqvae/docs/latent_drift.png "0.3.0=/tmp/drift_off" "l2 latents=/tmp/drift_on"
+    python ../../benchmarks/latent_drift.py --out $TMPDIR/drift_off \\
+        --override '{"max_epochs": 60, "time_budget_minutes": null, "network_def#model#normalize_latents": false}'
+    python ../../benchmarks/latent_drift.py --out $TMPDIR/drift_on \\
+        --override '{"max_epochs": 60, "time_budget_minutes": null}'
+    python ../../benchmarks/latent_drift.py --plot --png ../vqvae/docs/latent_drift.png \\
+        "0.3.0=$TMPDIR/drift_off" "l2 latents=$TMPDIR/drift_on"
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ rest training; no subject has slices in two folders.
 
 Usage::
 
-    python benchmarks/make_ixi_slices.py --output-dir /tmp/ixi_slices
+    python benchmarks/make_ixi_slices.py --output-dir $TMPDIR/ixi_slices
     python benchmarks/make_ixi_slices.py --output-dir out --n-test 6 --n-val 4 --stride 2
 """
 
@@ -40,7 +40,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from vqvae_medical.training.checkpoints import atomic_write_json
+from vqvae_medical.utils.io import atomic_write_json
 
 __all__ = ["DEFAULT_SOURCE", "SPLIT_FOLDERS", "head_top", "axial_slices", "split_subjects", "make_slices", "main"]
 

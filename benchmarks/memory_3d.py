@@ -1,13 +1,13 @@
 """Benchmark: peak memory of one 3D training step, our ``VQVAE`` (activation checkpointing) vs MONAI's ``VQVAE``.
 
-A step is the train-mode forward pass of a ``[batch, 1, 128, 128, 128]`` volume, the loss
-``L1(reconstruction, x) + quantizer loss``, the backward pass and one ``torch.optim.Adam`` step (its state is
-created in that step). Ours is the 3D bundle's default network, read from ``bundles/vqvae_3d/configs/train.json``
-(``network_def#model``: two levels of ``(32, 64)`` channels, downsampling factor 4, two residual units per level
-with ``(16, 32)`` hidden channels, 2048 codes of dimension 32 (512 before bundle 0.3.0), EMA quantizer, sub-pixel upsampling), run with
+A step is the train-mode forward pass of a ``[batch, 1, 128, 128, 128]`` volume, the loss ``L1(reconstruction, x) +
+quantizer loss``, the backward pass and one ``torch.optim.Adam`` step (its state is created in that step). Ours is the
+3D bundle's default network, read from ``bundles/vqvae/configs/train.json`` + ``3d.json`` (``network_def#model``: two
+levels of ``(32, 64)`` channels, downsampling factor 4, two residual units per level with ``(16, 32)`` hidden channels,
+2048 codes of dimension 32 (512 before bundle 0.3.0), EMA quantizer, sub-pixel upsampling), run with
 ``use_checkpointing=True`` (the bundle's switch for large volumes; segments cut at the lowest resolutions and after
-every residual unit of the highest-resolution stages, see ``vqvae_medical.networks.vqvae``). MONAI's has the same
-layout and codebook size and its defaults otherwise (``use_checkpointing=False``, or its own checkpointing under
+every residual unit of the highest-resolution stages, see ``vqvae_medical.networks.vqvae``). MONAI's has the same layout
+and codebook size and its defaults otherwise (``use_checkpointing=False``, or its own checkpointing under
 ``--monai_checkpointing``). ``--reference`` adds ours without checkpointing.
 
 Every measurement runs in a fresh subprocess per model, so that one model's allocations never count for the other:
@@ -49,16 +49,16 @@ __all__ = ["build_model", "training_step", "measure", "main"]
 
 MIB = 1024.0 * 1024.0
 ROOT = Path(__file__).resolve().parents[1]
-#: the 3D bundle's training config, whose default network is the one measured
-BUNDLE_CONFIG = ROOT / "bundles" / "vqvae_3d" / "configs" / "train.json"
+#: the 3D training configs of the vqvae bundle (train.json + the 3d.json overlay), whose default network is measured
+BUNDLE_CONFIG = [ROOT / "bundles" / "vqvae" / "configs" / c for c in ("train.json", "3d.json")]
 
 
-def bundle_model_args(config_file: str | os.PathLike = BUNDLE_CONFIG) -> dict:
+def bundle_model_args(config_file: str | os.PathLike | list = BUNDLE_CONFIG) -> dict:
     """Resolved keyword arguments of the bundle's default network (``network_def#model``, without ``_target_``)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(config_file))
+    parser.read_config([str(f) for f in config_file] if isinstance(config_file, list) else str(config_file))
     keys = [k for k in parser["network_def#model"] if k != "_target_"]
     return {k: parser.get_parsed_content(f"network_def#model#{k}") for k in keys}
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--malloc_mmap_threshold",
         type=int,
         default=128 * 1024,
-        help="glibc mmap threshold of the worker processes in bytes (MALLOC_MMAP_THRESHOLD_); 0: glibc's dynamic default",
+        help="glibc mmap threshold of the worker processes in bytes (MALLOC_MMAP_THRESHOLD_); 0: glibc's default",
     )
     parser.add_argument("--repeats", type=int, default=1, help="fresh processes per model; the median is reported")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")

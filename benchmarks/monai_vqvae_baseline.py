@@ -1,12 +1,12 @@
 """MONAI's ``VQVAE`` trained the same way as the 2D bundle's default recipe, for comparison.
 
 Same data split (``vqvae_medical.data.lists.training_datalist``), same transforms, batch size, Adam learning rate
-with the bundle's cosine decay over the time budget (``vqvae_medical.training.schedules.cosine_decay``), L1 + ``ssim_weight``
-x (1 - SSIM) + quantizer loss (``--ssim_weight 0 --final_lr_factor 1`` gives the 0.1.0 recipe: L1, constant
-rate) and the same time budget (process CPU time, like the bundle's ``TimeBudget`` handler); the network
-is ``monai.networks.nets.VQVAE`` with the same channels, residual units, codebook size and dimension, and its own
-EMA quantizer (``decay`` as given). Evaluated on the test split with MONAI's ``SSIMMetric``/``PSNRMetric`` and the
-same codebook-usage definition as the bundle.
+with the bundle's cosine decay over the time budget (``vqvae_medical.training.schedules.cosine_decay``), L1 +
+``ssim_weight`` x (1 - SSIM) + quantizer loss (``--ssim_weight 0 --final_lr_factor 1`` gives the 0.1.0 recipe: L1,
+constant rate) and the same time budget (process CPU time, like the bundle's ``TimeBudget`` handler); the network is
+``monai.networks.nets.VQVAE`` with the same channels, residual units, codebook size and dimension, and its own EMA
+quantizer (``decay`` as given). Evaluated on the test split with MONAI's ``SSIMMetric``/``PSNRMetric`` and the same
+codebook-usage definition as the bundle.
 
     python benchmarks/monai_vqvae_baseline.py --dataset_dir ../shared/data/brain_mri_2d --minutes 20 --json
 """
@@ -54,17 +54,38 @@ def main() -> None:
 
     set_determinism(args.seed)
     datalist = training_datalist(
-        args.dataset_dir, "/tmp", 2, args.in_channels, args.data_layout,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+        args.dataset_dir,
+        "/tmp",
+        2,
+        args.in_channels,
+        args.data_layout,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
     )
     size = args.spatial_size or None
-    train = CacheDataset(datalist["training"], image_transforms_2d(channels=args.in_channels, spatial_size=size, divisible_by=4), progress=False)
-    test = CacheDataset(datalist["test"], image_transforms_2d(channels=args.in_channels, spatial_size=size, divisible_by=4), progress=False)
+    train = CacheDataset(
+        datalist["training"],
+        image_transforms_2d(channels=args.in_channels, spatial_size=size, divisible_by=4),
+        progress=False,
+    )
+    test = CacheDataset(
+        datalist["test"],
+        image_transforms_2d(channels=args.in_channels, spatial_size=size, divisible_by=4),
+        progress=False,
+    )
     net = MonaiVQVAE(
-        spatial_dims=2, in_channels=args.in_channels, out_channels=args.in_channels, channels=(32, 64), num_res_layers=2,
-        num_res_channels=(16, 32), downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
-        upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)), num_embeddings=args.num_embeddings,
-        embedding_dim=args.embedding_dim, decay=args.decay,
+        spatial_dims=2,
+        in_channels=args.in_channels,
+        out_channels=args.in_channels,
+        channels=(32, 64),
+        num_res_layers=2,
+        num_res_channels=(16, 32),
+        downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
+        upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
+        num_embeddings=args.num_embeddings,
+        embedding_dim=args.embedding_dim,
+        decay=args.decay,
     )
     opt = torch.optim.Adam(net.parameters(), args.learning_rate)
     budget = TimeBudget(args.minutes, clock="process")

@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"cached {report['cached_s']:.3f} s, naive {report['naive_s']:.3f} s, "
             f"speedup {report['speedup']:.1f}x (CPU time: cached {report['cached_cpu_s']:.3f} s, "
-            f"naive {report['naive_cpu_s']:.3f} s, {report['speedup_cpu']:.1f}x), identical samples: {report['identical']}"
+            f"naive {report['naive_cpu_s']:.3f} s, {report['speedup_cpu']:.1f}x), "
+            f"identical samples: {report['identical']}"
         )
     return report
 

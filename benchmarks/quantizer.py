@@ -1,4 +1,5 @@
-"""Benchmark: one training step of :class:`~vqvae_medical.networks.quantizers.EMAVectorQuantizer` vs MONAI's ``EMAQuantizer``.
+"""Benchmark: one training step of :class:`~vqvae_medical.networks.quantizers.EMAVectorQuantizer` vs MONAI's
+``EMAQuantizer``.
 
 A step is the train-mode forward pass (nearest-code search and EMA codebook update) followed by the backward pass of
 ``quantized.sum() + loss`` (straight-through estimator and commitment loss), on ``z`` of shape ``[16, 64, 64, 64]``:
@@ -34,6 +35,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from monai.networks.layers import EMAQuantizer
@@ -88,7 +90,7 @@ def _median_ms(fns: list[Callable[[], object]], repeats: int, warmup: int) -> li
             fn()
     times: list[list[tuple[float, float]]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, acc in zip(fns, times):
+        for fn, acc in zip(fns, times, strict=True):
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
             acc.append((time.perf_counter() - t0, time.process_time() - c0))
@@ -105,13 +107,10 @@ def bench_one(k: int, repeats: int = 3, warmup: int = 1, shape: tuple[int, ...] 
 
     ours = EMAVectorQuantizer(spatial_dims, k, d, init="data", dead_code_threshold=1.0).train()
     _step(ours, z)  # data initialisation happens here, outside the timings
-    monai = EMAQuantizer(spatial_dims, k, d).train()
-    (ours_ms, ours_cpu), (monai_ms, monai_cpu) = _median_ms(
-        [lambda: _step(ours, z), lambda: _step(monai, z)], repeats, warmup
-    )
-    ours_peak, ours_largest = peak_allocated_bytes(lambda: _step(ours, z))
-    monai_peak, monai_largest = peak_allocated_bytes(lambda: _step(monai, z))
-    del ours, monai
+    steps = [partial(_step, ours, z), partial(_step, EMAQuantizer(spatial_dims, k, d).train(), z)]
+    (ours_ms, ours_cpu), (monai_ms, monai_cpu) = _median_ms(steps, repeats, warmup)
+    (ours_peak, ours_largest), (monai_peak, monai_largest) = (peak_allocated_bytes(step) for step in steps)
+    del ours, steps  # both quantizers (and their codebooks) go before the next codebook size
 
     nk_bytes = n * k * 4
     return {

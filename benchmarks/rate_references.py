@@ -55,7 +55,10 @@ def jpeg_round_trip(image: np.ndarray, quality: int) -> tuple[np.ndarray, int]:
 
 def _ssim(predictions: list[np.ndarray], images: list[np.ndarray]) -> float:
     metric = SSIMMetric(spatial_dims=2, data_range=1.0)
-    values = [metric(torch.from_numpy(p)[None], torch.from_numpy(i)[None]).mean().item() for p, i in zip(predictions, images)]
+    values = [
+        metric(torch.from_numpy(p)[None], torch.from_numpy(i)[None]).mean().item()
+        for p, i in zip(predictions, images, strict=True)
+    ]
     return float(np.mean(values))
 
 
@@ -63,7 +66,7 @@ def references(images: list[np.ndarray], qualities=(10, 30, 50, 75), sigmas=(0.5
     """Mean SSIM (and mean bits per image for JPEG) of each reference on ``images``."""
     out: dict = {"n_images": len(images), "jpeg": [], "blur": []}
     for q in qualities:
-        decoded, bits = zip(*(jpeg_round_trip(i, q) for i in images))
+        decoded, bits = zip(*(jpeg_round_trip(i, q) for i in images), strict=True)
         out["jpeg"].append({"quality": q, "bits_per_image": float(np.mean(bits)), "ssim": _ssim(list(decoded), images)})
     for sigma in sigmas:
         blurred = [gaussian_filter(i, sigma=(0, sigma, sigma)) for i in images]

@@ -63,8 +63,17 @@ def main() -> None:
         n_real = real_image_count(len(test), args.n)
         real = load_real_images(test, transform, n_real, seed=args.seed)
         train_images = load_real_images(training, transform, args.n, seed=args.seed)
-    print(json.dumps({"autoencoder_dir": str(args.autoencoder_dir), "n_real": len(real), "n": args.n,
-                      "torch_threads": torch.get_num_threads(), "shape": list(real.shape[1:])}))
+    print(
+        json.dumps(
+            {
+                "autoencoder_dir": str(args.autoencoder_dir),
+                "n_real": len(real),
+                "n": args.n,
+                "torch_threads": torch.get_num_threads(),
+                "shape": list(real.shape[1:]),
+            }
+        )
+    )
     for case in args.cases.split(","):
         t0 = time.process_time()
         if case == "training_real":

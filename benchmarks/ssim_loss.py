@@ -1,5 +1,6 @@
-"""Benchmark: ``vqvae_medical.evaluation.losses.SeparableSSIMLoss`` against MONAI's ``SSIMLoss``, same process, same inputs;
-and the validation metric ``vqvae_medical.evaluation.metrics.SeparableSSIMMetric`` against MONAI's ``SSIMMetric``.
+"""Benchmark: ``vqvae_medical.evaluation.losses.SeparableSSIMLoss`` against MONAI's ``SSIMLoss``, same process,
+same inputs; and the validation metric ``vqvae_medical.evaluation.metrics.SeparableSSIMMetric`` against MONAI's
+``SSIMMetric``.
 
 One call is the loss's forward and backward pass on a batch like the training steps' (3D: ``2 x 1 x 64^3`` patches
 of the 3D bundle; 2D: ``8 x 3 x 256^2`` ISIC-sized photos). Real data is not needed for a timing: the images are

@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -35,59 +36,28 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 __all__ = ["SIZES", "build_folders", "main", "measure"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (16, 256, 1024, 4096)
 IMAGE = [32, 32]
-PRIOR = {"num_embeddings": 16, "channels": 8, "num_layers": 2, "num_heads": 2, "max_seq_len": 64}
-DIFFUSION = {
-    "unet_def#channels": [16, 32],
-    "unet_def#attention_levels": [False, False],
-    "unet_def#num_res_blocks": 1,
-    "unet_def#norm_num_groups": 8,
-    "unet_def#num_head_channels": 8,
-    "num_inference_steps": 2,
-    "embedding_dim": 8,
-}
 MIB = 1024.0
 
 
-def _network(bundle: str, overrides: dict) -> torch.nn.Module:
-    """``network_def`` of a bundle's ``inference.json`` with ``overrides``, built as ``monai.bundle`` builds it."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
-    parser.update({k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()})
-    return parser.get_parsed_content("network_def")
+def _tests_module(name: str):
+    """A helper module of ``tests/``: the tiny settings (``tests/tiny.py``) and the tiny stage-1 and stage-2 folders
+    (``tests/tiny_stage2.py``) have one home, shared by the tests and this benchmark."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    return importlib.import_module(name)
 
 
 def build_folders(work_dir: Path) -> dict[str, Path]:
     """A tiny stage-1 folder, a prior and a diffusion model on it, as the bundles leave them."""
-    from vqvae_medical.networks import VQVAE, ReconstructionNetwork
-    from vqvae_medical.stages.autoencoder.record import data_settings, write_record
-    from vqvae_medical.training.checkpoints import atomic_save
-
-    torch.manual_seed(0)
-    vq = work_dir / "vqvae"
-    model = VQVAE(2, 1, channels=(8, 16), num_res_units=1, res_channels=(8, 8), num_embeddings=16, embedding_dim=8)
-    network = ReconstructionNetwork(model)
-    path = atomic_save(network.state_dict(), vq / "models" / "model.pt")
-    write_record(path, network, {"transforms": "image_transforms_2d", "channels": 1, "spatial_size": IMAGE}, data_settings(None), IMAGE)
-
-    prior = work_dir / "prior"
-    atomic_save(_network("pixelcnn_prior", {**PRIOR, "autoencoder_dir": vq}).state_dict(), prior / "models" / "model.pt")
-
-    diffusion = work_dir / "diffusion"
-    generator = _network("latent_diffusion", {**DIFFUSION, "autoencoder_dir": vq})
-    generator.decoder.load_state_dict(model.decoder.state_dict())
-    generator.quantizer.load_state_dict(model.quantizer.state_dict())
-    generator.diffusion.set_latent_shape([8, IMAGE[0] // 4, IMAGE[1] // 4], IMAGE)
-    generator.diffusion.scale_factor.fill_(1.0)
-    atomic_save(generator.state_dict(), diffusion / "models" / "model.pt")
+    stage2 = _tests_module("tiny_stage2")
+    vq = stage2.stage_one(work_dir / "vqvae", None)
+    prior = stage2.prior_folder(work_dir / "prior", vq)
+    diffusion = stage2.diffusion_folder(work_dir / "diffusion", vq)
     return {"vqvae": vq, "pixelcnn_prior": prior, "latent_diffusion": diffusion}
 
 
@@ -107,7 +77,8 @@ def measure(
     """Run the bundle's inference for ``n`` samples in a fresh process; its peak RSS, wall and CPU time."""
     config = package_root / "bundles" / bundle / "configs" / "inference.json"
     defined = json.loads(config.read_text())
-    overrides = {**(PRIOR if bundle == "pixelcnn_prior" else DIFFUSION)}
+    tiny = _tests_module("tiny")
+    overrides = {**(tiny.TINY_PRIOR if bundle == "pixelcnn_prior" else tiny.TINY_DIFFUSION)}
     overrides.update({"autoencoder_dir": folders["vqvae"], "ckpt_path": folders[bundle] / "models" / "model.pt"})
     overrides.update({"output_dir": out, "device": "cpu"})
     overrides["num_samples" if bundle == "pixelcnn_prior" else "n_samples"] = int(n)
@@ -142,7 +113,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--bundles", nargs="+", default=["pixelcnn_prior", "latent_diffusion"])
-    parser.add_argument("--work_dir", type=Path, default=None, help="folder of the models and outputs (default: a temporary one)")
+    parser.add_argument(
+        "--work_dir", type=Path, default=None, help="folder of the models and outputs (default: a temporary one)"
+    )
     parser.add_argument("--package_root", type=Path, default=ROOT, help="checkout whose bundles and package run")
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
@@ -154,7 +127,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = []
         for bundle in args.bundles:
             for n in args.sizes:
-                row = measure(bundle, n, folders, work / "runs" / f"{bundle}_{n}", args.package_root.absolute(), args.batch_size, args.threads)
+                out = work / "runs" / f"{bundle}_{n}"
+                row = measure(bundle, n, folders, out, args.package_root.absolute(), args.batch_size, args.threads)
                 rows.append(row)
                 if not args.json:
                     print(

@@ -40,7 +40,15 @@ def load_batch(batch_size: int) -> torch.Tensor:
 
 def build(which: str, num_embeddings: int = 256, embedding_dim: int = 32) -> torch.nn.Module:
     if which == "ours":
-        return VQVAE(2, 1, channels=(64, 128), num_res_units=2, res_channels=(32, 64), num_embeddings=num_embeddings, embedding_dim=embedding_dim)
+        return VQVAE(
+            2,
+            1,
+            channels=(64, 128),
+            num_res_units=2,
+            res_channels=(32, 64),
+            num_embeddings=num_embeddings,
+            embedding_dim=embedding_dim,
+        )
     return MonaiVQVAE(
         spatial_dims=2,
         in_channels=1,

@@ -38,7 +38,7 @@ from typing import Any
 
 import nibabel as nib
 
-from vqvae_medical.training.checkpoints import atomic_write_json
+from vqvae_medical.utils.io import atomic_write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = REPO_ROOT / "bundles"
@@ -85,7 +85,13 @@ def run_bundle(bundle: str, configs: list[str], overrides: dict[str, Any], log: 
     for key, value in overrides.items():
         cmd += [f"--{key}", _arg(value)]
     # passive OpenMP waiting: threads that spin at barriers on a shared CPU burn process time without doing work
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "PYTHONUNBUFFERED": "1",
+        "MPLBACKEND": "Agg",
+    }
     log.parent.mkdir(parents=True, exist_ok=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -140,7 +146,8 @@ def _report(args: argparse.Namespace, models: list[str]) -> dict[str, Any]:
         results["models"][model] = entry
     atomic_write_json(results, out / "comparison.json")
     lines = [
-        "| model | bits/image | epochs | iterations | train wall min | train CPU min | test SSIM | PSNR | MSE | usage | perplexity |",
+        "| model | bits/image | epochs | iterations | train wall min | train CPU min | test SSIM | PSNR | MSE | usage "
+        "| perplexity |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model, e in results["models"].items():
@@ -150,7 +157,8 @@ def _report(args: argparse.Namespace, models: list[str]) -> dict[str, Any]:
         lines.append(
             f"| {model} | {e['bits_per_image']:.0f} | {m.get('epochs', '')} | {m.get('iterations', '')} | "
             f"{tr.get('wall_s', float('nan')) / 60:.1f} | {tr.get('cpu_s', float('nan')) / 60:.1f} | "
-            f"{t.get('ssim', float('nan')):.4f} | {t.get('psnr', float('nan')):.2f} | {t.get('mse', float('nan')):.5f} | "
+            f"{t.get('ssim', float('nan')):.4f} | {t.get('psnr', float('nan')):.2f} | "
+            f"{t.get('mse', float('nan')):.5f} | "
             f"{usage} | {perp} |"
         )
     (out / "comparison.md").write_text("\n".join(lines) + "\n")

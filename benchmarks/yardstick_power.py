@@ -127,8 +127,17 @@ def score(args: argparse.Namespace) -> None:
     if args.epochs is not None:
         TEST_OVERRIDES.update({t: {"epochs": args.epochs} for t in ("downsampled", "full")})
     folders = {"real": args.real, "decoded": args.decoded, **{p.name: p for p in args.samples}}
-    print(json.dumps({"torch_threads": torch.get_num_threads(), "n_per_set": n, "seeds": seeds, "tests": tests,
-                      "epochs": args.epochs}))
+    print(
+        json.dumps(
+            {
+                "torch_threads": torch.get_num_threads(),
+                "n_per_set": n,
+                "seeds": seeds,
+                "tests": tests,
+                "epochs": args.epochs,
+            }
+        )
+    )
     rows: dict[tuple[str, str], list[float]] = {}
     effects: dict[str, dict] = {}
     pools: dict[tuple[str, int, int], torch.Tensor] = {}
@@ -165,13 +174,18 @@ def score(args: argparse.Namespace) -> None:
                 acc = run_test(test, a, b, seed, features)
                 cpu = time.process_time() - start + (feature_cpu if test == "stats" else 0.0)
                 rows.setdefault((case, test), []).append(acc)
-                print(json.dumps({"case": case, "test": test, "seed": seed, "accuracy": acc, "cpu_seconds": cpu}), flush=True)
+                print(
+                    json.dumps({"case": case, "test": test, "seed": seed, "accuracy": acc, "cpu_seconds": cpu}),
+                    flush=True,
+                )
     print("\n| A vs B | " + " | ".join(tests) + " |\n| --- |" + " ---: |" * len(tests))
     for case in args.cases.split(","):
         cells = []
         for test in tests:
             v = rows.get((case, test))
-            cells.append("—" if not v else f"{np.mean(v):.3f}" + (f" ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else ""))
+            cells.append(
+                "—" if not v else f"{np.mean(v):.3f}" + (f" ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else "")
+            )
         print(f"| {case} | " + " | ".join(cells) + " |")
     if effects:
         print("\nstats test, per statistic: effect in pooled SD / spread ratio (B over A), first seed")

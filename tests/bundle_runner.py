@@ -10,9 +10,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tiny import TINY_VQVAE2_2D, TINY_VQVAE_2D  # the tiny settings' home (tests/tiny.py), re-exported
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-#: the bundles the tests run: the repository's, or a copy named by ``VQVAE_MEDICAL_BUNDLES`` (``tests/test_leftovers.py``
-#: runs bundle tests against a copy with a user's trained outputs planted in it)
+#: the bundles the tests run: the repository's, or a copy named by ``VQVAE_MEDICAL_BUNDLES``
+#: (``tests/bundles/test_leftovers.py`` runs bundle tests against a copy with a user's trained outputs planted in it)
 BUNDLES = Path(os.environ.get("VQVAE_MEDICAL_BUNDLES") or REPO_ROOT / "bundles")
 #: what a bundle folder ships (git tracks these); everything else in it is a run's output (models/, logs/, cache/...)
 BUNDLE_SOURCES = ("configs", "docs", "LICENSE")
@@ -23,6 +25,8 @@ __all__ = [
     "REPO_ROOT",
     "TINY_VQVAE_2D",
     "TINY_VQVAE2_2D",
+    "VQVAE_3D",
+    "config_paths",
     "default_threads",
     "monai_bundle",
     "run_bundle",
@@ -34,24 +38,15 @@ __all__ = [
     "reconstruction_metrics",
 ]
 
-#: overrides that make the vqvae bundle tiny enough for tests
-TINY_VQVAE_2D = {
-    "network_def#model#channels": [8, 16],
-    "network_def#model#res_channels": [8, 8],
-    "network_def#model#num_res_units": 1,
-    "num_embeddings": 16,
-    "embedding_dim": 8,
-    "batch_size": 2,
-}
 
-#: overrides that make the vqvae2 network tiny (top codebook 8 codes, bottom 16, both 4-dimensional)
-TINY_VQVAE2_2D = {
-    "network_def#model#channels": [8, 16],
-    "network_def#model#res_channels": [8, 8],
-    "network_def#model#num_res_units": 1,
-    "num_embeddings": [8, 16],
-    "embedding_dim": [4, 4],
-}
+#: the overlay that makes the vqvae bundle 3D: it follows each command's configs (``train.json`` + ``3d.json``;
+#: ``train.json`` + ``evaluate.json`` + ``3d.json``; ``inference.json`` + ``3d.json``)
+VQVAE_3D = "3d.json"
+
+
+def config_paths(bundle: str, configs: Sequence[str]) -> list[str]:
+    """The paths of ``configs`` (file names under ``bundles/<bundle>/configs``), in order."""
+    return [str(BUNDLES / bundle / "configs" / c) for c in configs]
 
 
 def copy_bundle(bundle: str, dest: str | os.PathLike) -> Path:
@@ -126,7 +121,9 @@ def monai_bundle(
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
     proc = subprocess.run(cmd, cwd=bundle_dir, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_ok:
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+        assert proc.returncode == 0, (
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+        )
     return proc
 
 
@@ -160,7 +157,7 @@ def run_bundle_in_process(bundle: str, configs: Sequence[str], overrides: Mappin
         with warnings.catch_warnings():  # MONAI's note that configs run code: these are the repository's own
             warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
             monai.bundle.run(
-                config_file=[str(BUNDLES / bundle / "configs" / c) for c in configs],
+                config_file=config_paths(bundle, configs),
                 logging_file=False,
                 bundle_root=str(BUNDLES / bundle),
                 **{k: "$None" if v is None else _plain(v) for k, v in (overrides or {}).items()},
@@ -193,16 +190,17 @@ def bundle_network(
     bundle: str,
     overrides: Mapping[str, Any] | None = None,
     ckpt: str | os.PathLike | None = None,
-    config: str = "inference.json",
+    config: str | Sequence[str] = "inference.json",
     net_id: str = "network_def",
 ) -> Any:
-    """``net_id`` of a bundle's config built in this process as ``monai.bundle`` builds it (with ``overrides``),
-    with ``ckpt`` loaded (``weights_only``) and in eval mode: the eager reference for exported networks."""
+    """``net_id`` of a bundle's config (or configs, later ones overriding earlier ones: ``["inference.json",
+    "3d.json"]``) built in this process as ``monai.bundle`` builds it (with ``overrides``), with ``ckpt`` loaded
+    (``weights_only``) and in eval mode: the eager reference for exported networks."""
     import torch
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(BUNDLES / bundle / "configs" / config))
+    parser.read_config(config_paths(bundle, [config] if isinstance(config, str) else config))
     parser.update({k: _plain(v) for k, v in (overrides or {}).items()})
     net = parser.get_parsed_content(net_id)
     if ckpt is not None:

@@ -51,7 +51,21 @@ def _bundle_folders_stay_clean():
     yield
     after = _bundle_entries()
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    assert not changed, f"tests changed the bundle folders: {changed}; give every bundle run an output_dir below tmp_path"
+    assert not changed, (
+        f"tests changed the bundle folders: {changed}; give every bundle run an output_dir below tmp_path"
+    )
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op torch thread for the test (tiny CPU ops: OpenMP synchronisation would dominate on a shared
+    machine); use it with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _require(sub: str) -> Path:
@@ -82,6 +96,24 @@ def isic_dir() -> Path:
 def ixi_dir() -> Path:
     """IXI T1 volumes at 2 mm (120x120x90 NIfTI)."""
     return _require("ixi_t1_2mm")
+
+
+@pytest.fixture(scope="session")
+def brain_jpg(brain_dir: Path) -> Path:
+    """One real brain slice (208 x 176 grey JPEG, a space in its name)."""
+    return brain_dir / "Test" / "NonDemented" / "26 (100).jpg"
+
+
+@pytest.fixture(scope="session")
+def isic_jpg(isic_dir: Path) -> Path:
+    """One real ISIC photo (256 x 256 RGB JPEG)."""
+    return isic_dir / "images" / "ISIC_0000000.jpg"
+
+
+@pytest.fixture(scope="session")
+def ixi_nii(ixi_dir: Path) -> Path:
+    """One real IXI T1 volume (NIfTI)."""
+    return sorted((ixi_dir / "t1").glob("IXI*_T1.nii.gz"))[0]
 
 
 @pytest.fixture(scope="session")
@@ -145,3 +177,9 @@ def real_folder() -> Callable[..., Path]:
     """``real_folder(files, folder, link=False)``: :func:`put_files` as a fixture, for real images copied (or
     linked) into a temporary folder."""
     return put_files
+
+
+@pytest.fixture(scope="module")
+def brain_slices(tmp_path_factory, brain_files, real_folder):
+    """12 real brain slices (208 x 176 grey JPEG) in one flat folder."""
+    return real_folder(brain_files(12), tmp_path_factory.mktemp("slices"))

@@ -4,6 +4,7 @@ inference and evaluation do with them (the files a user's runs leave: ``models/m
 
 The networks are the bundles' own ``network_def`` (built from their configs with tiny settings) with their initial
 weights: what is tested is what the bundles do around the networks (checks, files, messages), not sample quality.
+The tiny settings are those of ``tests/tiny.py``.
 """
 
 from __future__ import annotations
@@ -14,26 +15,25 @@ from pathlib import Path
 
 import torch
 from bundle_runner import bundle_network
+from tiny import TINY_DIFFUSION, TINY_PRIOR
 
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
 from vqvae_medical.stages.autoencoder.record import data_settings, write_record
-from vqvae_medical.training.checkpoints import atomic_save
+from vqvae_medical.utils.io import atomic_save
 
-__all__ = ["SIZE", "TINY_DIFFUSION", "TINY_PRIOR", "diffusion_folder", "prior_folder", "slice_folder", "stage_one"]
+__all__ = [
+    "SIZE",
+    "TINY_DIFFUSION",
+    "TINY_PRIOR",
+    "diffusion_folder",
+    "prior_folder",
+    "slice_folder",
+    "stage_one",
+    "tiny_unet",
+    "train_steps",
+]
 
 SIZE = [32, 32]  # images -> 8 x 8 codes (downsampling factor 4)
-#: the prior bundle's default network (a transformer), tiny: 64 positions, 2 layers of 8 channels, 2 heads
-TINY_PRIOR = {"num_embeddings": 16, "channels": 8, "num_layers": 2, "num_heads": 2, "max_seq_len": 64}
-#: the latent diffusion bundle's UNet, tiny, on the 8 latent channels, 2 DDIM steps
-TINY_DIFFUSION = {
-    "unet_def#channels": [16, 32],
-    "unet_def#attention_levels": [False, False],
-    "unet_def#num_res_blocks": 1,
-    "unet_def#norm_num_groups": 8,
-    "unet_def#num_head_channels": 8,
-    "num_inference_steps": 2,
-    "embedding_dim": 8,
-}
 
 
 def slice_folder(files: Sequence[Path], folder: Path) -> Path:
@@ -57,6 +57,39 @@ def stage_one(folder: Path, data: Path | None, val_fraction: float = 0.2, test_f
     return folder
 
 
+def train_steps(model: VQVAE, images: torch.Tensor, steps: int = 3) -> VQVAE:
+    """``model`` trained ``steps`` Adam steps (L1 + quantizer loss) on ``images`` (the EMA codebook initialised from
+    them), in eval mode: a tiny VQ-VAE that has seen the data, without a training run."""
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    for _ in range(steps):
+        out = model(images)
+        loss = (out.reconstruction - images).abs().mean() + out.quantizer_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def tiny_unet(spatial_dims: int = 2, num_class_embeds: int | None = None, attention: bool = False, seed: int = 0):
+    """MONAI's diffusion UNet, tiny (``tests/tiny.py`` ``TINY_UNET``) on 4 latent channels, with attention at the
+    second level if asked, seeded."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    torch.manual_seed(seed)
+    return DiffusionModelUNet(
+        spatial_dims=spatial_dims,
+        in_channels=4,
+        out_channels=4,
+        channels=(16, 32),
+        attention_levels=(False, attention),
+        num_res_blocks=1,
+        norm_num_groups=8,
+        num_head_channels=8,
+        num_class_embeds=num_class_embeds,
+    )
+
+
 def prior_folder(folder: Path, autoencoder_dir: Path, num_classes: int = 0, seed: int = 0) -> Path:
     """``folder/models/model.pt``: the prior bundle's ``network_def`` (``TINY_PRIOR``) with its initial weights."""
     torch.manual_seed(seed)
@@ -72,9 +105,11 @@ def diffusion_folder(folder: Path, autoencoder_dir: Path, num_class_embeds: int 
     torch.manual_seed(seed)
     overrides = {**TINY_DIFFUSION, "num_class_embeds": num_class_embeds, "autoencoder_dir": autoencoder_dir}
     generator = bundle_network("latent_diffusion", overrides)
-    vqvae = torch.load(autoencoder_dir / "models" / "model.pt", weights_only=True)
+    state = torch.load(autoencoder_dir / "models" / "model.pt", weights_only=True)
     for part in ("decoder", "quantizer"):
-        getattr(generator, part).load_state_dict({k[len(f"model.{part}.") :]: v for k, v in vqvae.items() if k.startswith(f"model.{part}.")})
+        prefix = f"model.{part}."
+        weights = {k[len(prefix) :]: w for k, w in state.items() if k.startswith(prefix)}
+        getattr(generator, part).load_state_dict(weights)
     generator.diffusion.set_latent_shape([8, SIZE[0] // 4, SIZE[1] // 4], SIZE)
     generator.diffusion.scale_factor.fill_(1.0)
     atomic_save(generator.state_dict(), folder / "models" / "model.pt")

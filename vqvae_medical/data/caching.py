@@ -103,7 +103,9 @@ def _cgroup_available() -> int | None:
     candidates = []
     for rel in [*paths, ""]:  # the process's own cgroup path, then a cgroup namespace's root
         candidates.append((root / rel / "memory.max", root / rel / "memory.current"))
-        candidates.append((root / "memory" / rel / "memory.limit_in_bytes", root / "memory" / rel / "memory.usage_in_bytes"))
+        candidates.append(
+            (root / "memory" / rel / "memory.limit_in_bytes", root / "memory" / rel / "memory.usage_in_bytes")
+        )
     for limit_file, usage_file in candidates:
         limit = _read_int(limit_file)
         if limit is None or limit >= 2**60:  # no limit ("max" or v1's page-rounded LONG_MAX)
@@ -207,7 +209,11 @@ def choose_cache(
         chosen = "memory" if needed <= AUTO_MEMORY_FRACTION * limit.available else "disk"
         logger.info(
             "cache='auto' -> '%s' for the %s set: estimated %s, available %s (%s)",
-            chosen, name, what, _gib(limit.available), limit.source,
+            chosen,
+            name,
+            what,
+            _gib(limit.available),
+            limit.source,
         )
         return chosen, needed
     if needed > limit.available:
@@ -215,7 +221,13 @@ def choose_cache(
             f"cache='memory' cannot hold the {name} set: estimated {what}, but only {_gib(limit.available)} "
             f"is available ({limit.source}). Use --cache disk (or auto) to cache it on disk, or --cache none."
         )
-    logger.info("cache='memory' for the %s set: estimated %s, available %s (%s)", name, what, _gib(limit.available), limit.source)
+    logger.info(
+        "cache='memory' for the %s set: estimated %s, available %s (%s)",
+        name,
+        what,
+        _gib(limit.available),
+        limit.source,
+    )
     return "memory", needed
 
 

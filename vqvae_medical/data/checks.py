@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vqvae_medical.utils.errors import UserError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "NIFTI_EXTENSIONS",
@@ -60,7 +62,7 @@ _PIL_FIX = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Raised when a data set folder, datalist or image file cannot be used as given."""
 
 
@@ -380,9 +382,15 @@ def check_datalist(
                 f"(the SSIM window), e.g. {example[2]} has size {example[3]}. Set spatial_size (e.g. "
                 f"--spatial_size [{max(min_size, 16)},{max(min_size, 16)}]) to resize them, or use larger images."
             )
-        for index, item, path, shape in small:
+        for index, _item, path, shape in small:
             fix = "Set spatial_size to resize every image, or remove the file"
-            bad.append((index, path, _Problem(f"has size {shape}, smaller than the minimum {min_size} per side (the SSIM window)", fix)))
+            bad.append(
+                (
+                    index,
+                    path,
+                    _Problem(f"has size {shape}, smaller than the minimum {min_size} per side (the SSIM window)", fix),
+                )
+            )
         good = [g for g in good if min(g[3]) >= min_size]
     reference = tuple(int(s) for s in expected_size) if expected_size is not None else None
     if reference is None and require_same_size and good:
@@ -407,12 +415,16 @@ def check_datalist(
     if bad and not skip_bad:
         if len(bad) == 1:
             _, path, problem = bad[0]
-            raise DataError(f"{_message(path, problem)}, or set skip_bad_files=true (bundle config; skip_bad=True in Python) to skip it.")
+            raise DataError(
+                f"{_message(path, problem)}, or set skip_bad_files=true (bundle config; skip_bad=True in Python) to "
+                "skip it."
+            )
         shown = "\n".join(f"  {_message(path, problem)}." for _, path, problem in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more." if len(bad) > 20 else ""
         raise DataError(
             f"{len(bad)} of {len(datalist_items)} images in {where} are unusable:\n{shown}{more}\n"
-            "Fix or remove these files, or set skip_bad_files=true (bundle config; skip_bad=True in Python) to skip them."
+            "Fix or remove these files, or set skip_bad_files=true (bundle config; skip_bad=True in Python) to skip "
+            "them."
         )
     report = CheckReport(
         items=[item if isinstance(item, Mapping) else {key: path} for _, item, path, _ in good],

@@ -214,9 +214,7 @@ def split_by_subject(
     return _drop_empty(out)
 
 
-def _carve_validation(
-    datalist: dict[str, list[dict]], val_fraction: float, seed: int
-) -> dict[str, list[dict]]:
+def _carve_validation(datalist: dict[str, list[dict]], val_fraction: float, seed: int) -> dict[str, list[dict]]:
     """Take a validation section from training when the data set has none and ``val_fraction`` > 0."""
     if val_fraction <= 0 or datalist.get("validation") or not datalist.get("training"):
         return datalist

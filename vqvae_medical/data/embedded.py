@@ -141,7 +141,9 @@ def mni152_slices(
         axis, letter = PLANES[plane]
         area = _brain_area_per_slice(axis)
         eligible = np.nonzero(area >= min_brain_fraction * area.max())[0]
-        chosen = eligible[np.unique(np.round(np.linspace(0, len(eligible) - 1, min(n_slices, len(eligible)))).astype(int))]
+        chosen = eligible[
+            np.unique(np.round(np.linspace(0, len(eligible) - 1, min(n_slices, len(eligible)))).astype(int))
+        ]
         paths = [out / f"mni152_{plane}_{letter}{int(i):03d}.png" for i in chosen]
         if not all(p.is_file() and _png_size(p) == (height, width) for p in paths):
             _write_slices(out, plane, chosen, paths, (height, width))
@@ -164,7 +166,7 @@ def _write_slices(out: Path, plane: str, chosen: np.ndarray, paths: list[Path], 
     stack = Resize(spatial_size=size, mode="area")(stack)
     pixels = np.clip(np.rint(np.asarray(stack)), 0, 255).astype(np.uint8)
     out.mkdir(parents=True, exist_ok=True)
-    for path, array in zip(paths, pixels):
+    for path, array in zip(paths, pixels, strict=True):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         Image.fromarray(array, mode="L").save(tmp, format="PNG")
         os.replace(tmp, path)  # atomic, so parallel callers never read a half-written file
@@ -208,7 +210,7 @@ def mni152_volumes(
         raise ValueError(f"pixdim must be positive, got {pixdim}.")
     template = nib.load(mni152_volume_path())
     zooms = np.asarray(template.header.get_zooms()[:3], dtype=float)
-    full = tuple(max(1, int(round(s * z / pixdim))) for s, z in zip(template.shape[:3], zooms))
+    full = tuple(max(1, int(round(s * z / pixdim))) for s, z in zip(template.shape[:3], zooms, strict=False))
     crop = tuple(max(1, int(s * crop_fraction)) for s in full)
     out = Path(out_dir).absolute()
     paths = [out / f"mni152_aug{i:02d}.nii.gz" for i in range(n_volumes)]
@@ -233,9 +235,9 @@ def _write_volumes(template, full: tuple, crop: tuple, paths: list[Path], seed: 
     rng = np.random.default_rng(seed)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(paths):
-        slack = [f - c for f, c in zip(full, crop)]
+        slack = [f - c for f, c in zip(full, crop, strict=True)]
         start = [s // 2 for s in slack] if i == 0 else [int(rng.integers(0, s + 1)) for s in slack]
-        block = volume[tuple(slice(b, b + c) for b, c in zip(start, crop))]
+        block = volume[tuple(slice(b, b + c) for b, c in zip(start, crop, strict=True))]
         if i % 2 == 1:
             block = block[::-1]  # mirror the anatomy left-right; the affine is kept on purpose
         shift = np.eye(4)

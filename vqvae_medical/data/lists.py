@@ -8,15 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vqvae_medical.data import (
-    DataError,
-    build_datalist,
-    check_datalist,
-    list_images,
-    mni152_slices,
-    mni152_volumes,
-)
-from vqvae_medical.training.distributed import rank_zero_first
+from vqvae_medical.data import DataError, build_datalist, check_datalist, list_images, mni152_slices, mni152_volumes
+from vqvae_medical.utils.distributed import rank_zero_first
 
 __all__ = ["training_datalist", "section", "inference_datalist"]
 
@@ -121,4 +114,6 @@ def inference_datalist(
         raise DataError(f"{input_path}: no such file or folder to run inference on.")
     if not items:
         raise DataError(f"{input_path}: no images found (PNG, JPEG, NIfTI, ...).")
-    return list(check_datalist(items, spatial_dims=spatial_dims, channels=channels, skip_bad=skip_bad, source=input_path).items)
+    return list(
+        check_datalist(items, spatial_dims=spatial_dims, channels=channels, skip_bad=skip_bad, source=input_path).items
+    )

@@ -225,8 +225,9 @@ def image_transforms_2d(
 ) -> Compose:
     """Transforms for 2D images (PNG/JPEG/BMP/TIFF or 2D NIfTI slices) to ``[channels, H, W]`` float32 in ``[0, 1]``.
 
-    Chain: ``LoadImaged`` (image only) -> ``EnsureChannelFirstd`` -> :class:`CommonMetad` -> :class:`SqueezeSpatialDimsd` (``H x W x 1``
-    NIfTI -> ``H x W``) -> :class:`ToRowMajord` (rows first, see the module docstring) -> :class:`AdaptChannelsd`
+    Chain: ``LoadImaged`` (image only) -> ``EnsureChannelFirstd`` -> :class:`CommonMetad` ->
+    :class:`SqueezeSpatialDimsd` (``H x W x 1`` NIfTI -> ``H x W``) -> :class:`ToRowMajord` (rows first, see the
+    module docstring) -> :class:`AdaptChannelsd`
     (RGB -> grey by mean, grey -> RGB by repetition, opaque alpha dropped) -> ``ScaleIntensityd`` (min-max to
     ``[0, 1]`` per image, over all channels) -> ``ResizeWithPadOrCropd`` (``resize_mode="pad"``, centred, zero
     padding) or ``Resized`` (``"resize"``, bilinear with anti-aliasing) to ``spatial_size`` when given ->
@@ -302,10 +303,10 @@ def volume_transforms_3d(
 ) -> Compose:
     """Transforms for 3D volumes to ``[channels, X, Y, Z]`` float32 in ``[0, 1]``.
 
-    Chain: ``LoadImaged`` -> ``EnsureChannelFirstd`` -> :class:`CommonMetad` -> :class:`AdaptChannelsd` -> ``Orientationd(orientation)``
-    -> ``Spacingd(pixdim)`` when given -> ``CropForegroundd`` (voxels above ``foreground_fraction`` of the
-    maximum) when ``crop_foreground`` -> ``Resized`` (trilinear, anti-aliased when shrinking;
-    ``resize_mode="resize"``) or ``ResizeWithPadOrCropd`` (``"pad"``) to ``spatial_size`` when given ->
+    Chain: ``LoadImaged`` -> ``EnsureChannelFirstd`` -> :class:`CommonMetad` -> :class:`AdaptChannelsd` ->
+    ``Orientationd(orientation)`` -> ``Spacingd(pixdim)`` when given -> ``CropForegroundd`` (voxels above
+    ``foreground_fraction`` of the maximum) when ``crop_foreground`` -> ``Resized`` (trilinear, anti-aliased when
+    shrinking; ``resize_mode="resize"``) or ``ResizeWithPadOrCropd`` (``"pad"``) to ``spatial_size`` when given ->
     ``ScaleIntensityd`` (``scaling="minmax"``) or ``ScaleIntensityRangePercentilesd(lower, upper)`` clipped to
     ``[0, 1]`` (``"percentile"``) -> ``RandSpatialCropd(patch_size)`` when given -> with ``augment``: left-right
     ``RandFlipd`` (axis 0, RAS) and ``RandRotated`` by up to ``rotate_degrees`` about each axis ->

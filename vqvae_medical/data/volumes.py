@@ -115,7 +115,12 @@ def check_volume_datalist(
     multi = [(i, item) for i, item in enumerate(items) if isinstance(item.get(key), (list, tuple))]
     if not multi:
         return check_datalist(
-            list(items), spatial_dims=3, channels=channels, skip_bad=skip_bad, key=key, source=source,
+            list(items),
+            spatial_dims=3,
+            channels=channels,
+            skip_bad=skip_bad,
+            key=key,
+            source=source,
             require_same_size=require_same_size,
         )
     good: dict[int, Mapping[str, Any]] = {}
@@ -123,7 +128,12 @@ def check_volume_datalist(
     if single:
         try:
             report = check_datalist(
-                [item for _, item in single], spatial_dims=3, channels=channels, skip_bad=skip_bad, key=key, source=source
+                [item for _, item in single],
+                spatial_dims=3,
+                channels=channels,
+                skip_bad=skip_bad,
+                key=key,
+                source=source,
             )
         except DataError as e:
             if not skip_bad:

@@ -1,5 +1,5 @@
-"""Every PNG figure of the package (matplotlib, Agg backend): reconstructions, code maps, codebook usage, training
-curves, sample grids (2D images or 3D mid-slices) and the prior's bits-per-code report. The stages collect the
+"""Every PNG figure of the package (matplotlib, Agg backend): reconstructions, code maps, codebook usage, sample
+grids (2D images or 3D mid-slices) and the prior's bits-per-code report. The stages collect the
 numbers; the drawing lives here only."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+
+from vqvae_medical.utils.curves import plot_training_curves  # re-exported: one of the figures
 
 __all__ = [
     "to_display",
@@ -50,70 +52,6 @@ def mid_slices(volume: Any) -> list[np.ndarray]:
     v = np.asarray(volume.detach().cpu() if hasattr(volume, "detach") else volume, dtype=np.float32)[0]
     x, y, z = (s // 2 for s in v.shape)
     return [np.rot90(v[:, :, z]), np.rot90(v[:, y, :]), np.rot90(v[x, :, :])]
-
-
-def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike | None = None, ax=None):
-    """Plot every numeric series of ``history`` (records with ``epoch``, ``phase`` and metric keys) against the
-    epoch, one small panel per metric (training and validation of the same metric share a panel), so that
-    quantities of different scales (SSIM, PSNR in dB, perplexity) each stay readable.
-
-    Args:
-        history: records as written by :class:`~vqvae_medical.training.handlers.MetricsHistory`.
-        path: PNG to write when the figure is ours (``ax`` is ``None``).
-        ax: an axes whose area the panels replace (inside a larger figure).
-
-    Returns:
-        The list of panel axes.
-    """
-    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for rec in history:
-        for key, value in rec.items():
-            if key in ("epoch", "iteration", "phase", "time") or not isinstance(value, (int, float)):
-                continue
-            series.setdefault(key, {}).setdefault(str(rec.get("phase", "")), []).append((rec["epoch"], value))
-    keys = sorted(series)
-    n = max(len(keys), 1)
-    cols = min(4, n)
-    if ax is not None:  # as many columns as suit the shape of the area the panels fill
-        box = ax.get_position()
-        width, height = ax.figure.get_size_inches()
-        aspect = (box.width * width) / max(box.height * height, 1e-6)
-        cols = max(1, min(4, n, round((n * aspect) ** 0.5)))
-    rows = -(-n // cols)
-    own = ax is None
-    if own:
-        fig = plt.figure(figsize=(2.6 * cols, 1.9 * rows + 0.4))
-        grid = fig.add_gridspec(rows, cols)
-    else:
-        fig = ax.figure
-        grid = ax.get_subplotspec().subgridspec(rows, cols, hspace=0.6, wspace=0.35)
-        ax.remove()
-    panels = []
-    if not keys:
-        panel = fig.add_subplot(grid[0, 0])
-        panel.set_title("training curves (no history found)", fontsize=8)
-        panels.append(panel)
-    for i, key in enumerate(keys):
-        panel = fig.add_subplot(grid[i // cols, i % cols])
-        for phase, pts in sorted(series[key].items()):
-            xs, ys = zip(*pts)
-            panel.plot(xs, ys, marker="o", ms=2, lw=1, label=phase or key)
-        panel.set_title(key, fontsize=7)
-        panel.tick_params(labelsize=6)
-        panel.grid(alpha=0.3)
-        if len(series[key]) > 1:
-            panel.legend(fontsize=5)
-        if i // cols == rows - 1:
-            panel.set_xlabel("epoch", fontsize=6)
-        panels.append(panel)
-    if own:
-        fig.suptitle("training curves", fontsize=9)
-        fig.tight_layout()
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=100)
-        plt.close(fig)
-    return panels
 
 
 #: up to this many images the report shows each image's SSIM instead of a histogram
@@ -173,7 +111,7 @@ def save_evaluation_report(
     for i, s in enumerate(samples):
         image, recon = np.asarray(s["image"]), np.asarray(s["recon"])
         if spatial_dims == 3:
-            views = zip(("axial", "coronal", "sagittal"), mid_slices(image), mid_slices(recon))
+            views = zip(("axial", "coronal", "sagittal"), mid_slices(image), mid_slices(recon), strict=True)
             for view, a, b in views:
                 rows.append(
                     [
@@ -184,8 +122,11 @@ def save_evaluation_report(
                 )
         else:
             row = [(f"#{i} input", to_display(image), "gray")]
-            row += [(name, np.asarray(c), "nipy_spectral") for name, c in zip(level_names, s["codes"])]
-            row += [("reconstruction", to_display(recon), "gray"), ("|error|", np.abs(to_display(image) - to_display(recon)), "magma")]
+            row += [(name, np.asarray(c), "nipy_spectral") for name, c in zip(level_names, s["codes"], strict=False)]
+            row += [
+                ("reconstruction", to_display(recon), "gray"),
+                ("|error|", np.abs(to_display(image) - to_display(recon)), "magma"),
+            ]
             rows.append(row)
     n_cols = max((len(r) for r in rows), default=3)
     # with three columns (3D, or 2D without code maps) the curves get a full-width row of their own
@@ -207,10 +148,16 @@ def save_evaluation_report(
     ax = fig.add_subplot(grid[stats_row, 0])
     plot_ssim_values(ssim_values, ax)
     ax = fig.add_subplot(grid[stats_row, 1])
-    for name, counts in zip(level_names, code_counts):
+    for name, counts in zip(level_names, code_counts, strict=False):
         counts = np.sort(np.asarray(counts, dtype=float))[::-1]
         used = int((counts > 0).sum())
-        ax.bar(np.arange(len(counts)), counts / max(counts.sum(), 1.0), width=1.0, alpha=0.6, label=f"{name}: {used}/{len(counts)} used")
+        ax.bar(
+            np.arange(len(counts)),
+            counts / max(counts.sum(), 1.0),
+            width=1.0,
+            alpha=0.6,
+            label=f"{name}: {used}/{len(counts)} used",
+        )
     ax.set_title("codebook usage (codes sorted by frequency)", fontsize=8)
     ax.set_yscale("log")
     ax.legend(fontsize=6)
@@ -220,7 +167,9 @@ def save_evaluation_report(
     return _save_figure(fig, path)
 
 
-def save_image_grid(path: str | os.PathLike, images: Sequence[Any], ncols: int = 4, titles: Sequence[str] | None = None) -> Path:
+def save_image_grid(
+    path: str | os.PathLike, images: Sequence[Any], ncols: int = 4, titles: Sequence[str] | None = None
+) -> Path:
     """Save 2D images ``[C, H, W]`` in [0, 1] as a PNG grid."""
     n = len(images)
     nrows = max(1, int(np.ceil(n / ncols)))
@@ -250,7 +199,7 @@ def save_sample_grid(
     """
     names = list(names) if names is not None else [f"#{i}" for i in range(len(images))]
     if labels is not None:
-        names = [f"{name} class {int(c)}" for name, c in zip(names, labels)]
+        names = [f"{name} class {int(c)}" for name, c in zip(names, labels, strict=False)]
     if np.ndim(images[0]) == 4:
         tiles = [view for image in images for view in mid_slices(image)]
         titles = [f"{name} {v}" for name in names for v in ("ax", "cor", "sag")]
@@ -310,12 +259,12 @@ def save_anomaly_figure(
         img, heal, amap = to_display(images[i]), to_display(healed[i]), to_display(maps[i])
         grey = "gray" if img.ndim == 2 else None
         panels = [(img, grey, 1.0), (heal, grey, 1.0), (amap, "hot", top)]
-        for ax, (arr, cmap, vmax) in zip(axes[i], panels):
+        for ax, (arr, cmap, vmax) in zip(axes[i], panels, strict=False):
             ax.imshow(arr, cmap=cmap, vmin=0, vmax=vmax)
         axes[i, 3].imshow(img, cmap=grey, vmin=0, vmax=1)
         axes[i, 3].imshow(np.ma.masked_less_equal(amap, 0.0), cmap="hot", vmin=0, vmax=top, alpha=0.6)
         titles = ["input" if names is None else str(names[i]), "healed", f"map (max {top:.2f})", "overlay"]
-        for ax, title in zip(axes[i], titles):
+        for ax, title in zip(axes[i], titles, strict=True):
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     fig.tight_layout()

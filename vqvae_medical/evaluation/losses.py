@@ -83,7 +83,10 @@ class SeparableSSIMLoss(nn.Module):
         """``[B, 1]`` SSIM of each image (the mean of its SSIM map over channels and positions, as MONAI's
         ``SSIMMetric`` reports it)."""
         if prediction.shape != target.shape:
-            raise ValueError(f"prediction and target must have the same shape, got {list(prediction.shape)} and {list(target.shape)}.")
+            raise ValueError(
+                f"prediction and target must have the same shape, got {list(prediction.shape)} and "
+                f"{list(target.shape)}."
+            )
         if prediction.ndim != self.spatial_dims + 2:
             raise ValueError(f"expected [B, C] + {self.spatial_dims} spatial dims, got shape {list(prediction.shape)}.")
         x = prediction.float()

@@ -89,7 +89,9 @@ def nearest_images(queries: torch.Tensor, train_batches: Iterable[torch.Tensor],
         index = torch.where(better, j + seen, index)
         if keep:
             chosen = batch.detach().cpu().float()[j[:keep]]
-            kept = chosen if kept is None else torch.where(better[:keep].view(-1, *[1] * (chosen.ndim - 1)), chosen, kept)
+            kept = (
+                chosen if kept is None else torch.where(better[:keep].view(-1, *[1] * (chosen.ndim - 1)), chosen, kept)
+            )
         seen += len(t)
     if seen == 0:
         raise ValueError("no training images to compare with: the training section is empty.")

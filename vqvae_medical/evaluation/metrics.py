@@ -32,9 +32,9 @@ __all__ = [
 
 class SeparableSSIMMetric(SSIMMetric):
     """MONAI's ``SSIMMetric`` (Gaussian window) computed with the separable window of
-    :class:`~vqvae_medical.evaluation.losses.SeparableSSIMLoss`: the same per-image values to float32 rounding (tested), without
-    the dense ``win_size^3`` convolution that made MONAI's metric most of a 3D validation's time (on a 128³ volume,
-    see ``docs/benchmarks.md``). Arguments as MONAI's; only the Gaussian window is supported.
+    :class:`~vqvae_medical.evaluation.losses.SeparableSSIMLoss`: the same per-image values to float32 rounding
+    (tested), without the dense ``win_size^3`` convolution that made MONAI's metric most of a 3D validation's time
+    (on a 128³ volume, see ``docs/benchmarks.md``). Arguments as MONAI's; only the Gaussian window is supported.
     """
 
     def __init__(
@@ -47,18 +47,25 @@ class SeparableSSIMMetric(SSIMMetric):
         k2: float = 0.03,
         **kwargs: Any,
     ) -> None:
-        super().__init__(spatial_dims, data_range=data_range, win_size=win_size, kernel_sigma=kernel_sigma, k1=k1, k2=k2, **kwargs)
-        self._ssim = SeparableSSIMLoss(spatial_dims, data_range=data_range, win_size=win_size, kernel_sigma=kernel_sigma, k1=k1, k2=k2)
+        super().__init__(
+            spatial_dims, data_range=data_range, win_size=win_size, kernel_sigma=kernel_sigma, k1=k1, k2=k2, **kwargs
+        )
+        self._ssim = SeparableSSIMLoss(
+            spatial_dims, data_range=data_range, win_size=win_size, kernel_sigma=kernel_sigma, k1=k1, k2=k2
+        )
 
     def _compute_metric(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # shapes and dims are checked by ssim_per_image; unlike the loss, the metric never shrinks its window
         if min(y_pred.shape[2:]) < self._ssim.win_size:
-            raise ValueError(f"images of shape {list(y_pred.shape[2:])} are smaller than the SSIM window ({self._ssim.win_size}).")
+            raise ValueError(
+                f"images of shape {list(y_pred.shape[2:])} are smaller than the SSIM window ({self._ssim.win_size})."
+            )
         return self._ssim.ssim_per_image(y_pred, y)
 
 
 def code_histogram_stats(counts: torch.Tensor) -> tuple[float, float]:
-    """``(fraction of codes used, perplexity)`` of a code histogram (:func:`~vqvae_medical.networks.quantizers.perplexity`)."""
+    """``(fraction of codes used, perplexity)`` of a code histogram
+    (:func:`~vqvae_medical.networks.quantizers.perplexity`)."""
     counts = counts.double()
     return float((counts > 0).double().mean()), float(perplexity(counts))
 

@@ -32,7 +32,9 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{name[: len(name) - len(ext)]}.{os.getpid()}.tmp{ext}")
 
 
-def save_sample_image(path: str | os.PathLike, image: torch.Tensor, voxel_size: Sequence[float] | float | None = None) -> Path:
+def save_sample_image(
+    path: str | os.PathLike, image: torch.Tensor, voxel_size: Sequence[float] | float | None = None
+) -> Path:
     """Write one sample ``[C, *spatial]`` with values in [0, 1]: 2D -> 8-bit grey or RGB PNG, 3D -> float32 NIfTI with
     affine ``diag(voxel_size)``; atomically (a temporary file in the same folder, then renamed).
 
@@ -80,7 +82,7 @@ class NpyWriter:
         self.dtype = np.dtype(dtype)
         self.rows = 0
         self._tmp = _temporary(self.path)
-        self._file: BinaryIO | None = open(self._tmp, "wb")  # noqa: SIM115 (closed in close/abort)
+        self._file: BinaryIO | None = open(self._tmp, "wb")
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
         np.lib.format.write_array_header_1_0(self._file, header)
 
@@ -157,7 +159,7 @@ class SampleFiles:
             for name, (shape, dtype) in (arrays or {}).items()
         }
 
-    def __enter__(self) -> SampleFiles:  # noqa: PYI034
+    def __enter__(self) -> SampleFiles:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

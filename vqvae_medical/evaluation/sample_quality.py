@@ -235,8 +235,8 @@ def ms_ssim_diversity(
     """Mean pairwise MS-SSIM (Wang et al. 2003) among images ``[N, C, ...]`` in [0, 1]; lower means more diverse.
 
     The pairs are all pairs among ``min(N, max_images)`` images drawn with ``seed`` (all pairs of all images
-    costs ``N^2``); the value is :func:`vqvae_medical.evaluation.diversity.pairwise_ms_ssim` on them, with its kernel size and
-    weights fitted to the image size unless given.
+    costs ``N^2``); the value is :func:`vqvae_medical.evaluation.diversity.pairwise_ms_ssim` on them, with its
+    kernel size and weights fitted to the image size unless given.
     """
     _check_images(images, "images")
     if len(images) < 2:

@@ -168,7 +168,9 @@ class ReconstructionWriter:
     def _invert(self, pred: torch.Tensor, image: MetaTensor) -> torch.Tensor:
         if self.transform is None or not isinstance(image, MetaTensor) or not image.applied_operations:
             return pred
-        restored = MetaTensor(pred.detach().cpu(), meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        restored = MetaTensor(
+            pred.detach().cpu(), meta=dict(image.meta), applied_operations=list(image.applied_operations)
+        )
         return self.transform.inverse({self.image_key: restored})[self.image_key]
 
     def __call__(self, engine: Engine) -> None:
@@ -197,7 +199,7 @@ class ReconstructionWriter:
     def _code_affine(grid: tuple[np.ndarray, tuple[int, ...]], code_shape: tuple[int, ...]) -> np.ndarray:
         """World affine of a 3D code map: code voxel ``i`` covers voxels ``f*i .. f*i+f-1`` of the network input."""
         affine, shape = grid
-        factors = [int(np.ceil(s / max(c, 1))) for s, c in zip(shape, code_shape)]
+        factors = [int(np.ceil(s / max(c, 1))) for s, c in zip(shape, code_shape, strict=False)]
         voxel_to_grid = np.diag([*factors, 1.0])
         voxel_to_grid[:3, 3] = [(f - 1) / 2.0 for f in factors]
         return affine @ voxel_to_grid
@@ -209,7 +211,7 @@ class ReconstructionWriter:
         img = np.clip(pred, 0.0, 1.0)
         img = img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
         Image.fromarray(np.round(img * 255.0).astype(np.uint8)).save(self._target(src, "recon.png"))
-        for name, c in zip(self._code_names(len(codes)), codes):
+        for name, c in zip(self._code_names(len(codes)), codes, strict=True):
             Image.fromarray(c.astype(np.uint16)).save(self._target(src, f"{name}.png"))
 
     def _write_nifti(self, src: str, pred: np.ndarray, codes: list[np.ndarray], grid=None) -> None:
@@ -226,9 +228,9 @@ class ReconstructionWriter:
             header.set_data_dtype(np.float32)
             header["scl_slope"], header["scl_inter"] = np.nan, np.nan
         nib.save(nib.Nifti1Image(data.astype(np.float32), affine, header), self._target(src, "recon.nii.gz"))
-        for name, c in zip(self._code_names(len(codes)), codes):
+        for name, c in zip(self._code_names(len(codes)), codes, strict=True):
             scale = np.ones(4)
-            scale[: c.ndim] = [d / max(cs, 1) for d, cs in zip(data.shape[: c.ndim], c.shape)]
+            scale[: c.ndim] = [d / max(cs, 1) for d, cs in zip(data.shape[: c.ndim], c.shape, strict=True)]
             code_affine = affine @ np.diag(scale)
             if grid is not None and c.ndim == 3:  # 3D codes live on the reoriented/resampled network grid
                 code_affine = self._code_affine(grid, c.shape)

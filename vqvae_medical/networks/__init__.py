@@ -9,6 +9,7 @@ from vqvae_medical.networks.pixelcnn import (
     bits_per_code,
     prior_cross_entropy,
 )
+from vqvae_medical.networks.transformer_prior import TransformerPrior, TransformerPriorCache
 from vqvae_medical.networks.vqvae import (
     VQVAE,
     CheckpointedSequential,
@@ -17,7 +18,6 @@ from vqvae_medical.networks.vqvae import (
     make_quantizer,
     pad_to_multiple,
 )
-from vqvae_medical.networks.transformer_prior import TransformerPrior, TransformerPriorCache
 from vqvae_medical.networks.vqvae2 import VQVAE2
 
 __all__ = [

@@ -50,7 +50,7 @@ def icnr_init_(conv: nn.Module, upsample_factor: int, init=nn.init.kaiming_norma
     if conv.weight.shape[0] % (upsample_factor**n_dims) != 0:
         raise ValueError(
             f"out_channels ({conv.weight.shape[0]}) must be a multiple of upsample_factor**spatial_dims "
-            f"({upsample_factor ** n_dims}) for ICNR."
+            f"({upsample_factor**n_dims}) for ICNR."
         )
     with torch.no_grad():
         icnr_init(conv, upsample_factor, init=init)
@@ -115,8 +115,22 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 #: activations that act on every element alone (they can run on any reshaping of a tensor)
 _ELEMENTWISE_ACTS = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-    nn.Tanh, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
 )
 
 

@@ -23,8 +23,19 @@ _ATTR = "_constructor_config"
 #: constructor arguments that act only in training (codebook updates, memory, memory format): two definitions that
 #: differ only in these compute the same function of the same weights
 TRAINING_ONLY = frozenset(
-    {"decay", "epsilon", "codebook_init", "dead_code_threshold", "commitment_cost", "use_checkpointing", "ddp_sync",
-     "channels_last", "kmeans_iters", "usage_window", "max_chunk_bytes"}
+    {
+        "decay",
+        "epsilon",
+        "codebook_init",
+        "dead_code_threshold",
+        "commitment_cost",
+        "use_checkpointing",
+        "ddp_sync",
+        "channels_last",
+        "kmeans_iters",
+        "usage_window",
+        "max_chunk_bytes",
+    }
 )
 T = TypeVar("T", bound=type)
 

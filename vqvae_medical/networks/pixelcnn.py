@@ -14,7 +14,8 @@ weight is ever multiplied by a mask and no work is spent on masked-out taps. Wit
 ``c - L p .. c + L p`` and on row ``r``, columns ``c - L p .. c - 1`` (clipped to the map), and on nothing else.
 
 :class:`PixelCNNCache` evaluates the same network one position at a time for raster-order sampling: the vertical
-stack once per row, the horizontal stack one column per layer and position (see :mod:`vqvae_medical.stages.prior.sampling`).
+stack once per row, the horizontal stack one column per layer and position (see
+:mod:`vqvae_medical.stages.prior.sampling`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vqvae_medical.networks.code_prior import CodePrior, CodePriorCache
 
 __all__ = ["GatedPixelCNN", "GatedPixelCNNLayer", "PixelCNNCache", "prior_cross_entropy", "bits_per_code"]
 
@@ -116,7 +119,7 @@ class GatedPixelCNNLayer(nn.Module):
         return _gate(v_pre), res, skip
 
 
-class GatedPixelCNN(nn.Module):
+class GatedPixelCNN(CodePrior):
     """Gated PixelCNN prior over a 2D map of VQ code indices (van den Oord et al. 2016, arXiv 1606.05328).
 
     Conditioning (both optional, both added in every layer's gates through a per-layer projection):
@@ -156,26 +159,11 @@ class GatedPixelCNN(nn.Module):
         output_channels: int | None = None,
     ) -> None:
         super().__init__()
-        if spatial_dims != 2:
-            raise ValueError(f"GatedPixelCNN is 2D only, got spatial_dims={spatial_dims}.")
-        if num_embeddings < 2:
-            raise ValueError(f"num_embeddings must be at least 2, got {num_embeddings}.")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be at least 1, got {num_layers}.")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}.")
-        if conditioning_num_embeddings is not None and conditioning_channels is None:
-            conditioning_channels = channels
-        self.spatial_dims = spatial_dims
-        self.num_embeddings = num_embeddings
-        self.channels = channels
-        self.num_layers = num_layers
+        conditioning_channels = self.set_conditioning(
+            "GatedPixelCNN", spatial_dims, num_embeddings, channels, num_layers, num_classes, conditioning_channels,
+            conditioning_num_embeddings,
+        )
         self.kernel_size = kernel_size
-        self.num_classes = num_classes
-        self.conditioning_channels = conditioning_channels
-        self.conditioning_num_embeddings = conditioning_num_embeddings
-        self.class_conditioned = num_classes is not None
-        self.spatially_conditioned = conditioning_channels is not None
 
         self.embedding = nn.Embedding(num_embeddings, channels)
         self.cond_embedding = (
@@ -207,22 +195,7 @@ class GatedPixelCNN(nn.Module):
 
     def condition_features(self, condition: torch.Tensor | None, height: int, width: int) -> torch.Tensor | None:
         """The spatial condition as a float map ``[B, C_cond, height, width]`` (``None`` if not conditioned)."""
-        if not self.spatially_conditioned:
-            if condition is not None:
-                raise ValueError("this prior has no spatial conditioning but a condition was given.")
-            return None
-        if condition is None:
-            raise ValueError("this prior is spatially conditioned: condition is required.")
-        if self.cond_embedding is not None:
-            if condition.dim() != 3 or condition.dtype != torch.long:
-                raise ValueError("condition must be an int64 code map [B, Hc, Wc].")
-            features = self.cond_embedding(condition).permute(0, 3, 1, 2).contiguous()
-            if features.shape[2] != height or features.shape[3] != width:
-                features = F.interpolate(features, size=[height, width], mode="nearest")
-            return features
-        if condition.dim() != 4 or condition.shape[2] != height or condition.shape[3] != width:
-            raise ValueError("condition must be a float map [B, C_cond, H, W] of the code map's spatial size.")
-        return condition
+        return self.spatial_features(condition, height, width, contiguous=True)
 
     def forward(
         self, codes: torch.Tensor, class_label: torch.Tensor | None = None, condition: torch.Tensor | None = None
@@ -236,10 +209,7 @@ class GatedPixelCNN(nn.Module):
         """
         if codes.dim() != 3 or codes.dtype != torch.long:
             raise ValueError("codes must be an int64 code map [B, H, W].")
-        if self.class_conditioned and class_label is None:
-            raise ValueError("this prior is class-conditioned: class_label is required.")
-        if not self.class_conditioned and class_label is not None:
-            raise ValueError("this prior has no class conditioning but a class_label was given.")
+        self.check_class_label(class_label)
         features = self.condition_features(condition, codes.shape[1], codes.shape[2])
         x = self.embed_codes(codes)
         v = x
@@ -251,7 +221,7 @@ class GatedPixelCNN(nn.Module):
         return self.output(skip)
 
 
-class PixelCNNCache:
+class PixelCNNCache(CodePriorCache):
     """Incremental evaluation of a :class:`GatedPixelCNN`, one position at a time in raster order.
 
     Gives the logits of :meth:`GatedPixelCNN.forward` at each position (same operations on the same values, up to
@@ -263,34 +233,14 @@ class PixelCNNCache:
     - the horizontal stack is computed for one column per layer and position, from a per-layer buffer of the
       current row's inputs.
 
-    Use :meth:`next_logits` then :meth:`append` for each position (see :func:`vqvae_medical.stages.prior.sampling.sample`).
-
-    Args:
-        model: the prior.
-        batch_size: batch size ``B``.
-        height: code map height.
-        width: code map width.
-        class_label: ``[B]`` class indices for a class-conditioned prior.
-        condition: spatial condition for a spatially conditioned prior (as for :meth:`GatedPixelCNN.forward`).
+    Arguments as :class:`~vqvae_medical.networks.code_prior.CodePriorCache`'s.
     """
 
-    def __init__(
-        self,
-        model: GatedPixelCNN,
-        batch_size: int,
-        height: int,
-        width: int,
-        class_label: torch.Tensor | None = None,
-        condition: torch.Tensor | None = None,
-    ) -> None:
-        if model.class_conditioned and class_label is None:
-            raise ValueError("this prior is class-conditioned: class_label is required.")
-        if not model.class_conditioned and class_label is not None:
-            raise ValueError("this prior has no class conditioning but a class_label was given.")
-        self.model = model
-        self.batch_size = batch_size
-        self.height = height
-        self.width = width
+    model: GatedPixelCNN
+
+    def start(self, class_label: torch.Tensor | None, condition: torch.Tensor | None) -> None:
+        model, batch_size, height, width = self.model, self.batch_size, self.height, self.width
+        model.check_class_label(class_label)
         self.layers = list(model.layers)
         param = model.embedding.weight
         p = model.kernel_size // 2

@@ -19,7 +19,7 @@ and everything that touches the codebook runs in fp32 whatever autocast context 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ __all__ = [
     "perplexity",
     "EMAVectorQuantizer",
     "GradientVectorQuantizer",
+    "make_quantizer",
 ]
 
 #: default memory cap of one distance chunk, in bytes (fp32 elements * 4). The chunk buffer is allocated once per
@@ -504,7 +505,7 @@ class EMAVectorQuantizer(_VectorQuantizerBase):
         codes = F.embedding(indices.view(b, s), self.codebook).transpose(1, 2)
         weight = (z3 - codes).pow(2).sum(1).view(-1)
         if weight.numel() > _MAX_MULTINOMIAL:
-            weight = weight[: _MAX_MULTINOMIAL]
+            weight = weight[:_MAX_MULTINOMIAL]
         if not bool(torch.isfinite(weight).all()) or float(weight.sum()) <= 0.0:
             weight = torch.ones_like(weight)
         pick = torch.multinomial(weight, n_dead, replacement=int((weight > 0).sum()) < n_dead)
@@ -561,3 +562,24 @@ class GradientVectorQuantizer(_VectorQuantizerBase):
             perplexity, usage = self._stats(indices)
         return QuantizerOutput(quantized, loss, indices.view((z.shape[0],) + tuple(z.shape[2:])), perplexity, usage)
 
+
+def make_quantizer(
+    kind: str,
+    spatial_dims: int,
+    num_embeddings: int,
+    embedding_dim: int,
+    commitment_cost: float = 0.25,
+    codebook_init: str = "data",
+    **ema_settings: Any,
+) -> nn.Module:
+    """A quantizer by name, as the autoencoders' ``quantizer`` setting names it: ``"ema"`` (:class:`EMAVectorQuantizer`
+    with ``codebook_init`` as its ``init`` and ``ema_settings``, e.g. ``decay``, ``epsilon``,
+    ``dead_code_threshold``, ``ddp_sync``) or ``"gradient"`` (:class:`GradientVectorQuantizer`, which has no EMA
+    settings: ``codebook_init`` and ``ema_settings`` are not used)."""
+    if kind == "ema":
+        return EMAVectorQuantizer(
+            spatial_dims, num_embeddings, embedding_dim, commitment_cost, init=codebook_init, **ema_settings
+        )
+    if kind == "gradient":
+        return GradientVectorQuantizer(spatial_dims, num_embeddings, embedding_dim, commitment_cost=commitment_cost)
+    raise ValueError(f"quantizer must be 'ema' or 'gradient', got {kind!r}.")

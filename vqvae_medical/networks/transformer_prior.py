@@ -27,17 +27,19 @@ import torch.nn.functional as F
 from monai.networks.nets import DecoderOnlyTransformer
 from torch import nn
 
+from vqvae_medical.networks.code_prior import CodePrior, CodePriorCache
+
 __all__ = ["TransformerPrior", "TransformerPriorCache"]
 
 
-def _drop_unused_cross_attention_norms(module, state_dict, prefix, *args) -> None:  # noqa: ANN001
+def _drop_unused_cross_attention_norms(module, state_dict, prefix, *args) -> None:
     """Checkpoints written before the unused ``norm_cross_attn`` LayerNorms were dropped (``pixelcnn_prior``
     < 0.4.0) hold them at their initial values (never trained): drop them so that those checkpoints still load."""
     for key in [k for k in state_dict if k.startswith(prefix) and ".norm_cross_attn." in k]:
         del state_dict[key]
 
 
-class TransformerPrior(nn.Module):
+class TransformerPrior(CodePrior):
     """Causal transformer prior over a 2D map of VQ code indices, with the call interface of ``GatedPixelCNN``.
 
     ``forward(codes [B, H, W], class_label [B] | None, condition | None) -> logits [B, K, H, W]``, the logits at
@@ -85,31 +87,16 @@ class TransformerPrior(nn.Module):
         use_flash_attention: bool = True,
     ) -> None:
         super().__init__()
-        if spatial_dims != 2:
-            raise ValueError(f"TransformerPrior is 2D only, got spatial_dims={spatial_dims}.")
-        if num_embeddings < 2:
-            raise ValueError(f"num_embeddings must be at least 2, got {num_embeddings}.")
+        conditioning_channels = self.set_conditioning(
+            "TransformerPrior", spatial_dims, num_embeddings, channels, num_layers, num_classes, conditioning_channels,
+            conditioning_num_embeddings,
+        )
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}.")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be at least 1, got {num_layers}.")
         if num_heads < 1 or channels % num_heads != 0:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads}).")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}.")
-        if conditioning_num_embeddings is not None and conditioning_channels is None:
-            conditioning_channels = channels
-        self.spatial_dims = spatial_dims
-        self.num_embeddings = num_embeddings
         self.max_seq_len = max_seq_len
-        self.channels = channels
-        self.num_layers = num_layers
         self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.conditioning_channels = conditioning_channels
-        self.conditioning_num_embeddings = conditioning_num_embeddings
-        self.class_conditioned = num_classes is not None
-        self.spatially_conditioned = conditioning_channels is not None
 
         # vocabulary: the K codes, then the start tokens (one per class, or a single one)
         num_start = num_classes if num_classes is not None else 1
@@ -143,37 +130,18 @@ class TransformerPrior(nn.Module):
 
     def start_tokens(self, class_label: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """The first input token of each sequence ``[B]``: the class token, or the single start token."""
-        if self.class_conditioned:
-            if class_label is None:
-                raise ValueError("this prior is class-conditioned: class_label is required.")
-            return class_label.long() + self.num_embeddings
+        self.check_class_label(class_label)
         if class_label is not None:
-            raise ValueError("this prior has no class conditioning but a class_label was given.")
+            return class_label.long() + self.num_embeddings
         device = self.transformer.token_embeddings.weight.device
         return torch.full([batch_size], self.num_embeddings, dtype=torch.long, device=device)
 
     def condition_features(self, condition: torch.Tensor | None, height: int, width: int) -> torch.Tensor | None:
         """The projected spatial condition of each step, ``[B, height * width, channels]`` (``None`` if not
         conditioned)."""
-        if not self.spatially_conditioned:
-            if condition is not None:
-                raise ValueError("this prior has no spatial conditioning but a condition was given.")
-            return None
-        if condition is None:
-            raise ValueError("this prior is spatially conditioned: condition is required.")
-        cond_embedding = self.cond_embedding
-        if cond_embedding is not None:
-            if condition.dim() != 3 or condition.dtype != torch.long:
-                raise ValueError("condition must be an int64 code map [B, Hc, Wc].")
-            features = cond_embedding(condition).permute(0, 3, 1, 2)
-            if features.shape[2] != height or features.shape[3] != width:
-                features = F.interpolate(features, size=[height, width], mode="nearest")
-        else:
-            if condition.dim() != 4 or condition.shape[2] != height or condition.shape[3] != width:
-                raise ValueError("condition must be a float map [B, C_cond, H, W] of the code map's spatial size.")
-            features = condition
+        features = self.spatial_features(condition, height, width, contiguous=False)
         cond_proj = self.cond_proj
-        if cond_proj is None:
+        if features is None or cond_proj is None:
             return None
         return cond_proj(features.flatten(2).transpose(1, 2))
 
@@ -207,7 +175,7 @@ class TransformerPrior(nn.Module):
         return logits.transpose(1, 2).reshape(b, self.num_embeddings, height, width)
 
 
-class TransformerPriorCache:
+class TransformerPriorCache(CodePriorCache):
     """Incremental evaluation of a :class:`TransformerPrior` with a key/value cache, one position at a time.
 
     MONAI's ``DecoderOnlyTransformer`` has no key/value cache, so this class runs its modules for the newest step
@@ -218,33 +186,16 @@ class TransformerPriorCache:
     :meth:`TransformerPrior.forward` at each position up to floating-point summation order. The model should be in
     eval mode (no dropout). The cache holds ``2 * num_layers * B * H * W * channels`` floats.
 
-    Use :meth:`next_logits` then :meth:`append` for each position (see :func:`vqvae_medical.stages.prior.sampling.sample`).
-
-    Args:
-        model: the prior.
-        batch_size: batch size ``B``.
-        height: code map height.
-        width: code map width.
-        class_label: ``[B]`` class indices for a class-conditioned prior.
-        condition: spatial condition for a spatially conditioned prior (as for :meth:`TransformerPrior.forward`).
+    Arguments as :class:`~vqvae_medical.networks.code_prior.CodePriorCache`'s.
     """
 
-    def __init__(
-        self,
-        model: TransformerPrior,
-        batch_size: int,
-        height: int,
-        width: int,
-        class_label: torch.Tensor | None = None,
-        condition: torch.Tensor | None = None,
-    ) -> None:
+    model: TransformerPrior
+
+    def start(self, class_label: torch.Tensor | None, condition: torch.Tensor | None) -> None:
+        model, batch_size, height, width = self.model, self.batch_size, self.height, self.width
         n = height * width
         if n > model.max_seq_len:
             raise ValueError(f"the code map has {n} positions, more than max_seq_len={model.max_seq_len}.")
-        self.model = model
-        self.batch_size = batch_size
-        self.height = height
-        self.width = width
         self.length = n
         net = model.transformer
         self.net = net

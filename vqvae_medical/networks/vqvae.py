@@ -4,8 +4,8 @@ van den Oord et al., "Neural Discrete Representation Learning", NeurIPS 2017 (ar
 decoder laid out as MONAI's ``VQVAE`` (Tudosiu et al. 2022, arXiv 2209.03177): strided convolutions alternating
 with residual units. Differences from ``monai.networks.nets.VQVAE``, each for a measured reason:
 
-- the quantizer is :class:`~vqvae_medical.networks.quantizers.EMAVectorQuantizer` (data initialisation, dead-code restart,
-  fp32, chunked search) or the gradient-trained one, instead of MONAI's ``EMAQuantizer`` that collapses;
+- the quantizer is :class:`~vqvae_medical.networks.quantizers.EMAVectorQuantizer` (data initialisation, dead-code
+  restart, fp32, chunked search) or the gradient-trained one, instead of MONAI's ``EMAQuantizer`` that collapses;
 - upsampling is selectable (``"subpixel"`` ICNR by default, free of checkerboards at initialisation);
 - inputs whose size is not a multiple of ``2 ** levels`` are padded and the reconstruction cropped back;
 - activation checkpointing in segments cut at the lowest resolutions, finer in the highest-resolution stages
@@ -35,13 +35,12 @@ from vqvae_medical.networks.blocks import (
 )
 from vqvae_medical.networks.config import recorded
 from vqvae_medical.networks.latent_norm import latent_norm_mode, normalize_latents
-from vqvae_medical.networks.quantizers import (
-    EMAVectorQuantizer,
-    GradientVectorQuantizer,
-    QuantizerOutput,
-)
+from vqvae_medical.networks.quantizers import QuantizerOutput, make_quantizer
 
-__all__ = ["VQOutput", "VQVAE", "CheckpointedSequential", "make_quantizer", "pad_to_multiple", "crop_to"]
+# make_quantizer (networks.quantizers) is re-exported
+__all__ = [
+    "VQOutput", "VQVAE", "CheckpointedSequential", "encoder_input", "make_quantizer", "pad_to_multiple", "crop_to"
+]
 
 
 class VQOutput(NamedTuple):
@@ -58,34 +57,19 @@ class VQOutput(NamedTuple):
     levels: tuple[QuantizerOutput, ...]
 
 
-def make_quantizer(
-    kind: str,
-    spatial_dims: int,
-    num_embeddings: int,
-    embedding_dim: int,
-    commitment_cost: float = 0.25,
-    decay: float = 0.99,
-    epsilon: float = 1e-5,
-    codebook_init: str = "data",
-    dead_code_threshold: float = 1.0,
-    ddp_sync: bool = True,
-) -> nn.Module:
-    """A quantizer by name: ``"ema"`` (:class:`EMAVectorQuantizer`) or ``"gradient"`` (:class:`GradientVectorQuantizer`)."""
-    if kind == "ema":
-        return EMAVectorQuantizer(
-            spatial_dims,
-            num_embeddings,
-            embedding_dim,
-            commitment_cost=commitment_cost,
-            decay=decay,
-            epsilon=epsilon,
-            init=codebook_init,
-            dead_code_threshold=dead_code_threshold,
-            ddp_sync=ddp_sync,
+def encoder_input(
+    x: torch.Tensor, spatial_dims: int, in_channels: int, multiple: int, channels_last: bool
+) -> torch.Tensor:
+    """An autoencoder's encoder input: ``x`` checked to be a ``[B, in_channels, *spatial]`` image, replicate-padded
+    to a multiple of ``multiple`` (:func:`pad_to_multiple`), in the channels-last layout when ``channels_last``."""
+    if x.ndim != spatial_dims + 2 or x.shape[1] != in_channels:
+        raise ValueError(
+            f"expected a [B, {in_channels}, ...] image with {spatial_dims} spatial dims, got shape {list(x.shape)}."
         )
-    if kind == "gradient":
-        return GradientVectorQuantizer(spatial_dims, num_embeddings, embedding_dim, commitment_cost=commitment_cost)
-    raise ValueError(f"quantizer must be 'ema' or 'gradient', got {kind!r}.")
+    x = pad_to_multiple(x, multiple)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
+    return x
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -177,7 +161,7 @@ class CheckpointedSequential(nn.Module):
         for stop in self.segment_ends:
             cuts = [start] + [e for e in self.nested_ends if start < e < stop] + [stop]
             if len(cuts) > 2:
-                pieces = [flat[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+                pieces = [flat[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
                 x = checkpoint(_run_checkpointed, pieces, x, use_reentrant=False)
             else:
                 x = checkpoint(_run_layers, flat[start:stop], x, use_reentrant=False)
@@ -283,7 +267,7 @@ class VQVAE(nn.Module):
         encoder_ends: list[int] = []
         encoder_nested: list[int] = []
         prev = in_channels
-        for level, (ch, rch) in enumerate(zip(channels, res_channels)):
+        for level, (ch, rch) in enumerate(zip(channels, res_channels, strict=True)):
             start = sum(len(stage) for stage in encoder)
             if level > 0:  # after the downsampling into this level (and its activation)
                 encoder_ends.append(start + 2)
@@ -300,12 +284,15 @@ class VQVAE(nn.Module):
         rev_res = list(res_channels)[::-1]
         decoder: list[nn.Module] = [Conv[Conv.CONV, spatial_dims](embedding_dim, rev[0], kernel_size=3, padding=1)]
         decoder_ends: list[int] = []
-        for i, (ch, rch) in enumerate(zip(rev, rev_res)):
+        for i, (ch, rch) in enumerate(zip(rev, rev_res, strict=True)):
             last = i + 1 == len(rev)
             start = sum(len(stage) if isinstance(stage, nn.Sequential) else 1 for stage in decoder)
             # the last upsampling layer outputs the image directly, as in MONAI's VQVAE (a full-resolution
             # feature stage would cost more than the rest of the decoder)
-            layers = [*residuals(ch, rch), make_upsample(upsample_mode, spatial_dims, ch, out_channels if last else rev[i + 1], 2, blur=blur)]
+            layers = [
+                *residuals(ch, rch),
+                make_upsample(upsample_mode, spatial_dims, ch, out_channels if last else rev[i + 1], 2, blur=blur),
+            ]
             if not last:
                 # not in place: a sub-pixel upsampling's output is a (channels-last) view, and an in-place
                 # operation on a view is recorded by autograd as full-size copies in the backward pass
@@ -318,17 +305,9 @@ class VQVAE(nn.Module):
             decoder.append(get_act_layer(output_act))
         self.decoder = CheckpointedSequential(decoder, use_checkpointing, decoder_ends)
 
+        ema = {"decay": decay, "epsilon": epsilon, "dead_code_threshold": dead_code_threshold, "ddp_sync": ddp_sync}
         self.quantizer = make_quantizer(
-            quantizer,
-            spatial_dims,
-            num_embeddings,
-            embedding_dim,
-            commitment_cost=commitment_cost,
-            decay=decay,
-            epsilon=epsilon,
-            codebook_init=codebook_init,
-            dead_code_threshold=dead_code_threshold,
-            ddp_sync=ddp_sync,
+            quantizer, spatial_dims, num_embeddings, embedding_dim, commitment_cost, codebook_init, **ema
         )
         self.channels_last = channels_last
         if channels_last:
@@ -337,14 +316,7 @@ class VQVAE(nn.Module):
     # ------------------------------------------------------------------ pieces
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Continuous encoder output ``[B, D, *spatial / f]`` (input padded to a multiple of ``f``)."""
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected a [B, {self.in_channels}, ...] image with {self.spatial_dims} spatial dims, "
-                f"got shape {list(x.shape)}."
-            )
-        x = pad_to_multiple(x, self.downsample_factor)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d)
+        x = encoder_input(x, self.spatial_dims, self.in_channels, self.downsample_factor, self.channels_last)
         z = self.encoder(x)
         return normalize_latents(z, self.latent_norm)
 

@@ -14,7 +14,7 @@ Razavi, van den Oord and Vinyals, "Generating Diverse High-Fidelity Images with 
 
 So top codes lie at ``1/8`` and bottom codes at ``1/4`` of the (padded) image size. The two codebooks are separate
 quantizer modules (``quantizer_top``, ``quantizer_bottom``) built by
-:func:`~vqvae_medical.networks.vqvae.make_quantizer`. The interface matches
+:func:`~vqvae_medical.networks.quantizers.make_quantizer`. The interface matches
 :class:`~vqvae_medical.networks.vqvae.VQVAE`, so training step, handlers, code extraction and export are shared:
 ``forward`` returns a :class:`~vqvae_medical.networks.vqvae.VQOutput` with ``levels = (top, bottom)``, the index
 methods take and return ``(top, bottom)`` pairs, and ``reconstruct`` is TorchScript-scriptable.
@@ -39,12 +39,12 @@ from vqvae_medical.networks.blocks import (
 )
 from vqvae_medical.networks.config import recorded
 from vqvae_medical.networks.latent_norm import latent_norm_mode, normalize_latents
+from vqvae_medical.networks.quantizers import make_quantizer
 from vqvae_medical.networks.vqvae import (
     CheckpointedSequential,
     VQOutput,
     crop_to,
-    make_quantizer,
-    pad_to_multiple,
+    encoder_input,
 )
 
 __all__ = ["VQVAE2"]
@@ -199,22 +199,17 @@ class VQVAE2(nn.Module):
         decoder: list[nn.Module] = [
             conv(d_top + d_bottom, c2, kernel_size=3, padding=1),
             up(c2, c1, r2),
-            nn.Sequential(*residuals(c1, r1), make_upsample(upsample_mode, spatial_dims, c1, out_channels, 2, blur=blur)),
+            nn.Sequential(
+                *residuals(c1, r1), make_upsample(upsample_mode, spatial_dims, c1, out_channels, 2, blur=blur)
+            ),
         ]
         if output_act is not None:
             decoder.append(get_act_layer(output_act))
         self.decoder = CheckpointedSequential(decoder, use_checkpointing)
 
+        ema = {"decay": decay, "epsilon": epsilon, "dead_code_threshold": dead_code_threshold, "ddp_sync": ddp_sync}
         quantizer_for = functools.partial(
-            make_quantizer,
-            quantizer,
-            spatial_dims,
-            commitment_cost=commitment_cost,
-            decay=decay,
-            epsilon=epsilon,
-            codebook_init=codebook_init,
-            dead_code_threshold=dead_code_threshold,
-            ddp_sync=ddp_sync,
+            make_quantizer, quantizer, spatial_dims, commitment_cost=commitment_cost, codebook_init=codebook_init, **ema
         )
         self.quantizer_top = quantizer_for(num_embeddings[0], d_top)
         self.quantizer_bottom = quantizer_for(num_embeddings[1], d_bottom)
@@ -229,14 +224,7 @@ class VQVAE2(nn.Module):
         The input is padded to a multiple of 8. The bottom latent depends on the quantized top, see
         :meth:`bottom_latent`.
         """
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected a [B, {self.in_channels}, ...] image with {self.spatial_dims} spatial dims, "
-                f"got shape {list(x.shape)}."
-            )
-        x = pad_to_multiple(x, self.downsample_factor)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d)
+        x = encoder_input(x, self.spatial_dims, self.in_channels, self.downsample_factor, self.channels_last)
         features = self.encoder_bottom(x)
         z_top = self.encoder_top(features)
         return normalize_latents(z_top, self.latent_norm), features

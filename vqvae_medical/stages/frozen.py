@@ -2,8 +2,8 @@
 
 One loader (:func:`load_autoencoder`: ``models/autoencoder.json`` + ``models/model.pt`` of an autoencoder bundle's
 ``output_dir``), one weights fingerprint (checked against the record, and keying every cache), one grid size
-(:func:`grid_size`), one encode-and-cache mechanism (:func:`encode_cached`) for the prior's code maps and the
-diffusion model's latents, and one error type (:class:`AutoencoderDirError`) whose message names the folder.
+(:func:`grid_size`) and one error type (:class:`AutoencoderDirError`) whose message names the folder. The codes and
+latents it gives, cached, are :mod:`vqvae_medical.stages.encodings`.
 
 What a stage-2 model records of the autoencoder it was built on, and the checks of that record, are in
 :mod:`vqvae_medical.stages.provenance`.
@@ -11,18 +11,15 @@ What a stage-2 model records of the autoencoder it was built on, and the checks 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from monai.data import DataLoader, Dataset
 from monai.transforms import Compose
 from torch import nn
 
@@ -36,34 +33,32 @@ from vqvae_medical.stages.autoencoder.record import (
     state_fingerprint,
     weights_of,
 )
-from vqvae_medical.training.checkpoints import atomic_save, safe_load
-from vqvae_medical.training.distributed import rank_zero_first
+from vqvae_medical.stages.encodings import ENCODINGS, Encoded, encode_cached  # re-exported (moved there)
+from vqvae_medical.utils.errors import UserError
+from vqvae_medical.utils.io import safe_load
+from vqvae_medical.utils.modules import unwrap
 
 __all__ = [
     "recorded_architecture",
+    "ENCODINGS",
+    "Encoded",
+    "encode_cached",
     "AutoencoderDirError",
     "LATENT_KINDS",
-    "ENCODINGS",
     "read_record",
     "grid_size",
     "code_map_positions",
     "FrozenAutoencoder",
     "load_autoencoder",
-    "Encoded",
-    "encode_cached",
 ]
 
 logger = logging.getLogger(__name__)
 
 _RECORD_KEYS = ("version", "weights_sha256", "network_def", "spatial_dims", "preprocessing", "data")
-_CACHE_VERSION = 2
-_INT16_MAX_CODES = 32768
 
 LATENT_KINDS: tuple[str, ...] = ("encoder", "quantized")
 """``"encoder"``: continuous encoder output before quantization; ``"quantized"``: its nearest codebook vectors."""
 
-ENCODINGS: tuple[str, ...] = ("codes", "latents")
-"""What :func:`encode_cached` stores: code indices (the prior) or latents (diffusion)."""
 
 _TRAIN_HINT = (
     "Train an autoencoder bundle first (e.g. in bundles/vqvae: python -m monai.bundle run --config_file "
@@ -74,7 +69,7 @@ _TRAIN_HINT = (
 _REWRITE = "Put back the file the autoencoder bundle wrote, or train it again to rewrite it."
 
 
-class AutoencoderDirError(ValueError):
+class AutoencoderDirError(UserError, ValueError):
     """``autoencoder_dir`` is not the output of a trained autoencoder bundle, or its checkpoint does not match
     its record. The message names the folder and what is missing."""
 
@@ -137,8 +132,7 @@ def grid_size(autoencoder: nn.Module, image_size: Sequence[int]) -> list[int] | 
     Inputs are padded to a multiple of ``downsample_factor``; a level downsampled by ``f`` then has
     ``padded / f`` positions per axis. A VQ-VAE gives one grid; a VQ-VAE-2 a tuple ``(top, bottom)``.
     """
-    model = getattr(autoencoder, "autoencoder", autoencoder)
-    model = getattr(model, "model", model)
+    model = unwrap(autoencoder, wrappers=True)
     pad = int(model.downsample_factor)
     padded = [-(-int(s) // pad) * pad for s in image_size]
     factors = getattr(model, "level_factors", None)
@@ -147,7 +141,9 @@ def grid_size(autoencoder: nn.Module, image_size: Sequence[int]) -> list[int] | 
     return tuple([p // int(f) for p in padded] for f in factors)
 
 
-def code_map_positions(autoencoder: nn.Module, image_size: Sequence[int] | None = None, level: int | None = None) -> int:
+def code_map_positions(
+    autoencoder: nn.Module, image_size: Sequence[int] | None = None, level: int | None = None
+) -> int:
     """Number of positions ``h * w`` of a code map of an image of ``image_size``: the sequence length a transformer
     prior over those codes needs (its ``max_seq_len``).
 
@@ -168,7 +164,9 @@ def code_map_positions(autoencoder: nn.Module, image_size: Sequence[int] | None 
     grids = grids if isinstance(grids, tuple) else (grids,)
     if level is not None:
         if not 0 <= int(level) < len(grids):
-            raise ValueError(f"level must be in [0, {len(grids)}) for an autoencoder with {len(grids)} code map(s), got {level}.")
+            raise ValueError(
+                f"level must be in [0, {len(grids)}) for an autoencoder with {len(grids)} code map(s), got {level}."
+            )
         return math.prod(int(s) for s in grids[int(level)])
     return max(math.prod(int(s) for s in g) for g in grids)
 
@@ -202,7 +200,7 @@ class FrozenAutoencoder(nn.Module):
         super().__init__()
         if latent not in LATENT_KINDS:
             raise ValueError(f"latent must be one of {LATENT_KINDS}, got {latent!r}.")
-        model = getattr(autoencoder, "model", autoencoder)
+        model = unwrap(autoencoder, wrappers=True)
         for name in ("encode_to_indices", "decode_from_indices", "downsample_factor", "spatial_dims", "in_channels"):
             if not hasattr(model, name):
                 raise TypeError(f"the autoencoder must be a VQ-VAE (it has no {name!r}); got {type(model).__name__}.")
@@ -325,7 +323,8 @@ class FrozenAutoencoder(nn.Module):
         if self.levels != 1:
             where = f" of {self.directory}" if self.directory else ""
             raise ValueError(
-                f"{what} need a single-level VQ-VAE (vqvae, vqvae_3d); the autoencoder{where} is a "
+                f"{what} need a single-level VQ-VAE (the vqvae bundle, 2D or with configs/3d.json); the "
+                f"autoencoder{where} is a "
                 f"{type(self.autoencoder).__name__} with {self.levels} code levels."
             )
         return self.autoencoder
@@ -424,164 +423,10 @@ def recorded_architecture(autoencoder_dir: str | os.PathLike | None, default: nn
     if autoencoder_dir is None or not (Path(autoencoder_dir) / "models" / RECORD_FILE).is_file():
         return default
     record = read_record(autoencoder_dir)
-    dims = getattr(getattr(default, "model", default), "spatial_dims", None)
+    dims = getattr(unwrap(default, wrappers=True), "spatial_dims", None)
     if dims is not None:
         from vqvae_medical.stages.provenance import check_dims  # the provenance module builds on this one
 
         check_dims(int(record["spatial_dims"]), int(dims), "latent_diffusion", Path(autoencoder_dir).absolute())
     network = build_network(record["network_def"])
-    return getattr(network, "model", network)
-
-
-class Encoded(NamedTuple):
-    """Encodings of a datalist section.
-
-    Attributes:
-        values: latents ``[N, D, *grid]`` (float32) or codes ``[N, *grid]`` (int16); a tuple per level for the
-            codes of a VQ-VAE-2.
-        labels: ``[N]`` int64 labels, ``-1`` where an item has none.
-        paths: the image of each item.
-        image_size: spatial size of the preprocessed images.
-        fingerprint: hash of the weights, encoding, preprocessing and files the values come from.
-        extracted: ``True`` when encoded by this call, ``False`` when read from the cache.
-    """
-
-    values: torch.Tensor | tuple[torch.Tensor, ...]
-    labels: torch.Tensor
-    paths: list[str]
-    image_size: list[int]
-    fingerprint: str
-    extracted: bool
-
-
-def _item_key(item: Mapping[str, Any], image_key: str, label_key: str | None) -> list:
-    image = item[image_key]
-    files = [os.path.abspath(os.fspath(f)) for f in (image if isinstance(image, (list, tuple)) else [image])]
-    stamps = [[os.stat(f).st_size, os.stat(f).st_mtime_ns] if os.path.exists(f) else None for f in files]
-    label = item.get(label_key) if label_key else None
-    return [files, stamps, None if label is None else int(label)]
-
-
-def _encode(
-    autoencoder: FrozenAutoencoder,
-    items: Sequence[Mapping[str, Any]],
-    kind: str,
-    transform: Any,
-    batch_size: int,
-    image_key: str,
-    label_key: str | None,
-    num_workers: int,
-) -> tuple[Any, torch.Tensor, list[int]]:
-    """Values, labels and image size of ``items``, in batches through the frozen autoencoder."""
-    device = autoencoder.device
-    loader = DataLoader(Dataset(list(items), transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    parts: list[Any] = []
-    image_size: list[int] | None = None
-    for batch in loader:
-        images = batch[image_key]
-        size = [int(s) for s in images.shape[2:]]
-        if image_size is not None and size != image_size:
-            raise ValueError(
-                f"images come out of the preprocessing in different sizes ({image_size} and {size}), so they cannot "
-                "be encoded to one size; all images must have one size or the autoencoder a spatial_size."
-            )
-        image_size = size
-        images = images.to(device)
-        if kind == "latents":
-            parts.append(autoencoder.encode(images).cpu())
-        else:
-            out = autoencoder.encode_to_indices(images)
-            parts.append(tuple(o.to("cpu", torch.int16) for o in out) if isinstance(out, tuple) else out.to("cpu", torch.int16))
-    values = tuple(torch.cat(level) for level in zip(*parts)) if isinstance(parts[0], tuple) else torch.cat(parts)
-    labels = [item.get(label_key) if label_key else None for item in items]
-    return values, torch.tensor([-1 if v is None else int(v) for v in labels], dtype=torch.long), image_size or []
-
-
-def encode_cached(
-    autoencoder: FrozenAutoencoder,
-    items: Sequence[Mapping[str, Any]],
-    kind: str = "codes",
-    cache_path: str | os.PathLike | None = None,
-    transform: Any = None,
-    settings: Any = None,
-    batch_size: int = 16,
-    image_key: str = "image",
-    label_key: str | None = "label",
-    num_workers: int = 0,
-) -> Encoded:
-    """The codes or latents of every item, read from ``cache_path`` when its fingerprint matches, else encoded (in
-    eval mode, the weights checked unchanged afterwards) and written there atomically.
-
-    The fingerprint covers the autoencoder's weights, ``kind`` and latent kind, the preprocessing ``settings``,
-    each file's path, size and modification time, and the labels, so a changed autoencoder, data set or
-    preprocessing is encoded again instead of read stale. Under ``torch.distributed`` rank 0 encodes and writes
-    first; the other ranks then read its file.
-
-    Args:
-        autoencoder: the frozen autoencoder.
-        items: datalist items with ``image_key`` (and ``label_key`` when present).
-        kind: ``"codes"`` (int16 indices, for the prior) or ``"latents"`` (float32, for diffusion).
-        cache_path: the ``.pt`` cache file (read with ``weights_only=True``), or ``None`` to encode in memory.
-        transform: the preprocessing; ``None``: the autoencoder's own (:meth:`FrozenAutoencoder.transforms`).
-        settings: JSON-able description of ``transform`` (required with a ``transform``).
-        batch_size: images per encoder call.
-        image_key: key of the image in the items.
-        label_key: key of the int class label, or ``None`` to ignore labels.
-        num_workers: data loader workers.
-    """
-    if kind not in ENCODINGS:
-        raise ValueError(f"kind must be one of {ENCODINGS}, got {kind!r}.")
-    items = list(items)
-    if not items:
-        raise ValueError("no images to encode: the datalist section is empty.")
-    if transform is None:
-        transform, settings = autoencoder.transforms(), autoencoder.preprocessing
-    elif settings is None:
-        raise ValueError("give the settings that describe a custom transform (they key the cache).")
-    codebooks = autoencoder.num_embeddings
-    if kind == "codes" and max(codebooks if isinstance(codebooks, tuple) else (codebooks,)) > _INT16_MAX_CODES:
-        raise ValueError(f"codes are stored as int16: at most {_INT16_MAX_CODES} codes, got {codebooks}.")
-    spec = {
-        "version": _CACHE_VERSION,
-        "autoencoder": autoencoder.fingerprint,
-        "kind": kind,
-        "latent": autoencoder.latent if kind == "latents" else None,
-        "settings": settings,
-        "items": [_item_key(item, image_key, label_key) for item in items],
-    }
-    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
-    path = Path(cache_path) if cache_path is not None else None
-    with rank_zero_first():
-        if path is not None and path.is_file():
-            try:
-                cached = safe_load(path)
-            except Exception as e:  # a broken cache is rebuilt, never trusted
-                logger.warning(f"{path}: unreadable cache ({e}); encoding again")
-                cached = None
-            if isinstance(cached, dict) and cached.get("fingerprint") == fingerprint:
-                values = cached["values"]
-                values = tuple(values) if isinstance(values, (list, tuple)) else values
-                logger.info(f"read {len(cached['paths'])} cached {kind} from {path}")
-                return Encoded(values, cached["labels"], list(cached["paths"]), list(cached["image_size"]), fingerprint, False)
-            logger.info(f"{path}: autoencoder, data or preprocessing changed; encoding the {kind} again")
-        start = time.perf_counter()
-        values, labels, image_size = _encode(autoencoder, items, kind, transform, batch_size, image_key, label_key, num_workers)
-        if state_fingerprint(autoencoder.autoencoder) != autoencoder.fingerprint:
-            raise RuntimeError("the autoencoder's weights changed while encoding; its codebook must stay frozen.")
-        paths = [str(_item_key(item, image_key, None)[0]) if isinstance(item[image_key], (list, tuple))
-                 else os.path.abspath(os.fspath(item[image_key])) for item in items]
-        grids = [list(v.shape[1:]) for v in values] if isinstance(values, tuple) else list(values.shape[1:])
-        logger.info(f"encoded {len(items)} images {image_size} -> {kind} {grids} in {time.perf_counter() - start:.1f} s")
-        if path is not None:
-            state = {
-                "version": _CACHE_VERSION,
-                "fingerprint": fingerprint,
-                "kind": kind,
-                "values": list(values) if isinstance(values, tuple) else values,
-                "labels": labels,
-                "paths": paths,
-                "image_size": image_size,
-            }
-            atomic_save(state, path)
-        return Encoded(values, labels, paths, image_size, fingerprint, True)
-
+    return unwrap(network, wrappers=True)

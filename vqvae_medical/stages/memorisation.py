@@ -5,7 +5,7 @@ autoencoder (the measures are :mod:`vqvae_medical.evaluation.memorisation`).
 by the prior's :func:`~vqvae_medical.stages.prior.report.evaluate_prior_samples` and latent diffusion's
 :func:`~vqvae_medical.stages.diffusion.evaluation.evaluate_samples`. Everything is compared in one domain, the
 frozen decoder's output at the evaluation resolution: the training images are their code maps (the code-map cache
-the prior trains on, :func:`~vqvae_medical.stages.frozen.encode_cached`) decoded; the held-out real images that
+the prior trains on, :func:`~vqvae_medical.stages.encodings.encode_cached`) decoded; the held-out real images that
 calibrate the copy threshold are encoded and decoded the same way; the samples are decoded already.
 """
 
@@ -27,8 +27,9 @@ from vqvae_medical.evaluation.memorisation import (
     memorisation_metrics,
     nearest_images,
 )
-from vqvae_medical.stages.frozen import FrozenAutoencoder, encode_cached
-from vqvae_medical.training.checkpoints import atomic_write_json
+from vqvae_medical.stages.encodings import encode_cached
+from vqvae_medical.stages.frozen import FrozenAutoencoder
+from vqvae_medical.utils.io import atomic_write_json
 
 __all__ = ["MemorisationAudit"]
 
@@ -100,7 +101,11 @@ class MemorisationAudit:
             c = tuple(x.cpu() for x in c) if isinstance(c, tuple) else c.cpu()
             codes.append(c)
             parts.append(next(self._decode(c, len(_bottom(c)), size)))
-        joined = tuple(torch.cat(level) for level in zip(*codes)) if isinstance(codes[0], tuple) else torch.cat(codes)
+        joined = (
+            tuple(torch.cat(level) for level in zip(*codes, strict=True))
+            if isinstance(codes[0], tuple)
+            else torch.cat(codes)
+        )
         return torch.cat(parts), joined
 
     def __call__(self, samples: torch.Tensor, real: torch.Tensor, sample_codes: Any = None) -> dict[str, Any]:
@@ -118,7 +123,9 @@ class MemorisationAudit:
         size = [int(s) for s in samples.shape[2:]]
         with torch.no_grad():
             held_out, held_codes = self.reconstruct(real)
-            maps = encode_cached(self.autoencoder, self.train_data, "codes", self.cache_path, batch_size=self.batch_size)
+            maps = encode_cached(
+                self.autoencoder, self.train_data, "codes", self.cache_path, batch_size=self.batch_size
+            )
             n_train = len(_bottom(maps.values))
             k = min(self.n_shown, len(samples))
             both = nearest_images(torch.cat([samples, held_out]), self._decode(maps.values, n_train, size), keep=k)
@@ -144,13 +151,13 @@ class MemorisationAudit:
                 "copy": bool(d < threshold),
                 **({"longest_shared_code_run": int(runs[i])} if runs is not None else {}),
             }
-            for i, (d, j) in enumerate(zip(sample_near.distance, sample_near.index))
+            for i, (d, j) in enumerate(zip(sample_near.distance, sample_near.index, strict=True))
         ]
         atomic_write_json({**metrics, "samples": per_sample}, out / "memorisation.json")
         if k:
             names = [f"sample {i}" for i in range(k)] + [
                 f"train {int(j)} d={float(d):.3f}{' COPY' if d < threshold else ''}"
-                for j, d in zip(sample_near.index[:k], sample_near.distance[:k])
+                for j, d in zip(sample_near.index[:k], sample_near.distance[:k], strict=True)
             ]
             save_sample_grid(
                 out / "samples_vs_nearest_training.png",

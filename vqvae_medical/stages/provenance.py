@@ -46,7 +46,8 @@ def check_dims(autoencoder_dims: int, dims: int, bundle: str, folder: Path | Non
     if bundle == "pixelcnn_prior":
         raise SettingError(
             f"the autoencoder{of} is a {autoencoder_dims}D VQ-VAE, and the pixelcnn_prior bundle models 2D code maps "
-            "only (it has no 3D configuration): for a 3D autoencoder (vqvae_3d) use the latent_diffusion bundle with "
+            "only (it has no 3D configuration): for a 3D autoencoder (the vqvae bundle with configs/3d.json) use the "
+            "latent_diffusion bundle with "
             "configs/3d.json, or pass the --autoencoder_dir of a 2D one (vqvae, vqvae2)."
         )
     if autoencoder_dims == 3:
@@ -57,7 +58,7 @@ def check_dims(autoencoder_dims: int, dims: int, bundle: str, folder: Path | Non
         )
     raise SettingError(
         f"the autoencoder{of} is a {autoencoder_dims}D VQ-VAE but spatial_dims is {dims} (configs/3d.json): leave "
-        "configs/3d.json out, or pass the --autoencoder_dir of a 3D one (vqvae_3d)."
+        "configs/3d.json out, or pass the --autoencoder_dir of a 3D one (the vqvae bundle with configs/3d.json)."
     )
 
 

@@ -1,4 +1,7 @@
-"""Atomic, resumable, safely loaded checkpoints for Ignite engines.
+"""Periodic checkpoints of a training run and resuming from them (:class:`CheckpointSaver`,
+:class:`ResumeFromCheckpoint`). The other roles have modules of their own: whole-or-absent writes and safe reads
+(:mod:`vqvae_medical.utils.io`), random states (:mod:`~vqvae_medical.training.rng`), loading weights
+(:mod:`~vqvae_medical.training.weights`), the best model (:mod:`~vqvae_medical.training.best_model`).
 
 Why not MONAI's ``CheckpointSaver``/``CheckpointLoader`` alone: MONAI's saver writes with ``atomic=False`` (a crash
 mid-write leaves a truncated latest checkpoint), it needs the path of the checkpoint to resume from to be known when
@@ -22,184 +25,58 @@ Why not Ignite's ``Checkpoint`` with ``DiskSaver(atomic=True)`` (checked against
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
 import re
-import stat
-import tempfile
-import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+# re-exported: bundle configs cite them as vqvae_medical.training.checkpoints.<name> (BestModelSaver, LoadWeights,
+# RNGState) and callers of 0.4 import the rest from here; their homes are the modules named
+from vqvae_medical.training.best_model import BestModelSaver
 from vqvae_medical.training.mismatch import describe_mismatch
+from vqvae_medical.training.rng import RNGState
+from vqvae_medical.training.weights import LoadWeights, load_into, load_weights, model_state
+from vqvae_medical.utils.io import (
+    CheckpointError,
+    MissingCheckpointError,
+    UntrustedCheckpointError,
+    atomic_save,
+    atomic_write_json,
+    remove_stale_temporary_files,
+    safe_load,
+)
 
 __all__ = [
+    "CheckpointSaver",
+    "ResumeFromCheckpoint",
+    "checkpoints_newest_first",
+    "latest_checkpoint",
+    # re-exported
+    "BestModelSaver",
     "CheckpointError",
+    "LoadWeights",
     "MissingCheckpointError",
+    "RNGState",
     "UntrustedCheckpointError",
     "atomic_save",
     "atomic_write_json",
-    "safe_load",
-    "RNGState",
-    "CheckpointSaver",
-    "ResumeFromCheckpoint",
-    "BestModelSaver",
-    "latest_checkpoint",
-    "checkpoints_newest_first",
-    "remove_stale_temporary_files",
     "describe_mismatch",
     "load_weights",
     "model_state",
-    "LoadWeights",
+    "remove_stale_temporary_files",
+    "safe_load",
 ]
 
 logger = logging.getLogger(__name__)
 _EPOCH_RE = re.compile(r"_(?:epoch|iteration)=(\d+)\.pt$")
-#: temporary files older than this process were left by an interrupted (e.g. ``kill -9``) earlier run
-_PROCESS_START = time.time()
 _START_OVER = "To start over instead, pass --resume False or a new --output_dir."
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or does not fit the network; the message names the file and the fix."""
-
-
-class MissingCheckpointError(CheckpointError, FileNotFoundError):
-    """The checkpoint file does not exist (also a ``FileNotFoundError``)."""
-
-
-class UntrustedCheckpointError(CheckpointError):
-    """A checkpoint holds pickled objects other than tensors and plain containers, and was refused."""
-
-
-def _file_mode(path: Path) -> int:
-    """The permissions ``open(path, "w")`` would give: those of the file it replaces, else ``0o666`` less the umask
-    (``mkstemp`` makes ``0o600`` files, which colleagues sharing an output folder could not read)."""
-    try:
-        return stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        pass
-    try:  # Linux: read the umask without changing it (os.umask would, for every thread, for a moment)
-        with open("/proc/self/status") as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write`` on a temporary file in the folder of ``path``, fsync, then rename it over ``path``; the file
-    gets the permissions a plain write would give it (:func:`_file_mode`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = _file_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any point leaves either the previous file or the new one, never a truncated file.
-    """
-    return _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _strict_json(value: Any) -> Any:
-    """``value`` with NaN and infinite floats replaced by ``None`` (JSON has no such numbers)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
-
-
-def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int | None = 2) -> Path:
-    """Write ``obj`` as strict JSON (NaN and infinities become ``null``) atomically, as :func:`atomic_save` does.
-
-    Every JSON file the package writes (metrics, best-model records, sampling records) goes through this
-    function, so that a reader never sees half a file and every file parses with any JSON reader.
-    """
-    text = json.dumps(_strict_json(obj), indent=indent, allow_nan=False)
-    return _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` with a plain message when the file carries pickled code."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise MissingCheckpointError(f"{path}: no such checkpoint file.") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file.") from None
-    except Exception as e:  # torch raises UnpicklingError (or RuntimeError wrapping it) for unsafe content
-        text = str(e)
-        if "weights_only" in text or "Unpickl" in type(e).__name__ or "Unsupported global" in text:
-            raise UntrustedCheckpointError(
-                f"{path}: refused to load this checkpoint because it contains pickled Python objects, not only "
-                "tensors (loading it could run arbitrary code). Only load checkpoints from sources you trust; "
-                "re-save a trusted one as a plain state_dict to use it here."
-            ) from None
-        reason = text.strip().split(". ")[0].splitlines()[0] if text.strip() else f"{type(e).__name__}: ends early"
-        raise CheckpointError(
-            f"{path}: cannot read the checkpoint ({reason}); it is truncated or not a torch file."
-        ) from None
-
-
-class RNGState:
-    """Python, NumPy and torch random states as a ``state_dict`` of tensors and ints (``weights_only``-loadable)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
-        py_state = random.getstate()
-        return {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "numpy_pos": int(np_state[2]),
-            "numpy_has_gauss": int(np_state[3]),
-            "numpy_cached_gauss": float(np_state[4]),
-            "python": [py_state[0], list(py_state[1]), py_state[2]],
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        torch.set_rng_state(state["torch"].cpu())
-        if state.get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        np.random.set_state(
-            (
-                "MT19937",
-                state["numpy_keys"].numpy().astype(np.uint32),
-                int(state["numpy_pos"]),
-                int(state["numpy_has_gauss"]),
-                float(state["numpy_cached_gauss"]),
-            )
-        )
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
 
 
 def _state_dicts(save_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -219,96 +96,6 @@ def latest_checkpoint(save_dir: str | os.PathLike, prefix: str = "checkpoint") -
     """The ``{prefix}_epoch=N.pt`` (or ``_iteration=N``) file with the largest ``N`` in ``save_dir``, if any."""
     found = checkpoints_newest_first(save_dir, prefix)
     return found[0] if found else None
-
-
-def remove_stale_temporary_files(folder: str | os.PathLike) -> list[Path]:
-    """Remove the ``*.tmp`` files of ``folder`` written before this process started.
-
-    :func:`atomic_save` (checkpoints, ``model.pt``) and :class:`BestModelSaver` (``model.pt.json``) write to a
-    temporary file and rename it; a process killed in between (``kill -9``, out of memory) leaves that file, often
-    with 0 bytes. Files newer than this process are kept: another process (a rank of the same run) may be writing.
-    """
-    folder = Path(folder)
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for stale in folder.glob("*.tmp"):
-        try:
-            if stale.is_file() and stale.stat().st_mtime < _PROCESS_START:
-                stale.unlink()
-                removed.append(stale)
-                logger.info(f"removed {stale}, left by an interrupted write")
-        except FileNotFoundError:  # removed by another rank meanwhile
-            continue
-    return removed
-
-
-def _load_into(obj: Any, state: Any, path: Path, name: str, fix: str) -> None:
-    """``obj.load_state_dict(state)`` with a :class:`CheckpointError` naming the file and the mismatch."""
-    try:
-        obj.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError, IndexError) as e:
-        why = describe_mismatch(obj, state) if isinstance(obj, torch.nn.Module) and isinstance(state, Mapping) else None
-        if why is None:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            why = f"its {name!r} entry does not fit ({first})"
-        raise CheckpointError(f"{path} does not fit the {name}: {why} {fix}") from None
-
-
-def model_state(state: Any) -> Any:
-    """The network's ``state_dict`` in a ``model.pt`` (a plain state dict) or a training checkpoint (``"model"``)."""
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        return state["model"]
-    return state
-
-
-def load_weights(network: torch.nn.Module, path: str | os.PathLike | None, map_location: Any = "cpu") -> Path:
-    """Load ``path`` (``weights_only``) into ``network`` and log which file it was.
-
-    Raises:
-        CheckpointError: the file is missing, unreadable, untrusted, or does not fit ``network``; the message names
-            the file and, for a mismatch, the tensor and the setting to pass.
-    """
-    if path in (None, "", "None"):
-        raise MissingCheckpointError("no checkpoint given: pass --ckpt_path <file.pt>, or --output_dir of a trained run.")
-    path = Path(path)
-    if not path.is_file():
-        raise MissingCheckpointError(
-            f"{path}: no such checkpoint. Train into this --output_dir first (the best model is written to "
-            "<output_dir>/models/model.pt), or pass the --output_dir of a trained run (inference also takes "
-            "--ckpt_path <file.pt>)."
-        )
-    state = model_state(safe_load(path, map_location=map_location))
-    _load_into(network, state, path, "network", "Or pass --ckpt_path of a checkpoint trained with these settings.")
-    logger.info(f"loaded weights from {path}")
-    return path
-
-
-class LoadWeights:
-    """Handler: load a checkpoint into a network when it is attached to the engine, with :func:`load_weights`.
-
-    Replaces MONAI's ``CheckpointLoader`` in the inference and evaluate configs: it accepts both a ``model.pt`` and
-    a training checkpoint, and says in one line which file is missing or unreadable, or which tensor does not fit.
-    It loads at ``attach`` (when the config builds the engine), not at ``STARTED``: an exception inside the run
-    reaches MONAI's ``StatsHandler``, which logs it with its whole traceback before the one-line message.
-
-    Args:
-        load_path: the checkpoint.
-        network: the module to load into.
-        map_location: passed to ``torch.load``.
-    """
-
-    def __init__(self, load_path: str | os.PathLike | None, network: torch.nn.Module, map_location: Any = "cpu") -> None:
-        self.load_path = load_path
-        self.network = network
-        self.map_location = map_location
-        self.loaded_from: Path | None = None
-
-    def attach(self, engine: Engine) -> None:
-        self(engine)
-
-    def __call__(self, engine: Engine | None = None) -> None:
-        self.loaded_from = load_weights(self.network, self.load_path, self.map_location)
 
 
 class CheckpointSaver:
@@ -360,7 +147,11 @@ class CheckpointSaver:
         path = atomic_save(_state_dicts(self.save_dict), self.save_dir / f"{self.prefix}_{unit}={step}.pt")
         logger.info(f"saved checkpoint {path}")
         found = sorted(
-            ((int(m.group(1)), p) for p in self.save_dir.glob(f"{self.prefix}_*.pt") if (m := _EPOCH_RE.search(p.name))),
+            (
+                (int(m.group(1)), p)
+                for p in self.save_dir.glob(f"{self.prefix}_*.pt")
+                if (m := _EPOCH_RE.search(p.name))
+            ),
             reverse=True,
         )
         for _, old in found[self.n_saved :]:
@@ -452,7 +243,7 @@ class ResumeFromCheckpoint:
                     f"{path}: checkpoint has no entry {name!r} (it has {sorted(state)}); it was written by another "
                     f"bundle or version. {_START_OVER}"
                 )
-            _load_into(obj, state[name], path, "network" if isinstance(obj, torch.nn.Module) else name, _START_OVER)
+            load_into(obj, state[name], path, "network" if isinstance(obj, torch.nn.Module) else name, _START_OVER)
         self.changed = _apply_run_settings(engine, self.load_dict, config, path)
         self.loaded_from = path
         logger.info(f"resumed from {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
@@ -486,23 +277,23 @@ def _apply_run_settings(engine: Engine, load_dict: Mapping[str, Any], config: Ma
     state = engine.state
     # learning rate: the checkpoint holds the scheduler's base_lrs and the optimizer's current lr
     schedulers = _schedulers(load_dict)
-    for sched, wanted in zip(schedulers, config["base_lrs"]):
+    for sched, wanted in zip(schedulers, config["base_lrs"], strict=True):
         saved = list(sched.base_lrs)
-        if len(saved) != len(wanted) or not any(_differs(a, b) for a, b in zip(saved, wanted)):
+        if len(saved) != len(wanted) or not any(_differs(a, b) for a, b in zip(saved, wanted, strict=True)):
             continue
-        for group, old, new in zip(sched.optimizer.param_groups, saved, wanted):
+        for group, old, new in zip(sched.optimizer.param_groups, saved, wanted, strict=True):
             group["lr"] = group["lr"] * new / old if old else new
             group["initial_lr"] = new
         sched.base_lrs = list(wanted)
         sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
         changed["learning_rate"] = (saved[0], wanted[0])
     scheduled = {id(s.optimizer) for s in schedulers}
-    for opt, wanted in zip(_optimizers(load_dict), config["lrs"]):
+    for opt, wanted in zip(_optimizers(load_dict), config["lrs"], strict=True):
         if id(opt) in scheduled:
             continue
         saved = [g["lr"] for g in opt.param_groups]
-        if len(saved) == len(wanted) and any(_differs(a, b) for a, b in zip(saved, wanted)):
-            for group, new in zip(opt.param_groups, wanted):
+        if len(saved) == len(wanted) and any(_differs(a, b) for a, b in zip(saved, wanted, strict=True)):
+            for group, new in zip(opt.param_groups, wanted, strict=True):
                 group["lr"] = new
             changed["learning_rate"] = (saved[0], wanted[0])
     # iterations per epoch (batch size or data changed): keep the finished epochs, count with the new length
@@ -521,45 +312,3 @@ def _apply_run_settings(engine: Engine, load_dict: Mapping[str, Any], config: Ma
     for name, (old, new) in changed.items():
         logger.warning(f"{name} is {old} in {path} and {new} in this run: continuing with {new}")
     return changed
-
-
-class BestModelSaver:
-    """Writes the network's ``state_dict`` to ``path`` (atomically) whenever ``metric_name`` improves.
-
-    Attach to the validation evaluator. The best value is kept next to the weights (``<path>.json``), so a resumed
-    run does not overwrite a better model with a worse one.
-
-    Args:
-        path: output file, e.g. ``models/model.pt`` (Model Zoo layout).
-        network: the module to save (unwrapped from DDP by the caller).
-        metric_name: key of ``engine.state.metrics`` to maximise (or minimise with ``mode="min"``).
-        mode: ``"max"`` or ``"min"``.
-    """
-
-    def __init__(self, path: str | os.PathLike, network: torch.nn.Module, metric_name: str, mode: str = "max") -> None:
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
-        self.path = Path(path)
-        self.network = network
-        self.metric_name = metric_name
-        self.mode = mode
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def _best(self) -> float | None:
-        meta = self.path.with_suffix(self.path.suffix + ".json")
-        if meta.is_file() and self.path.is_file():
-            value = json.loads(meta.read_text())["value"]
-            return None if value is None else float(value)  # a NaN score is written as null
-        return None
-
-    def __call__(self, engine: Engine) -> None:
-        value = float(engine.state.metrics[self.metric_name])
-        best = self._best()
-        better = best is None or (value > best if self.mode == "max" else value < best)
-        if not better:
-            return
-        atomic_save(self.network.state_dict(), self.path)
-        atomic_write_json({"metric": self.metric_name, "value": value}, self.path.with_suffix(self.path.suffix + ".json"))
-        logger.info(f"new best {self.metric_name}={value:.4f}: saved {self.path}")

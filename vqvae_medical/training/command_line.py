@@ -128,7 +128,7 @@ def unknown_settings(config: Mapping[str, Any], overrides: Iterable[str], tracki
         if top in known:
             continue
         guess = difflib.get_close_matches(top.replace("-", "_"), sorted(known - {"_meta_"}), n=1, cutoff=0.6)
-        unknown.append(f"--{name}" + (f" (did you mean --{guess[0]}{name[len(top):]}?)" if guess else ""))
+        unknown.append(f"--{name}" + (f" (did you mean --{guess[0]}{name[len(top) :]}?)" if guess else ""))
     return unknown
 
 

@@ -1,4 +1,5 @@
-"""Ignite handlers every stage uses: codebook monitor, time budget / wall-clock ceiling, metrics history, progress bar."""
+"""Ignite handlers every stage uses: codebook monitor, time budget / wall-clock ceiling, metrics history, progress
+bar."""
 
 from __future__ import annotations
 
@@ -16,9 +17,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
-from vqvae_medical.evaluation.figures import (
-    plot_training_curves,
-)
+from vqvae_medical.utils.curves import plot_training_curves
 
 __all__ = ["CodebookMonitor", "MetricsHistory", "ProgressBar", "TimeBudget", "level_names", "read_history"]
 
@@ -106,7 +105,9 @@ class TimeBudget:
             Ignored when a budget is set.
     """
 
-    def __init__(self, minutes: float | None = None, clock: str = "process", ceiling_minutes: float | None = None) -> None:
+    def __init__(
+        self, minutes: float | None = None, clock: str = "process", ceiling_minutes: float | None = None
+    ) -> None:
         if clock not in ("wall", "process"):
             raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}.")
         self.minutes = _check_minutes(minutes, "time_budget_minutes")
@@ -192,7 +193,9 @@ def _check_minutes(minutes: Any, name: str) -> float | None:
     if isinstance(minutes, (bool, str)) or (minutes is not None and not isinstance(minutes, (int, float))):
         hint = ""
         if isinstance(minutes, str):
-            hint = " (on the command line write 0 for no budget or ceiling: MONAI reads `null` as text and drops `None`)"
+            hint = (
+                " (on the command line write 0 for no budget or ceiling: MONAI reads `null` as text and drops `None`)"
+            )
         raise ValueError(f"{name} must be a number of minutes or None, got {minutes!r}{hint}.")
     if minutes is not None and minutes < 0:
         raise ValueError(f"{name} must be >= 0 (0 or None: none), got {minutes}.")
@@ -237,8 +240,16 @@ class MetricsHistory:
         if self.phase == "train":
             values = {k: v / max(self._count, 1) for k, v in self._sums.items()}
         else:
-            values = {k: float(v) for k, v in engine.state.metrics.items() if np.isscalar(v) or isinstance(v, (int, float))}
-        record = {"phase": self.phase, "epoch": engine.state.epoch, "iteration": engine.state.iteration, "time": time.time(), **values}
+            values = {
+                k: float(v) for k, v in engine.state.metrics.items() if np.isscalar(v) or isinstance(v, (int, float))
+            }
+        record = {
+            "phase": self.phase,
+            "epoch": engine.state.epoch,
+            "iteration": engine.state.iteration,
+            "time": time.time(),
+            **values,
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -1,18 +1,33 @@
 """Why a state dict does not fit a network, in one sentence that names the setting to pass: the message of every
-checkpoint loader of the package (:func:`~vqvae_medical.training.checkpoints.load_weights`, resuming, the diffusion
-generator). Codebook shapes name ``num_embeddings``/``embedding_dim``, a transformer's position table
-``max_seq_len``, class embeddings and a transformer's start tokens ``num_classes`` (``num_class_embeds`` for the
-diffusion UNet), the other kind of prior network its overlay."""
+checkpoint loader of the package (:func:`~vqvae_medical.training.weights.load_weights`, resuming, the diffusion
+generator). Built in: codebook shapes name ``num_embeddings``/``embedding_dim``, class embeddings ``num_classes``
+(``num_class_embeds`` for the diffusion UNet). A stage adds hints for its own networks with
+:func:`register_mismatch_hint` (the prior: a transformer's ``max_seq_len`` and start tokens, the other kind of prior
+network's overlay, in :mod:`vqvae_medical.stages.prior.checkpoint_settings`)."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["describe_mismatch"]
+__all__ = ["MismatchHint", "describe_mismatch", "register_mismatch_hint"]
+
+#: ``hint(module, own, saved, key) -> sentence | None``: ``own``/``saved`` map tensor names to shapes (the network's,
+#: the checkpoint's), ``key`` is the first tensor whose shape differs, ``None`` when tensors are missing or unexpected
+MismatchHint = Callable[[torch.nn.Module, Mapping[str, tuple], Mapping[str, tuple], "str | None"], "str | None"]
+
+_HINTS: list[MismatchHint] = []
+
+
+def register_mismatch_hint(hint: MismatchHint) -> MismatchHint:
+    """Add ``hint`` to the hints :func:`describe_mismatch` asks (after the built-in class-embedding hint, before the
+    codebook hint), once; usable as a decorator. Stages register the hints of their own networks and settings."""
+    if hint not in _HINTS:
+        _HINTS.append(hint)
+    return hint
 
 
 def _setting_hint(key: str, saved: tuple[int, ...], wanted: tuple[int, ...]) -> str:
@@ -24,51 +39,26 @@ def _setting_hint(key: str, saved: tuple[int, ...], wanted: tuple[int, ...]) -> 
             if len(saved) > i and len(wanted) > i and saved[i] != wanted[i]:
                 arg = f"{saved[i]}" if not level else f"a list with {saved[i]} for the {level} level"
                 return f"{name}{where} is {saved[i]} in the checkpoint and {wanted[i]} here: pass --{name} {arg}"
-    if key.endswith("position_embeddings.embedding.weight") and saved and wanted and saved[0] != wanted[0]:
-        return f"max_seq_len is {saved[0]} in the checkpoint and {wanted[0]} here: pass --max_seq_len {saved[0]}"
     return (
         "the network settings differ from the run that wrote it (channels, res_channels, num_res_units, "
         "in_channels, num_embeddings, embedding_dim): pass the settings it was trained with"
     )
 
 
-def _prior_kind_hint(own: Mapping[str, Any], state: Mapping[str, Any]) -> str | None:
-    """A prior checkpoint of the other network (transformer or gated PixelCNN; the default changed in
-    pixelcnn_prior 0.4.0): which overlay loads it."""
-
-    def transformer(keys, prefix: str) -> bool | None:
-        keys = [k for k in keys if k.startswith(prefix)]
-        return any(".transformer." in f".{k}" for k in keys) if keys else None
-
-    for prefix, overlay in (("model.", "configs/gated.json"), ("top.", "configs/vqvae2_gated_top.json")):
-        mine, theirs = transformer(own, prefix), transformer(state, prefix)
-        if mine is None or theirs is None or mine == theirs:
-            continue
-        if theirs:
-            return f"it holds a transformer prior and the network is a gated PixelCNN: leave out {overlay}"
-        return f"it holds a gated PixelCNN prior and the network is a transformer: add {overlay} after the first config"
-    return None
-
-
-def _class_hint(module: torch.nn.Module, own: Mapping[str, tuple], saved: Mapping[str, tuple]) -> str | None:
+def _class_hint(
+    module: torch.nn.Module, own: Mapping[str, tuple], saved: Mapping[str, tuple], key: str | None = None
+) -> str | None:
     """A class-conditioned checkpoint loaded into an unconditioned network, or the other way round (or another
     number of classes): the setting to pass, instead of a list of every setting that changes shapes."""
-    for key in sorted(set(own) | set(saved)):  # gated PixelCNN layers' class_embed, the diffusion UNet's class_embedding
-        if "class_embed" not in key or own.get(key) == saved.get(key):
+    for name in sorted(
+        set(own) | set(saved)
+    ):  # gated PixelCNN layers' class_embed, the diffusion UNet's class_embedding
+        if "class_embed" not in name or own.get(name) == saved.get(name):
             continue
-        setting = "num_class_embeds" if "class_embedding" in key else "num_classes"
-        if key not in saved:
+        setting = "num_class_embeds" if "class_embedding" in name else "num_classes"
+        if name not in saved:
             return f"it was trained without class conditioning: pass --{setting} {'None' if 'embeds' in setting else 0}"
-        return f"it was trained with {saved[key][0]} classes: pass --{setting} {saved[key][0]}"
-    for name, sub in module.named_modules():  # a transformer prior's vocabulary holds one start token per class
-        key = f"{name}.transformer.token_embeddings.weight".lstrip(".")
-        if not hasattr(sub, "num_classes") or key not in saved or key not in own or saved[key] == own[key]:
-            continue
-        start = saved[key][0] - int(sub.num_embeddings)
-        if start >= 1 and start != (sub.num_classes or 1):
-            fix = "--num_classes 0" if start == 1 else f"--num_classes {start}"
-            kind = "without class conditioning" if start == 1 else f"with {start} classes"
-            return f"it was trained {kind} (num_embeddings {sub.num_embeddings}): pass {fix}"
+        return f"it was trained with {saved[name][0]} classes: pass --{setting} {saved[name][0]}"
     return None
 
 
@@ -83,13 +73,14 @@ def describe_mismatch(module: torch.nn.Module, state: Mapping[str, Any]) -> str 
     saved = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     differing = [k for k in shape if k in saved and saved[k] != shape[k]]
     differing.sort(key=lambda k: 0 if re.search(r"quanti[sz]er", k) else 1)
-    classes = _class_hint(module, shape, saved)
+    key = differing[0] if differing else None
+    hint = next((h for f in (_class_hint, *_HINTS) if (h := f(module, shape, saved, key))), None)
     if differing:
         k = differing[0]
         more = f" (and {len(differing) - 1} more tensors)" if len(differing) > 1 else ""
         return (
             f"tensor {k} has shape {list(saved[k])} in the checkpoint but {list(shape[k])} in the network{more}; "
-            f"{classes or _setting_hint(k, saved[k], shape[k])}."
+            f"{hint or _setting_hint(k, saved[k], shape[k])}."
         )
     missing = [k for k in shape if k not in state]
     unexpected = [k for k in state if k not in shape]
@@ -99,5 +90,5 @@ def describe_mismatch(module: torch.nn.Module, state: Mapping[str, Any]) -> str 
             parts.append(f"{len(missing)} tensors of the network are not in it (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"it has {len(unexpected)} tensors the network lacks (e.g. {unexpected[0]})")
-        return "; ".join(parts) + f"; {classes or _prior_kind_hint(shape, state) or _setting_hint('', (), ())}."
+        return "; ".join(parts) + f"; {hint or _setting_hint('', (), ())}."
     return None

@@ -3,10 +3,10 @@
 Every training bundle gives its :class:`ResumeOrStartFresh` handler the identity of what the run is built from
 (stage 1: data folder, layout, split fractions and seed, preprocessing, network settings, see
 :func:`vqvae_medical.stages.autoencoder.record.autoencoder_run_provenance`; stage 2: the identity of the frozen
-autoencoder and the data, see :func:`vqvae_medical.stages.frozen.stage2_run_provenance`). Then:
+autoencoder and the data, see :func:`vqvae_medical.stages.provenance.stage2_run_provenance`). Then:
 
 - a run that resumes must have the identity recorded in ``provenance.json``; otherwise it stops with one line
-  naming both sides (a :class:`~vqvae_medical.training.checkpoints.CheckpointError`) before loading anything;
+  naming both sides (a :class:`~vqvae_medical.utils.io.CheckpointError`) before loading anything;
 - a run that starts from scratch (``--resume False``, or no checkpoint to resume) owns the folder: it first moves
   the files an earlier run left in ``models/``, ``logs/`` and ``eval/`` into ``<output_dir>/previous/<time>/``
   (one log line says so), so that no earlier best score, checkpoint or history is taken for its own, then writes
@@ -29,14 +29,9 @@ from typing import Any
 import torch
 from ignite.engine import Engine
 
-from vqvae_medical.training.checkpoints import (
-    _PROCESS_START,
-    CheckpointError,
-    ResumeFromCheckpoint,
-    atomic_write_json,
-    checkpoints_newest_first,
-    describe_mismatch,
-)
+from vqvae_medical.training.checkpoints import ResumeFromCheckpoint, checkpoints_newest_first
+from vqvae_medical.training.mismatch import describe_mismatch
+from vqvae_medical.utils.io import PROCESS_START, CheckpointError, atomic_write_json
 
 __all__ = [
     "PREVIOUS_DIR",
@@ -141,7 +136,7 @@ def _rank() -> int:
 
 
 def _destination(output_dir: Path) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(_PROCESS_START))
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(PROCESS_START))
     root = output_dir / PREVIOUS_DIR
     dest, n = root / stamp, 1
     while dest.exists():
@@ -150,7 +145,7 @@ def _destination(output_dir: Path) -> Path:
 
 
 def move_aside(
-    folders: Iterable[str | os.PathLike | None], output_dir: str | os.PathLike, before: float = _PROCESS_START
+    folders: Iterable[str | os.PathLike | None], output_dir: str | os.PathLike, before: float = PROCESS_START
 ) -> tuple[Path | None, int]:
     """Move the files of ``folders`` (recursively) last modified before ``before`` into
     ``<output_dir>/previous/<time>/``, keeping their paths relative to ``output_dir`` (a folder outside it keeps
@@ -169,7 +164,7 @@ def move_aside(
             relative = Path(folder.name)
         if relative.parts[:1] == (PREVIOUS_DIR,):
             continue
-        for root, dirs, files in os.walk(folder, topdown=False):
+        for root, _dirs, files in os.walk(folder, topdown=False):
             for name in files:
                 path = Path(root) / name
                 try:

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import torch
 
+from vqvae_medical.utils.errors import UserError, register_user_error, user_error_types
+
 __all__ = [
     "SettingError",
+    "UserError",
     "amp_enabled",
     "check_writable",
     "install_error_hook",
@@ -28,42 +31,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class SettingError(ValueError):
+class SettingError(UserError, ValueError):
     """A bundle setting is missing or cannot be used (e.g. an output folder that cannot be written)."""
 
 
-#: exception types registered with :func:`register_user_error`
-_REGISTERED: list[type[BaseException]] = [SettingError]
-
-
-def register_user_error(cls: type[BaseException]) -> type[BaseException]:
-    """Register ``cls`` (and its subclasses) as a user error of this package: an exception whose message already
-    says what is wrong and what to do, which the bundles' error hook prints in one line. Usable as a class
-    decorator; returns ``cls``."""
-    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
-        raise TypeError(f"register_user_error expects an exception class, got {cls!r}.")
-    if cls not in _REGISTERED:
-        _REGISTERED.append(cls)
-    return cls
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """This package's user-error types: the registered ones (:class:`SettingError`,
-    :class:`~vqvae_medical.training.steps.NonFiniteLossError`, ...) and those of modules that import this one
-    and therefore cannot register at import time without a cycle: :class:`~vqvae_medical.data.checks.DataError`,
-    :class:`~vqvae_medical.training.checkpoints.CheckpointError` (with ``MissingCheckpointError``,
-    ``UntrustedCheckpointError`` and ``RecordMismatchError``) and
-    :class:`~vqvae_medical.stages.frozen.AutoencoderDirError`. They are imported here, when an error is being
-    reported, so that ``training`` does not import ``data`` or ``stages`` at module level. Subclasses count: the
-    check is ``isinstance``, never a class name (another library's ``DataError`` is not ours)."""
-    from vqvae_medical.data.checks import DataError
-    from vqvae_medical.stages.frozen import AutoencoderDirError
-    from vqvae_medical.training.checkpoints import CheckpointError
-
-    return (*_REGISTERED, DataError, CheckpointError, AutoencoderDirError)
-
-
-def check_writable(*folders: str | os.PathLike | Sequence[str | os.PathLike] | None, setting: str = "output_dir") -> bool:
+def check_writable(
+    *folders: str | os.PathLike | Sequence[str | os.PathLike] | None, setting: str = "output_dir"
+) -> bool:
     """Create each folder and write and remove a file in it, so that a run that cannot save stops before the first
     epoch instead of at the first checkpoint. ``None`` entries are skipped; returns ``True`` (for config
     expressions).

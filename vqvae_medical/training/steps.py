@@ -1,5 +1,6 @@
-"""Pieces every training step shares: the AMP/backward/optimizer iteration (:class:`TrainStep`), the finite-loss
-check and unwrapping DDP."""
+"""Pieces every training step shares: the AMP/backward/optimizer iteration (:class:`TrainStep`) and the finite-loss
+check. ``unwrap`` (the network inside a DDP wrapper), which configs cite here, is re-exported from
+:func:`vqvae_medical.utils.modules.unwrap`."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import torch
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
-from vqvae_medical.training.runtime import register_user_error, resolve_cpu_bf16
+from vqvae_medical.training.runtime import resolve_cpu_bf16
+from vqvae_medical.utils.errors import UserError
+from vqvae_medical.utils.modules import unwrap
 
 __all__ = ["FiniteLossGuard", "NonFiniteLossError", "TrainStep", "check_finite_loss", "unwrap"]
 
 
-@register_user_error
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Raised when a training loss is NaN or infinite; the step stops before the optimizer changes any weight."""
 
 
@@ -119,7 +121,9 @@ class TrainStep(ABC):
         output.update(terms)
         output[CommonKeys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        details = lambda: ", ".join(f"{k} {v.detach().float().item()}" for k, v in terms.items())
+        def details() -> str:
+            return ", ".join(f"{k} {v.detach().float().item()}" for k, v in terms.items())
+
         check_finite_loss(engine, loss, what=self.loss_name, details=details)
         scaler = engine.scaler if engine.amp and device.type == "cuda" else None
         if scaler is not None:
@@ -136,10 +140,3 @@ class TrainStep(ABC):
                 output[key] = value.detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return output
-
-
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The module inside ``DistributedDataParallel``/``DataParallel`` wrappers."""
-    while isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        network = network.module
-    return network

@@ -1,11 +1,12 @@
 """Inference of whole volumes through a MONAI inferer (e.g. ``SlidingWindowInferer``) with the code maps.
 
-:class:`~vqvae_medical.stages.autoencoder.steps.VQEvalStep` calls ``engine.network(images)`` once and needs the structured
-:class:`~vqvae_medical.networks.VQOutput`, so it cannot run window by window. :class:`SlidingWindowReconstructionStep`
-runs ``engine.inferer`` over the single-tensor ``network_def`` (:class:`~vqvae_medical.networks.ReconstructionNetwork`,
-``forward(image) -> reconstruction``), so volumes larger than the training patch are reconstructed window by window
-and blended, and takes the code maps from ``encode_to_indices`` of the whole volume (the encoder alone, without
-gradients, needs a fraction of the decoder's memory).
+:class:`~vqvae_medical.stages.autoencoder.steps.VQEvalStep` calls ``engine.network(images)`` once and needs the
+structured :class:`~vqvae_medical.networks.VQOutput`, so it cannot run window by window.
+:class:`SlidingWindowReconstructionStep` runs ``engine.inferer`` over the single-tensor ``network_def``
+(:class:`~vqvae_medical.networks.ReconstructionNetwork`, ``forward(image) -> reconstruction``), so volumes larger
+than the training patch are reconstructed window by window and blended, and takes the code maps from
+``encode_to_indices`` of the whole volume (the encoder alone, without gradients, needs a fraction of the decoder's
+memory).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 from monai.utils import CommonKeys
+
+from vqvae_medical.utils.modules import unwrap
 
 __all__ = ["make_inferer", "SlidingWindowReconstructionStep"]
 
@@ -46,9 +49,9 @@ class SlidingWindowReconstructionStep:
 
     ``engine.network`` must be a single-tensor wrapper such as
     :class:`~vqvae_medical.networks.ReconstructionNetwork` whose ``model`` attribute has ``encode_to_indices``.
-    The reconstruction is clipped to ``clip`` like :class:`~vqvae_medical.stages.autoencoder.steps.VQEvalStep`'s; under AMP (CUDA
-    only) the quantizer still runs in fp32. The output dict has ``image``, ``label`` (the image), ``pred`` and
-    ``indices`` (a tuple with one code map per level), the keys ``ReconstructionWriter`` reads.
+    The reconstruction is clipped to ``clip`` like :class:`~vqvae_medical.stages.autoencoder.steps.VQEvalStep`'s;
+    under AMP (CUDA only) the quantizer still runs in fp32. The output dict has ``image``, ``label`` (the image),
+    ``pred`` and ``indices`` (a tuple with one code map per level), the keys ``ReconstructionWriter`` reads.
 
     Args:
         clip: value range of the prediction, or ``None`` to keep it unclipped.
@@ -65,8 +68,8 @@ class SlidingWindowReconstructionStep:
         images = batchdata[self.image_key].to(engine.state.device, non_blocking=engine.non_blocking)
         images = images.as_tensor() if hasattr(images, "as_tensor") else images
         network = engine.network
-        model = getattr(network, "model", None)
-        if model is None or not hasattr(model, "encode_to_indices"):
+        model = unwrap(network, wrappers=True)
+        if model is network or not hasattr(model, "encode_to_indices"):
             raise TypeError(
                 "SlidingWindowReconstructionStep needs engine.network to be a ReconstructionNetwork (a module with a "
                 f"'model' that has encode_to_indices), got {type(network).__name__}."

@@ -30,8 +30,9 @@ from vqvae_medical.data import image_transforms_2d, volume_transforms_3d
 from vqvae_medical.data.lists import training_datalist
 from vqvae_medical.data.volumes import volume_training_datalist
 from vqvae_medical.networks.config import TRAINING_ONLY, build_network, network_config
-from vqvae_medical.training.checkpoints import CheckpointError, LoadWeights, atomic_write_json, safe_load
 from vqvae_medical.training.command_line import command_line_value
+from vqvae_medical.training.weights import LoadWeights
+from vqvae_medical.utils.io import CheckpointError, atomic_write_json, safe_load
 
 __all__ = [
     "RECORD_FILE",
@@ -61,7 +62,14 @@ RECORD_FILE = "autoencoder.json"
 
 RECORD_VERSION = 2
 
-IDENTITY_SECTIONS: tuple[str, ...] = ("weights_sha256", "network_def", "spatial_dims", "preprocessing", "image_size", "data")
+IDENTITY_SECTIONS: tuple[str, ...] = (
+    "weights_sha256",
+    "network_def",
+    "spatial_dims",
+    "preprocessing",
+    "image_size",
+    "data",
+)
 """The parts of a record that make the autoencoder's identity (:func:`record_identity`)."""
 
 EMBEDDED_DATA = "embedded MNI152"
@@ -155,8 +163,6 @@ def record_datalist(
     return training_datalist(
         data.get("dataset_dir"), cache_dir, spatial_dims=2, channels=channels, min_size=min_size, **kwargs
     )
-
-
 
 
 def _sha256(value: Any) -> str:
@@ -318,7 +324,7 @@ def check_against_record(network: nn.Module, model_path: str | os.PathLike) -> N
         # rebuilt with today's code: a record written before a setting existed gets that setting's default, which
         # is what its network computed
         trained_network = build_network(recorded)
-    except Exception as e:  # noqa: BLE001 - a record that cannot be rebuilt is reported by stage 2, not here
+    except Exception as e:
         logger.warning(f"{record_path}: not checked against the config ({e})")
         return
     if _shapes(trained_network) != _shapes(network):
@@ -337,7 +343,7 @@ def check_against_record(network: nn.Module, model_path: str | os.PathLike) -> N
 
 
 class LoadRecordedWeights(LoadWeights):
-    """:class:`~vqvae_medical.training.checkpoints.LoadWeights` for an autoencoder: before loading, checks the
+    """:class:`~vqvae_medical.training.weights.LoadWeights` for an autoencoder: before loading, checks the
     network against the record next to the checkpoint (:func:`check_against_record`), so an ``inference.json``
     or ``evaluate.json`` whose ``network_def`` differs from the trained one in a shape-free setting stops with one
     line instead of producing wrong images."""

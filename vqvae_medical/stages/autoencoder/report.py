@@ -13,8 +13,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from vqvae_medical.evaluation.figures import save_evaluation_report
-from vqvae_medical.training.checkpoints import atomic_write_json
 from vqvae_medical.training.handlers import read_history
+from vqvae_medical.utils.io import atomic_write_json
 
 __all__ = ["EvaluationReport"]
 
@@ -48,7 +48,9 @@ class EvaluationReport:
         ssim_key: str = "ssim",
     ) -> None:
         self.output_dir = Path(output_dir)
-        self.num_embeddings = [int(num_embeddings)] if isinstance(num_embeddings, int) else [int(k) for k in num_embeddings]
+        self.num_embeddings = (
+            [int(num_embeddings)] if isinstance(num_embeddings, int) else [int(k) for k in num_embeddings]
+        )
         self.spatial_dims = spatial_dims
         self.history_path = history_path
         self.n_samples = n_samples

@@ -28,9 +28,15 @@ def reconstruction_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], tor
 
 def _level_stats(levels) -> dict[str, torch.Tensor]:
     """Perplexity and usage of each code level; one level is reported without a suffix."""
-    names = ("",) if len(levels) == 1 else ("_top", "_bottom") if len(levels) == 2 else tuple(f"_{i}" for i in range(len(levels)))
+    names = (
+        ("",)
+        if len(levels) == 1
+        else ("_top", "_bottom")
+        if len(levels) == 2
+        else tuple(f"_{i}" for i in range(len(levels)))
+    )
     stats: dict[str, torch.Tensor] = {}
-    for name, level in zip(names, levels):
+    for name, level in zip(names, levels, strict=False):
         stats[f"perplexity{name}"] = level.perplexity.detach()
         stats[f"usage{name}"] = level.usage.detach()
     return stats
@@ -44,9 +50,10 @@ class VQTrainStep(TrainStep):
 
     The optional SSIM term (Wang et al. 2004; as a training loss: Zhao et al., "Loss Functions for Image
     Restoration with Neural Networks", IEEE TCI 2017) weights local contrast and structure that an L1 or MSE loss
-    averages away; it assumes images scaled to [0, 1]. It is :class:`~vqvae_medical.evaluation.losses.SeparableSSIMLoss`, the
-    value of MONAI's ``SSIMLoss`` at a fraction of its cost in 3D. The iteration (AMP, events, finite-loss check,
-    optimizer step) is :class:`~vqvae_medical.training.steps.TrainStep`'s.
+    averages away; it assumes images scaled to [0, 1]. It is
+    :class:`~vqvae_medical.evaluation.losses.SeparableSSIMLoss`, the value of MONAI's ``SSIMLoss`` at a fraction of
+    its cost in 3D. The iteration (AMP, events, finite-loss check, optimizer step) is
+    :class:`~vqvae_medical.training.steps.TrainStep`'s.
 
     Args:
         recon_loss: ``"l1"`` or ``"mse"``.
@@ -101,14 +108,19 @@ class VQTrainStep(TrainStep):
         self.ssim_weight = float(ssim_weight)
         self.ssim_win_size = int(ssim_win_size)
         if self.cpu_bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            warnings.warn("cpu_bf16: this CPU has no native bf16 support (AVX512-BF16/AMX); bf16 will be slower than fp32.")
+            warnings.warn(
+                "cpu_bf16: this CPU has no native bf16 support (AVX512-BF16/AMX); bf16 will be slower than fp32.",
+                stacklevel=2,
+            )
         self._ssim_losses: dict[int, SeparableSSIMLoss] = {}
         self.image_key = image_key
 
     def _ssim_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         spatial_dims = target.ndim - 2
         if spatial_dims not in self._ssim_losses:
-            self._ssim_losses[spatial_dims] = SeparableSSIMLoss(spatial_dims, data_range=1.0, win_size=self.ssim_win_size)
+            self._ssim_losses[spatial_dims] = SeparableSSIMLoss(
+                spatial_dims, data_range=1.0, win_size=self.ssim_win_size
+            )
         return self._ssim_losses[spatial_dims](prediction, target)
 
     def forward(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from vqvae_medical.evaluation.sample_report import (
     score_samples,
 )
 from vqvae_medical.stages.diffusion.sampling import LatentSampler
-from vqvae_medical.training.checkpoints import atomic_write_json
 from vqvae_medical.training.runtime import SettingError
+from vqvae_medical.utils.io import atomic_write_json
 
 __all__ = ["evaluate_samples"]
 
@@ -56,8 +56,8 @@ def evaluate_samples(
       estimate of the squared distance between the mean images);
     - ``mmd_real_reference``: the same between the real images and a disjoint set of real images (the value
       an ideal generator would reach up to sampling noise; NaN when the test set is too small);
-    - ``n_samples``, ``samples_per_class`` (class-conditioned model), ``seconds_per_sample``, ``cpu_seconds_per_sample`` (process CPU time of sampling and
-      decoding per image), ``num_inference_steps``;
+    - ``n_samples``, ``samples_per_class`` (class-conditioned model), ``seconds_per_sample``,
+      ``cpu_seconds_per_sample`` (process CPU time of sampling and decoding per image), ``num_inference_steps``;
     - ``models``: the checkpoint and autoencoder evaluated (:func:`~vqvae_medical.stages.provenance.models_used`).
 
     ``metrics.json`` is written once, atomically, when everything is computed; the settings and the size of the

@@ -1,4 +1,5 @@
-"""The latent diffusion bundle's ``network_def``: deterministic DDIM sampling and decoding, latent noise in, image out."""
+"""The latent diffusion bundle's ``network_def``: deterministic DDIM sampling and decoding, latent noise in, image
+out."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from vqvae_medical.stages.diffusion.network import (
     LatentDiffusionNetwork,
 )
 from vqvae_medical.stages.diffusion.torchscript import scriptable_copy
-from vqvae_medical.training.checkpoints import CheckpointError, MissingCheckpointError, describe_mismatch, safe_load
+from vqvae_medical.training.mismatch import describe_mismatch
+from vqvae_medical.utils.io import CheckpointError, MissingCheckpointError, safe_load
+from vqvae_medical.utils.modules import unwrap
 
 __all__ = ["LatentDiffusionGenerator", "check_class_embeds", "load_generator"]
 
@@ -42,7 +45,8 @@ class LatentDiffusionGenerator(nn.Module):
     Args:
         diffusion: the noise-prediction network.
         autoencoder: the frozen VQ-VAE (a :class:`~vqvae_medical.networks.VQVAE`, its ``ReconstructionNetwork`` or
-            a :class:`~vqvae_medical.stages.frozen.FrozenAutoencoder`); its decoder and quantizer are shared, not copied.
+            a :class:`~vqvae_medical.stages.frozen.FrozenAutoencoder`); its decoder and quantizer are shared, not
+            copied.
         scheduler: MONAI ``DDIMScheduler`` with the training schedule (betas, ``prediction_type``, clipping).
         num_inference_steps: DDIM steps.
         snap_to_codebook: replace each final latent vector by its nearest codebook vector before decoding.
@@ -65,8 +69,7 @@ class LatentDiffusionGenerator(nn.Module):
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
         if clip is not None and len(clip) != 2:
             raise ValueError(f"clip must be (min, max) or None, got {clip}.")
-        vqvae = getattr(autoencoder, "autoencoder", autoencoder)  # FrozenAutoencoder
-        vqvae = getattr(vqvae, "model", vqvae)  # ReconstructionNetwork
+        vqvae = unwrap(autoencoder, wrappers=True)  # the VQVAE of a FrozenAutoencoder or ReconstructionNetwork
         for name in ("decoder", "quantizer"):
             if not isinstance(getattr(vqvae, name, None), nn.Module):
                 raise ValueError(f"the autoencoder must be a VQVAE with a {name}; got {type(vqvae).__name__}.")
@@ -199,8 +202,7 @@ def load_generator(
         )
     else:
         generator.diffusion.load_state_dict(state)
-        vqvae = getattr(autoencoder, "autoencoder", autoencoder)
-        vqvae = getattr(vqvae, "model", vqvae)
+        vqvae = unwrap(autoencoder, wrappers=True)
         generator.decoder.load_state_dict(vqvae.decoder.state_dict())
         generator.quantizer.load_state_dict(vqvae.quantizer.state_dict())
     generator.diffusion.check_ready()

@@ -14,7 +14,7 @@ from torch import nn
 
 from vqvae_medical.evaluation.figures import save_sample_grid
 from vqvae_medical.stages.diffusion.sampling import LatentSampler
-from vqvae_medical.training.checkpoints import atomic_save
+from vqvae_medical.utils.io import atomic_save
 
 __all__ = ["DiffusionEMA", "ModelWriter", "SampleGrid"]
 
@@ -104,7 +104,9 @@ class SampleGrid:
         seed: noise seed (the same noise every time, so grids are comparable across epochs).
     """
 
-    def __init__(self, sampler: LatentSampler, output_dir: str | os.PathLike, n: int = 8, interval: int = 5, seed: int = 0):
+    def __init__(
+        self, sampler: LatentSampler, output_dir: str | os.PathLike, n: int = 8, interval: int = 5, seed: int = 0
+    ):
         self.sampler = sampler
         self.output_dir = Path(output_dir)
         self.n = int(n)

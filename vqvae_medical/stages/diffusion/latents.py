@@ -1,5 +1,5 @@
 """Latents of the training images through the frozen autoencoder (cached by
-:func:`~vqvae_medical.stages.frozen.encode_cached`), and their scale factor."""
+:func:`~vqvae_medical.stages.encodings.encode_cached`), and their scale factor."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from vqvae_medical.stages.frozen import Encoded, FrozenAutoencoder, encode_cached
-from vqvae_medical.training.checkpoints import safe_load
+from vqvae_medical.stages.encodings import Encoded, encode_cached
+from vqvae_medical.stages.frozen import FrozenAutoencoder
+from vqvae_medical.utils.io import safe_load
 
 __all__ = ["LatentSet", "extract_latents"]
 
@@ -78,7 +79,7 @@ class LatentSet:
 
     @classmethod
     def from_encoded(cls, encoded: Encoded, use_labels: bool = True) -> LatentSet:
-        """The latents of :func:`~vqvae_medical.stages.frozen.encode_cached`; labels only when every item has one."""
+        """The latents of :func:`~vqvae_medical.stages.encodings.encode_cached`; labels only when every item has one."""
         labels = encoded.labels if use_labels and bool((encoded.labels >= 0).all()) else None
         return cls(encoded.values, labels, encoded.image_size, encoded.fingerprint)
 
@@ -104,7 +105,7 @@ def extract_latents(
     num_workers: int = 0,
 ) -> LatentSet:
     """The latents of every item of ``data`` through the frozen autoencoder, encoded once and cached at
-    ``cache_path`` (see :func:`~vqvae_medical.stages.frozen.encode_cached`).
+    ``cache_path`` (see :func:`~vqvae_medical.stages.encodings.encode_cached`).
 
     Args:
         autoencoder: the frozen VQ-VAE.
@@ -117,7 +118,15 @@ def extract_latents(
         num_workers: data loader workers.
     """
     encoded = encode_cached(
-        autoencoder, data, "latents", cache_path, transform, settings, batch_size, label_key=label_key, num_workers=num_workers
+        autoencoder,
+        data,
+        "latents",
+        cache_path,
+        transform,
+        settings,
+        batch_size,
+        label_key=label_key,
+        num_workers=num_workers,
     )
     out = LatentSet.from_encoded(encoded, use_labels=label_key is not None)
     if label_key is not None and out.labels is None:

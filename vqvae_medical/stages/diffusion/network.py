@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vqvae_medical.stages.diffusion.torchscript import scriptable_copy
-from vqvae_medical.training.checkpoints import safe_load
+from vqvae_medical.utils.io import safe_load
 
 __all__ = ["PREDICTION_TYPES", "LatentDiffusionNetwork", "load_diffusion_network"]
 
@@ -68,7 +68,9 @@ class LatentDiffusionNetwork(nn.Module):
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
         self.unet = unet
         self.spatial_dims = spatial_dims
-        self.register_buffer("scale_factor", torch.tensor(float("nan") if scale_factor is None else float(scale_factor)))
+        self.register_buffer(
+            "scale_factor", torch.tensor(float("nan") if scale_factor is None else float(scale_factor))
+        )
         self.register_buffer("latent_shape", torch.zeros(spatial_dims + 1, dtype=torch.long))
         self.register_buffer("image_size", torch.zeros(spatial_dims, dtype=torch.long))
         self.register_buffer("prediction_code", torch.tensor(PREDICTION_TYPES.index(prediction_type)))

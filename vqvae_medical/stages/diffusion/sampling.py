@@ -19,8 +19,8 @@ from vqvae_medical.evaluation.figures import save_sample_grid
 from vqvae_medical.evaluation.sample_files import SampleFiles
 from vqvae_medical.stages.diffusion.generator import LatentDiffusionGenerator
 from vqvae_medical.stages.diffusion.network import PREDICTION_TYPES
-from vqvae_medical.training.checkpoints import atomic_write_json
 from vqvae_medical.training.runtime import SettingError, check_writable
+from vqvae_medical.utils.io import atomic_write_json
 
 __all__ = ["ClassConditionedDiffusionInferer", "LatentSampler", "check_n_samples", "generate", "write_samples"]
 

@@ -61,9 +61,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         self.autoencoder = autoencoder
         self.scheduler = scheduler
         self.prediction_type = prediction_type
-        self.latent_key = latent_key
-        self.image_key = image_key
-        self.label_key = label_key
+        self.latent_key, self.image_key, self.label_key = latent_key, image_key, label_key  # keys of the batch
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -107,7 +105,11 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         return z * scale.to(z.device)
 
     def __call__(
-        self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         z = self.latents(batchdata, device, non_blocking)
         noise = self.get_noise(z)

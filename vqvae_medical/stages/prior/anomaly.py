@@ -83,11 +83,11 @@ def code_nll(
         if len(levels) != 2:
             raise ValueError("the hierarchical prior of a VQ-VAE-2 needs (top, bottom) code maps.")
         logits = prior(pack_hierarchical_inputs(levels[0], levels[1], label, prior.scale_factor))
-        pairs = zip(prior.split_logits(logits), levels)
+        pairs = zip(prior.split_logits(logits), levels, strict=True)
     else:
         if len(levels) != 1:
             raise ValueError("a one-level prior needs one code map [B, H, W], got a (top, bottom) pair.")
-        pairs = zip([prior(levels[0], label)], levels)
+        pairs = zip([prior(levels[0], label)], levels, strict=True)
     return tuple(F.cross_entropy(lg.float(), c, reduction="none") for lg, c in pairs)
 
 
@@ -104,7 +104,7 @@ def resample_masks(nll: Sequence[torch.Tensor], thresholds: Sequence[float]) -> 
     """
     if len(nll) != len(thresholds):
         raise ValueError(f"need one threshold per code level ({len(nll)}), got {len(thresholds)}.")
-    masks = [n > float(t) for n, t in zip(nll, thresholds)]
+    masks = [n > float(t) for n, t in zip(nll, thresholds, strict=True)]
     if len(masks) == 2:
         masks[1] = masks[1] | _upsample_mask(masks[0], masks[1].shape[1:])
     return tuple(masks)
@@ -198,7 +198,7 @@ def image_scores(
         raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}.")
     flat = maps.flatten(1)
     k = max(1, round(top_fraction * flat.shape[1]))
-    excess = sum((n - float(t)).clamp_min(0).flatten(1).sum(1) for n, t in zip(nll, thresholds))
+    excess = sum((n - float(t)).clamp_min(0).flatten(1).sum(1) for n, t in zip(nll, thresholds, strict=True))
     return {"map_top": flat.topk(k, dim=1).values.mean(1), "nll_excess": excess}
 
 

@@ -8,6 +8,12 @@ of the checkpoint and the fingerprint of the autoencoder's weights, and recomput
 section or the class changes. The calibration also refuses a prior that does not model this autoencoder's codes (its
 NLL no better than the codes' own histogram: a prior trained on another autoencoder), and a stored calibration of the
 same checkpoint made with another autoencoder.
+
+The image score is calibrated on the same held-out healthy images (:func:`load_score_calibration`): with the NLL
+thresholds fixed, each of them (at most ``max_images``) gets its anomaly map and image scores exactly as an input
+would (same healing settings and seed); their sorted scores are stored in :data:`SCORE_CALIBRATION_FILE` next to the
+checkpoint. An input's ``healthy_percentile`` is the share of these healthy scores below its own, and it is
+``anomalous`` when its score is above the ``score_quantile``-th quantile of them (the ``image_threshold``).
 """
 
 from __future__ import annotations
@@ -26,17 +32,28 @@ from torch import nn
 from vqvae_medical.data.lists import section
 from vqvae_medical.networks.quantizers import perplexity
 from vqvae_medical.stages.frozen import FrozenAutoencoder, encode_cached
-from vqvae_medical.stages.prior.anomaly import code_nll
+from vqvae_medical.stages.prior.anomaly import IMAGE_SCORES, anomaly_maps, code_nll
 from vqvae_medical.stages.provenance import file_sha256
-from vqvae_medical.training.checkpoints import atomic_write_json
 from vqvae_medical.training.runtime import SettingError
+from vqvae_medical.utils.io import atomic_write_json
 
-__all__ = ["CALIBRATION_FILE", "calibrate", "load_calibration"]
+__all__ = [
+    "CALIBRATION_FILE",
+    "SCORE_CALIBRATION_FILE",
+    "calibrate",
+    "healthy_image_scores",
+    "load_calibration",
+    "load_score_calibration",
+    "resolve_thresholds",
+]
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "anomaly_calibration.json"
 """The calibration's file name, next to the prior's ``model.pt``."""
+
+SCORE_CALIBRATION_FILE = "anomaly_score_calibration.json"
+"""The image-score calibration's file name, next to the prior's ``model.pt``."""
 
 _VERSION = 1
 
@@ -88,7 +105,7 @@ def calibrate(
         for i, n in enumerate(code_nll(network, batch if len(batch) > 1 else batch[0], class_label)):
             nll[i].append(n.flatten().cpu())
     stats: dict[str, Any] = {"thresholds_nats": [], "mean_nll_bits": [], "marginal_bits": [], "n_codes": []}
-    for i, (parts, k) in enumerate(zip(nll, codebooks)):
+    for i, (parts, k) in enumerate(zip(nll, codebooks, strict=True)):
         values = torch.cat(parts).double()
         mean, marginal = float(values.mean()), _marginal_nats(levels[i], k)
         if mean >= marginal:
@@ -156,4 +173,106 @@ def load_calibration(
         logger.info(f"calibrated the NLL thresholds {result['thresholds_nats']} on {len(items)} images -> {path}")
     except OSError as e:
         logger.warning(f"could not write the anomaly calibration to {path} ({e}); it is recomputed next time")
+    return result
+
+
+def resolve_thresholds(
+    calibration: Mapping[str, Any], nll_threshold: float | Sequence[float] | None, levels: int
+) -> list[float]:
+    """The NLL threshold of each code level: ``nll_threshold`` when set (one value for every level, or one per
+    level), else the calibrated ``thresholds_nats``."""
+    if nll_threshold is None:
+        thresholds = [float(t) for t in calibration["thresholds_nats"]]
+    elif isinstance(nll_threshold, (list, tuple)):
+        thresholds = [float(t) for t in nll_threshold]
+    else:
+        thresholds = [float(nll_threshold)] * levels
+    if len(thresholds) != levels:
+        raise SettingError(f"nll_threshold needs {levels} value(s), one per code level, got {thresholds}.")
+    return thresholds
+
+
+@torch.no_grad()
+def healthy_image_scores(
+    autoencoder: FrozenAutoencoder,
+    network: nn.Module,
+    items: Sequence[Mapping[str, Any]],
+    thresholds: Sequence[float],
+    class_label: int | None = None,
+    temperature: float = 1.0,
+    mask_sigma: float = 0.0,
+    top_fraction: float = 0.01,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict[str, list[float]]:
+    """Every :data:`~vqvae_medical.stages.prior.anomaly.IMAGE_SCORES` of ``items`` (held-out healthy images), each
+    list sorted, computed as :func:`~vqvae_medical.stages.prior.anomaly.anomaly_maps` computes them for an input."""
+    transform = autoencoder.transforms()
+    generator = torch.Generator(device=autoencoder.device).manual_seed(int(seed))
+    scores: dict[str, list[float]] = {k: [] for k in IMAGE_SCORES}
+    for start in range(0, len(items), batch_size):
+        images = torch.stack([transform(dict(i))["image"].as_tensor() for i in items[start : start + batch_size]])
+        result = anomaly_maps(
+            autoencoder, network, images, thresholds, class_label, temperature, mask_sigma, top_fraction, generator
+        )
+        for k in IMAGE_SCORES:
+            scores[k].extend(float(v) for v in result.scores[k])
+    return {k: sorted(v) for k, v in scores.items()}
+
+
+def load_score_calibration(
+    path: str | os.PathLike,
+    autoencoder: FrozenAutoencoder,
+    network: nn.Module,
+    ckpt_path: str | os.PathLike,
+    calibration: Mapping[str, Any],
+    nll_threshold: float | Sequence[float] | None = None,
+    section_name: str = "validation",
+    class_label: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    temperature: float = 1.0,
+    mask_sigma: float = 0.0,
+    top_fraction: float = 0.01,
+    seed: int = 0,
+    max_images: int = 256,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """The image scores of the held-out healthy images (the first ``max_images`` of ``section_name``, scored with
+    these NLL thresholds and map settings), read from ``path`` when stored for this checkpoint, autoencoder and
+    settings, else computed by :func:`healthy_image_scores` and written there (see the module docstring)."""
+    levels = len(calibration["thresholds_nats"])
+    thresholds = resolve_thresholds(calibration, nll_threshold, levels)
+    key = {
+        "version": _VERSION,
+        "prior_sha256": calibration.get("prior_sha256") or file_sha256(ckpt_path),
+        "autoencoder": autoencoder.fingerprint,
+        "thresholds_nats": thresholds,
+        "section": section_name,
+        "class_label": class_label,
+        "temperature": float(temperature),
+        "mask_sigma": float(mask_sigma),
+        "top_fraction": float(top_fraction),
+        "seed": int(seed),
+        "max_images": int(max_images),
+    }
+    path = Path(path)
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+        except ValueError:
+            stored = {}
+        if all(stored.get(k) == v for k, v in key.items()):
+            logger.info(f"read the image-score calibration {path}")
+            return stored
+    cache_dir = Path(cache_dir) if cache_dir is not None else path.parent
+    items = section(autoencoder.datalist(cache_dir), section_name)[: int(max_images)]
+    scores = healthy_image_scores(
+        autoencoder, network, items, thresholds, class_label, temperature, mask_sigma, top_fraction, seed, batch_size
+    )
+    result = {**key, "n_images": len(items), "scores": scores}
+    try:
+        atomic_write_json(result, path)
+        logger.info(f"calibrated the image scores on {len(items)} held-out healthy images -> {path}")
+    except OSError as e:
+        logger.warning(f"could not write the image-score calibration to {path} ({e}); it is recomputed next time")
     return result

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqvae_medical.training.checkpoints import CheckpointError
+from vqvae_medical.training.mismatch import register_mismatch_hint
+from vqvae_medical.utils.io import CheckpointError
 
-__all__ = ["check_prior_checkpoint", "prior_settings", "settings_to_pass"]
+__all__ = ["check_prior_checkpoint", "prior_mismatch_hint", "prior_settings", "settings_to_pass"]
 
 
 def _layers(state: Mapping[str, Any], stem: str) -> int:
@@ -77,8 +78,9 @@ def settings_to_pass(saved: Mapping[str, Any], own: Mapping[str, Any]) -> str | 
     if saved["kind"] == "transformer":
         if saved["tokens"] != own["tokens"]:
             tokens = (
-                f"its vocabulary is {saved['tokens']} tokens and {own['tokens']} here (num_embeddings plus num_classes, "
-                "plus 1 without classes): pass the --num_embeddings of its autoencoder and its --num_classes"
+                f"its vocabulary is {saved['tokens']} tokens and {own['tokens']} here (num_embeddings plus "
+                "num_classes, plus 1 without classes): pass the --num_embeddings of its autoencoder and its "
+                "--num_classes"
             )
             sentence = f"{sentence}; {tokens}" if sentence else tokens
         sentence += ", and the --num_heads it was trained with (the weights do not show it)"
@@ -115,3 +117,47 @@ def check_prior_checkpoint(
             f"({', '.join(f'{k} {v}' for k, v in saved.items() if k not in ('kind', 'tokens'))} in the checkpoint): "
             f"{fix}. The same settings go to ckpt_export, verify_net_in_out, inference and evaluate."
         )
+
+
+def _kind_hint(own: Mapping[str, Any], saved: Mapping[str, Any]) -> str | None:
+    """A prior checkpoint of the other network (transformer or gated PixelCNN; the default changed in
+    pixelcnn_prior 0.4.0): which overlay loads it."""
+
+    def transformer(keys, prefix: str) -> bool | None:
+        keys = [k for k in keys if k.startswith(prefix)]
+        return any(".transformer." in f".{k}" for k in keys) if keys else None
+
+    for prefix, overlay in (("model.", "configs/gated.json"), ("top.", "configs/vqvae2_gated_top.json")):
+        mine, theirs = transformer(own, prefix), transformer(saved, prefix)
+        if mine is None or theirs is None or mine == theirs:
+            continue
+        if theirs:
+            return f"it holds a transformer prior and the network is a gated PixelCNN: leave out {overlay}"
+        return f"it holds a gated PixelCNN prior and the network is a transformer: add {overlay} after the first config"
+    return None
+
+
+@register_mismatch_hint
+def prior_mismatch_hint(
+    module: nn.Module, own: Mapping[str, tuple], saved: Mapping[str, tuple], key: str | None
+) -> str | None:
+    """The prior's hints for :func:`~vqvae_medical.training.mismatch.describe_mismatch`: a transformer trained
+    with another number of classes (its vocabulary holds one start token per class), another ``max_seq_len`` (its
+    position table), or the other kind of prior network (the overlay that loads it)."""
+    for name, sub in module.named_modules():
+        token_key = f"{name}.transformer.token_embeddings.weight".lstrip(".")
+        if not hasattr(sub, "num_classes") or token_key not in saved or token_key not in own:
+            continue
+        if saved[token_key] == own[token_key]:
+            continue
+        start = saved[token_key][0] - int(sub.num_embeddings)
+        if start >= 1 and start != (sub.num_classes or 1):
+            fix = "--num_classes 0" if start == 1 else f"--num_classes {start}"
+            kind = "without class conditioning" if start == 1 else f"with {start} classes"
+            return f"it was trained {kind} (num_embeddings {sub.num_embeddings}): pass {fix}"
+    if key is None:
+        return _kind_hint(own, saved)
+    old, new = saved[key], own[key]
+    if key.endswith("position_embeddings.embedding.weight") and old and new and old[0] != new[0]:
+        return f"max_seq_len is {old[0]} in the checkpoint and {new[0]} here: pass --max_seq_len {old[0]}"
+    return None

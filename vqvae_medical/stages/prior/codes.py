@@ -10,7 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from vqvae_medical.stages.frozen import FrozenAutoencoder, encode_cached
+from vqvae_medical.stages.encodings import encode_cached
+from vqvae_medical.stages.frozen import FrozenAutoencoder
+from vqvae_medical.utils.modules import unwrap
 
 __all__ = ["NO_LABEL", "CodeMapDataset", "check_codebooks", "code_map_dataset"]
 
@@ -24,8 +26,7 @@ _OVERLAY = "configs/vqvae2.json"
 
 def _codebooks(network: nn.Module) -> tuple[int, ...]:
     """Codebook size of each code level of an autoencoder (``(top, bottom)`` for a VQ-VAE-2)."""
-    model = getattr(network, "autoencoder", network)
-    model = getattr(model, "model", model)
+    model = unwrap(network, wrappers=True)
     n = model.num_embeddings
     return tuple(int(k) for k in n) if isinstance(n, (tuple, list)) else (int(n),)
 
@@ -97,7 +98,9 @@ class CodeMapDataset(Dataset):
         top_num_embeddings: int | None = None,
     ) -> None:
         if codes.dim() != 3 or labels.shape != codes.shape[:1]:
-            raise ValueError(f"expected codes [N, H, W] and labels [N], got {list(codes.shape)} and {list(labels.shape)}.")
+            raise ValueError(
+                f"expected codes [N, H, W] and labels [N], got {list(codes.shape)} and {list(labels.shape)}."
+            )
         _check_range(codes, num_embeddings, "code maps")
         if top is not None:
             if top_num_embeddings is None:
@@ -121,8 +124,7 @@ class CodeMapDataset(Dataset):
         self.labels = labels
         self.num_embeddings = num_embeddings
         self.num_classes = num_classes
-        self.top = top
-        self.top_num_embeddings = top_num_embeddings
+        self.top, self.top_num_embeddings = top, top_num_embeddings  # the top level of a VQ-VAE-2, or None
 
     def __len__(self) -> int:
         return int(self.codes.shape[0])
@@ -151,7 +153,7 @@ def code_map_dataset(
     batch_size: int = 16,
 ) -> CodeMapDataset:
     """A :class:`CodeMapDataset` of the images of ``items`` through the frozen autoencoder, cached at ``cache_path``
-    (see :func:`~vqvae_medical.stages.frozen.encode_cached`; the images are preprocessed as stage 1 did).
+    (see :func:`~vqvae_medical.stages.encodings.encode_cached`; the images are preprocessed as stage 1 did).
 
     A VQ-VAE gives one code map per image; a VQ-VAE-2 (``num_embeddings`` a ``(top, bottom)`` pair) gives items
     with the bottom map as ``"codes"`` and the top map as ``"top"``.

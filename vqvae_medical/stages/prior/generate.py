@@ -23,8 +23,8 @@ from vqvae_medical.stages.prior.codes import check_codebooks
 from vqvae_medical.stages.prior.hierarchical import LEVELS, HierarchicalPrior, sample_hierarchical
 from vqvae_medical.stages.prior.network import prior_of
 from vqvae_medical.stages.prior.sampling import prior_device, sample
-from vqvae_medical.training.checkpoints import atomic_write_json
 from vqvae_medical.training.runtime import SettingError, check_writable
+from vqvae_medical.utils.io import atomic_write_json
 
 __all__ = ["PriorSampleWriter", "PriorSampler", "sample_and_decode", "sampled_classes", "save_samples"]
 
@@ -255,12 +255,14 @@ def save_samples(
             name = "" if c is None else (class_names[c] if class_names and c < len(class_names) else f"class {c}")
             arrays = {
                 f"{stem}_codes" + ("" if lv is None else f"_{lv}"): ([int(g) for g in grid], dtype)
-                for lv, grid in zip(levels, level_grids)
+                for lv, grid in zip(levels, level_grids, strict=False)
             }
             image_prefix = ("sample" if c is None else f"sample_class{c}") if sample_files else None
             with SampleFiles(out, num_samples, image_prefix, grid_samples, arrays=arrays) as files:
                 for codes, images in sampler.batches(prior, num_samples, c, seed + (c or 0), batch_size):
-                    files.add(images, arrays=dict(zip(arrays, codes if isinstance(codes, tuple) else (codes,))))
+                    files.add(
+                        images, arrays=dict(zip(arrays, codes if isinstance(codes, tuple) else (codes,), strict=False))
+                    )
                     bar.update(len(images))
                 written += files.close()
             written.append(save_image_grid(out / f"{stem}.png", files.kept, ncols=ncols))
@@ -290,7 +292,7 @@ def save_samples(
             "temperature": float(sampler.temperature),
             "batch_size": int(batch_size),
             "image_size": [int(s) for s in sampler.image_size],
-            "code_shape": dict(zip(LEVELS, level_grids)) if levels[0] else level_grids[0],
+            "code_shape": dict(zip(LEVELS, level_grids, strict=False)) if levels[0] else level_grids[0],
             "seconds_per_sample": seconds / n,
             "cpu_seconds_per_sample": cpu_seconds / n,
             "models": None if models is None else dict(models),

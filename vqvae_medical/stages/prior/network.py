@@ -8,8 +8,8 @@ import math
 import os
 from collections.abc import Sequence
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN
 from vqvae_medical.networks.transformer_prior import TransformerPrior
@@ -17,9 +17,9 @@ from vqvae_medical.stages.frozen import grid_size
 from vqvae_medical.stages.prior.checkpoint_settings import check_prior_checkpoint
 from vqvae_medical.stages.prior.hierarchical import HierarchicalPrior
 from vqvae_medical.stages.provenance import check_dims
-from vqvae_medical.training.checkpoints import load_weights
 from vqvae_medical.training.runtime import SettingError
-from vqvae_medical.training.steps import unwrap  # noqa: E402
+from vqvae_medical.training.weights import load_weights
+from vqvae_medical.utils.modules import unwrap
 
 __all__ = ["PriorNetwork", "pack_inputs", "prior_of", "load_prior", "check_sequence_length"]
 
@@ -75,7 +75,7 @@ def prior_of(network: nn.Module) -> GatedPixelCNN | TransformerPrior | Hierarchi
     network = unwrap(network)
     if isinstance(network, HierarchicalPrior):
         return network
-    network = getattr(network, "model", network)
+    network = unwrap(network, wrappers=True)
     if not isinstance(network, (GatedPixelCNN, TransformerPrior)):
         raise ValueError(
             f"expected a GatedPixelCNN, a TransformerPrior, a PriorNetwork or a HierarchicalPrior, got "
@@ -96,9 +96,7 @@ def load_prior(network: nn.Module, ckpt_path: str | os.PathLike, device: str | t
     return network.to(device).eval()
 
 
-def check_sequence_length(
-    network: nn.Module, autoencoder: nn.Module, image_size: Sequence[int] | None = None
-) -> bool:
+def check_sequence_length(network: nn.Module, autoencoder: nn.Module, image_size: Sequence[int] | None = None) -> bool:
     """Stop before training or sampling when a transformer prior's ``max_seq_len`` is shorter than the code map it
     must model (e.g. the default 1,024 positions, 32 x 32 codes of 128 x 128 images, against the 64 x 64 codes of
     256 x 256 photos). The learnt position table has ``max_seq_len`` rows, so the setting has to be the same for

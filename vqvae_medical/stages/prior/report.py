@@ -27,11 +27,11 @@ from vqvae_medical.evaluation.sample_report import (
 from vqvae_medical.networks.quantizers import perplexity
 from vqvae_medical.stages.prior.hierarchical import LEVEL_KEYS, LEVELS
 from vqvae_medical.stages.prior.network import prior_of
-from vqvae_medical.training.checkpoints import atomic_write_json
 from vqvae_medical.training.handlers import read_history
 from vqvae_medical.training.runtime import SettingError
+from vqvae_medical.utils.io import atomic_write_json
 
-__all__ = ["PriorEvaluationReport", "PriorSampleQuality", "evaluate_prior_samples", "prior_sample_metrics"]
+__all__ = ["PriorEvaluationReport", "PriorSampleQuality", "evaluate_prior_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class PriorEvaluationReport:
         if isinstance(num_embeddings, (list, tuple)):
             if len(num_embeddings) != len(LEVELS):
                 raise ValueError(f"num_embeddings must be one int or a (top, bottom) pair, got {num_embeddings}.")
-            self.levels: dict[str, int] = {lv: int(k) for lv, k in zip(LEVELS, num_embeddings)}
+            self.levels: dict[str, int] = {lv: int(k) for lv, k in zip(LEVELS, num_embeddings, strict=False)}
         else:
             self.levels = {"": int(num_embeddings)}
         self.history_path = history_path
@@ -154,127 +154,30 @@ class PriorEvaluationReport:
         logger.info(f"wrote {self.output_dir / 'metrics.json'}")
 
 
-def prior_sample_metrics(
-    sampler: Any,
-    prior: nn.Module,
-    real_data: Sequence[Mapping[str, Any]],
-    transform: Any,
-    n_samples: int = 128,
-    seed: int = 0,
-    power_check: bool = True,
-    c2st_settings: Mapping[str, Any] | None = None,
-    image_key: str = "image",
-    label_key: str | None = "label",
-    memorisation: Any = None,
-) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """The sample-quality keys of :func:`evaluate_prior_samples`, with the samples and the real images they were
-    scored against; nothing is written but the memorisation audit's own files (``memorisation``: a
-    :class:`~vqvae_medical.stages.memorisation.MemorisationAudit`, given the samples' code maps, or ``None``)."""
-    if n_samples < 2:
-        raise ValueError(f"n_samples must be at least 2 for pairwise diversity, got {n_samples}.")
-    if len(real_data) < 2:
-        raise ValueError(f"at least two real images are needed, the test section has {len(real_data)}.")
-    real = load_real_images(real_data, transform, real_image_count(len(real_data), n_samples), image_key, seed)
-    model = prior_of(prior)
-    groups: list[tuple[int | None, int]] = [(None, int(n_samples))]
-    if model.class_conditioned:
-        labels = [item.get(label_key) for item in real_data] if label_key else []
-        classes = sample_classes(labels, int(n_samples), int(model.num_classes))
-        groups = [(int(c), int((classes == c).sum())) for c in classes.unique()]
-    start, cpu_start = time.perf_counter(), time.process_time()
-    drawn = [sampler.sample(prior, k, c, seed + (c or 0)) for c, k in groups]
-    samples = torch.cat([images for _, images in drawn])
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    metrics = score_samples(real, samples, seed, power_check, c2st_settings=c2st_settings)
-    if memorisation is not None:
-        codes = [c for c, _ in drawn]
-        codes = tuple(map(torch.cat, zip(*codes))) if isinstance(codes[0], tuple) else torch.cat(codes)
-        metrics.update(memorisation(samples, real, codes))
-    metrics.update(
-        {
-            "n_samples": int(n_samples),
-            "samples_per_class": {str(c): k for c, k in groups} if model.class_conditioned else None,
-            "seconds_per_sample": seconds / n_samples,
-            "cpu_seconds_per_sample": cpu_seconds / n_samples,
-        }
-    )
-    logger.info(
-        f"sampled {n_samples} images in {seconds:.1f} s ({cpu_seconds / n_samples:.3f} CPU-s per image); "
-        f"sample quality: {metrics}"
-    )
-    return metrics, samples, real
+class PriorSampleQuality:
+    """The prior's sample quality: samples ``n_samples`` images, scores them against held-out real images, draws
+    ``samples_vs_real.png`` and adds the keys to ``metrics.json``.
 
-
-def evaluate_prior_samples(
-    sampler: Any,
-    prior: nn.Module,
-    real_data: Sequence[Mapping[str, Any]],
-    transform: Any,
-    output_dir: str | os.PathLike,
-    n_samples: int = 128,
-    seed: int = 0,
-    power_check: bool = True,
-    c2st_settings: Mapping[str, Any] | None = None,
-    image_key: str = "image",
-    label_key: str | None = "label",
-    merge: bool = True,
-    memorisation: Any = None,
-) -> dict[str, Any]:
-    """Sample ``n_samples`` images from the prior, score them against held-out real images and add the
-    sample-quality keys to ``<output_dir>/metrics.json`` (plus ``samples_vs_real.png``).
+    As a handler of the prior's evaluator it runs when the epoch has run (after :class:`PriorEvaluationReport`,
+    attached before it, has computed the bits per code) and hands the keys to the report, which writes
+    ``metrics.json`` once when the evaluator completes (without the report, it writes them to ``metrics.json``
+    itself). A test split of fewer than two images is refused when the handler is built, before anything is
+    evaluated or written. :func:`evaluate_prior_samples` runs it outside an evaluator.
 
     The keys are those of :func:`~vqvae_medical.evaluation.sample_report.score_samples` (shared with the latent
     diffusion bundle), plus ``n_samples``, ``samples_per_class`` (class-conditioned prior), ``seconds_per_sample``
-    and ``cpu_seconds_per_sample`` (process CPU time of sampling and decoding, per image). The real images are
-    :func:`~vqvae_medical.evaluation.sample_report.real_image_count` items of ``real_data`` drawn with ``seed``,
-    through ``transform`` (the frozen autoencoder's preprocessing). A class-conditioned prior samples the classes in
+    and ``cpu_seconds_per_sample`` (process CPU time of sampling and decoding, per image), and the memorisation
+    audit's. The real images are :func:`~vqvae_medical.evaluation.sample_report.real_image_count` items of
+    ``real_data`` drawn with ``seed``, through ``transform``. A class-conditioned prior samples the classes in
     proportion to the labels of ``real_data`` (equally when none is in range); class ``c`` is drawn with seed
     ``seed + c``, as :func:`~vqvae_medical.stages.prior.generate.save_samples` does, so the samples are reproducible.
-
-    Args:
-        sampler: a :class:`~vqvae_medical.stages.prior.generate.PriorSampler` (its ``sample`` returns codes and
-            images ``[N, C, H, W]`` in [0, 1]).
-        prior: the trained prior (``network_def``).
-        real_data: datalist items of the held-out real images (the test section).
-        transform: their preprocessing.
-        output_dir: the evaluation folder.
-        n_samples: images to generate (at least 2).
-        seed: sampling and selection seed.
-        power_check: run the two-sample test's power check when there are enough real images.
-        c2st_settings: keyword arguments of :func:`~vqvae_medical.evaluation.sample_quality.c2st_accuracy`.
-        image_key: key of the images in ``real_data``.
-        label_key: key of the class labels in ``real_data``.
-        merge: add to the ``metrics.json`` of the same run (the bits per code) instead of replacing it.
-        memorisation: the memorisation audit (:class:`~vqvae_medical.stages.memorisation.MemorisationAudit`) whose
-            keys (``copy_rate``, ``longest_shared_code_run``, ...) are added, or ``None``.
-    """
-    metrics, samples, real = prior_sample_metrics(
-        sampler, prior, real_data, transform, n_samples, seed, power_check, c2st_settings, image_key, label_key,
-        memorisation,
-    )
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "metrics.json"
-    earlier = json.loads(path.read_text()) if merge and path.is_file() else {}
-    atomic_write_json({**earlier, **metrics}, path)
-    save_samples_vs_real(out / "samples_vs_real.png", samples, real)
-    logger.info(f"sample quality -> {output_dir}")
-    return metrics
-
-
-class PriorSampleQuality:
-    """When the prior's evaluator has run its epoch (after :class:`PriorEvaluationReport`, attached before it, has
-    computed the bits per code), samples ``n_samples`` images, scores them (:func:`prior_sample_metrics`), draws
-    ``samples_vs_real.png`` and hands the keys to the report, which writes ``metrics.json`` once when the evaluator
-    completes (without the report, it writes them to ``metrics.json`` itself). A test split of fewer than two images
-    is refused when the handler is built, before anything is evaluated or written.
-
     The sampler has its own seeded generator and the two-sample test a private random state: the evaluator's
     metrics and the global random state are untouched.
 
     Args:
         output_dir: the evaluation folder.
-        sampler: a :class:`~vqvae_medical.stages.prior.generate.PriorSampler`.
+        sampler: a :class:`~vqvae_medical.stages.prior.generate.PriorSampler` (its ``sample`` returns codes and
+            images ``[N, C, H, W]`` in [0, 1]).
         prior: the prior the evaluator runs (its weights are loaded when the evaluator starts).
         real_data: datalist items of the held-out real images.
         transform: their preprocessing (the frozen autoencoder's ``transforms()``).
@@ -283,8 +186,10 @@ class PriorSampleQuality:
         power_check: run the power check when there are enough real images.
         c2st_settings: the two-sample tests and their settings
             (:func:`~vqvae_medical.evaluation.sample_report.split_c2st_settings`).
-        memorisation: the memorisation audit (:class:`~vqvae_medical.stages.memorisation.MemorisationAudit`), or
-            ``None``.
+        memorisation: the memorisation audit (:class:`~vqvae_medical.stages.memorisation.MemorisationAudit`, given
+            the samples' code maps; it writes its own files), or ``None``.
+        image_key: key of the images in ``real_data``.
+        label_key: key of the class labels in ``real_data``.
     """
 
     def __init__(
@@ -299,6 +204,8 @@ class PriorSampleQuality:
         power_check: bool = True,
         c2st_settings: Mapping[str, Any] | None = None,
         memorisation: Any = None,
+        image_key: str = "image",
+        label_key: str | None = "label",
     ) -> None:
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples == 1 or n_samples < 0:
             raise SettingError(f"n_samples is {n_samples!r}: pass --n_samples 0 (no sampling) or at least 2.")
@@ -308,7 +215,7 @@ class PriorSampleQuality:
                 "quality needs at least 2 real images: pass --n_samples 0 to evaluate the bits per code alone, or "
                 "train the autoencoder with a larger --test_fraction."
             )
-        self.output_dir = output_dir
+        self.output_dir = Path(output_dir)
         self.sampler = sampler
         self.prior = prior
         self.real_data = real_data
@@ -318,39 +225,85 @@ class PriorSampleQuality:
         self.power_check = bool(power_check)
         self.c2st_settings = dict(c2st_settings or {})
         self.memorisation = memorisation
+        self.keys = (image_key, label_key)
 
     def attach(self, engine: Engine) -> None:
         if self.n_samples > 0:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
+    def sample_metrics(self) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+        """The sample-quality keys, with the samples and the real images they were scored against; nothing is
+        written but the memorisation audit's own files."""
+        n_samples, seed, real_data = self.n_samples, self.seed, self.real_data
+        if n_samples < 2:
+            raise ValueError(f"n_samples must be at least 2 for pairwise diversity, got {n_samples}.")
+        image_key, label_key = self.keys
+        real = load_real_images(real_data, self.transform, real_image_count(len(real_data), n_samples), image_key, seed)
+        model = prior_of(self.prior)
+        groups: list[tuple[int | None, int]] = [(None, n_samples)]
+        if model.class_conditioned:
+            labels = [item.get(label_key) for item in real_data] if label_key else []
+            classes = sample_classes(labels, n_samples, int(model.num_classes))
+            groups = [(int(c), int((classes == c).sum())) for c in classes.unique()]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        drawn = [self.sampler.sample(self.prior, k, c, seed + (c or 0)) for c, k in groups]
+        samples = torch.cat([images for _, images in drawn])
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        metrics = score_samples(real, samples, seed, self.power_check, c2st_settings=self.c2st_settings)
+        if self.memorisation is not None:
+            codes = [c for c, _ in drawn]
+            codes = tuple(map(torch.cat, zip(*codes, strict=True))) if isinstance(codes[0], tuple) else torch.cat(codes)
+            metrics.update(self.memorisation(samples, real, codes))
+        metrics.update(
+            {
+                "n_samples": n_samples,
+                "samples_per_class": {str(c): k for c, k in groups} if model.class_conditioned else None,
+                "seconds_per_sample": seconds / n_samples,
+                "cpu_seconds_per_sample": cpu_seconds / n_samples,
+            }
+        )
+        logger.info(
+            f"sampled {n_samples} images in {seconds:.1f} s ({cpu_seconds / n_samples:.3f} CPU-s per image); "
+            f"sample quality: {metrics}"
+        )
+        return metrics, samples, real
+
+    def write(self, merge: bool = True) -> dict[str, Any]:
+        """Sample and score (:meth:`sample_metrics`), add the keys to ``<output_dir>/metrics.json`` (to those of the
+        same run with ``merge``, else in place of them) and draw ``samples_vs_real.png``; returns the keys."""
+        metrics, samples, real = self.sample_metrics()
+        path = self.output_dir / "metrics.json"
+        earlier = json.loads(path.read_text()) if merge and path.is_file() else {}
+        atomic_write_json({**earlier, **metrics}, path)
+        save_samples_vs_real(self.output_dir / "samples_vs_real.png", samples, real)
+        logger.info(f"sample quality -> {self.output_dir}")
+        return metrics
+
     def __call__(self, engine: Engine) -> None:
         report = getattr(engine.state, "sample_quality", None)
         if report is None:  # no PriorEvaluationReport: write metrics.json here
-            evaluate_prior_samples(
-                self.sampler,
-                self.prior,
-                self.real_data,
-                self.transform,
-                self.output_dir,
-                self.n_samples,
-                self.seed,
-                self.power_check,
-                self.c2st_settings,
-                memorisation=self.memorisation,
-            )
+            self.write(merge=True)
             return
-        metrics, samples, real = prior_sample_metrics(
-            self.sampler,
-            self.prior,
-            self.real_data,
-            self.transform,
-            self.n_samples,
-            self.seed,
-            self.power_check,
-            self.c2st_settings,
-            memorisation=self.memorisation,
-        )
-        out = Path(self.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_samples_vs_real(out / "samples_vs_real.png", samples, real)
+        metrics, samples, real = self.sample_metrics()
+        save_samples_vs_real(self.output_dir / "samples_vs_real.png", samples, real)
         report.update(metrics)
+
+
+def evaluate_prior_samples(
+    sampler: Any,
+    prior: nn.Module,
+    real_data: Sequence[Mapping[str, Any]],
+    transform: Any,
+    output_dir: str | os.PathLike,
+    n_samples: int = 128,
+    seed: int = 0,
+    merge: bool = True,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Sample ``n_samples`` (at least 2) images from the prior, score them against held-out real images and add the
+    sample-quality keys to ``<output_dir>/metrics.json`` (plus ``samples_vs_real.png``): :class:`PriorSampleQuality`
+    outside an evaluator, whose arguments ``settings`` are (``power_check``, ``c2st_settings``, ``memorisation``,
+    ``image_key``, ``label_key``); ``merge``: add to the ``metrics.json`` of the same run (the bits per code)
+    instead of replacing it."""
+    handler = PriorSampleQuality(output_dir, sampler, prior, real_data, transform, n_samples, seed, **settings)
+    return handler.write(merge)

@@ -51,7 +51,7 @@ def _levels(engine: Any, logits: torch.Tensor, out: dict[str, Any]) -> dict[str,
     model = prior_of(engine.network)
     if not isinstance(model, HierarchicalPrior):
         return {"": (logits, out["codes"])}
-    return {lv: (lg, out[LEVEL_KEYS[lv]]) for lv, lg in zip(LEVEL_KEYS, model.split_logits(logits))}
+    return {lv: (lg, out[LEVEL_KEYS[lv]]) for lv, lg in zip(LEVEL_KEYS, model.split_logits(logits), strict=False)}
 
 
 class PriorTrainStep(TrainStep):

@@ -1,0 +1,66 @@
+"""``benchmarks/budget_curve.py``: the table and figure of sample quality against the training budget, read from
+the evaluate outputs (``eval/metrics.json``) of runs with different budgets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from bundle_runner import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "benchmarks" / "budget_curve.py"
+
+
+def _run(out, name: str, c2st: float, epochs: int) -> None:
+    (out / name / "eval").mkdir(parents=True)
+    (out / name / "logs").mkdir()
+    metrics = {
+        "c2st_accuracy": c2st,
+        "c2st_power_blurred_real": 0.87,
+        "ms_ssim_diversity_samples": 0.5,
+        "ms_ssim_diversity_real": 0.6,
+    }
+    (out / name / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    rows = [{"phase": "train", "epoch": e} for e in range(1, epochs + 1)]
+    (out / name / "logs" / "history.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def test_table_sorted_by_budget_and_figure_written(tmp_path):
+    _run(tmp_path / "b16", "diffusion", 0.81, 10)
+    _run(tmp_path / "b4", "diffusion", 0.95, 3)
+    _run(tmp_path / "b16_50", "diffusion", 0.70, 10)
+    _run(tmp_path / "b16_50_seed1", "diffusion", 0.76, 10)  # the same model evaluated with another seed
+    fig = tmp_path / "curve.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            f"diffusion=16:{tmp_path / 'b16'}",
+            f"diffusion=4:{tmp_path / 'b4'}",
+            f"diffusion=16:{tmp_path / 'b16_50'}:50 steps",
+            f"diffusion=16:{tmp_path / 'b16_50_seed1'}:50 steps",
+            "--figure",
+            str(fig),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| latent diffusion")]
+    assert lines[0].startswith("| latent diffusion (DDIM) | 4 | 3 | 0.950 | 0.870 |"), lines
+    assert lines[1].startswith("| latent diffusion (DDIM) | 16 | 10 | 0.810 |"), lines
+    assert lines[2].startswith("| latent diffusion (DDIM), 50 steps | 16 | 10 | 0.700 |"), lines
+    assert lines[3].startswith("| latent diffusion (DDIM), 50 steps | 16 | 10 | 0.760 |"), lines
+    assert lines[4] == "| latent diffusion (DDIM), 50 steps, mean of 2 | 16 | 10 | 0.730 | - | - | - |", lines
+    assert len(lines) == 5 and fig.stat().st_size > 10_000
+
+
+def test_a_run_without_evaluation_is_named(tmp_path):
+    (tmp_path / "gated").mkdir()
+    proc = subprocess.run([sys.executable, str(SCRIPT), f"gated=8:{tmp_path}"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.strip()
+        == f"{tmp_path / 'gated' / 'eval' / 'metrics.json'}: no c2st_accuracy; run the evaluate first"
+    )
