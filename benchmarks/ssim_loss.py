@@ -14,13 +14,13 @@ case is one evaluation call (no gradient) on a whole ``1 x 1 x 128^3`` volume, a
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 from monai.losses import SSIMLoss
 from monai.metrics import SSIMMetric
+from train_throughput import print_result  # the benchmarks' report format (this folder)
 
 from vqvae_medical.evaluation.losses import SeparableSSIMLoss
 from vqvae_medical.evaluation.metrics import SeparableSSIMMetric
@@ -76,12 +76,8 @@ def main() -> None:
             "ours_loss": values["ours"],
             "monai_loss": values["monai"],
         }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{torch.get_num_threads()} threads, median of {args.repeats} forward + backward passes (CPU s)")
-        for name, r in result.items():
-            print(f"{name}: {r}")
+    header = f"{torch.get_num_threads()} threads, median of {args.repeats} forward + backward passes (CPU s)"
+    print_result(result, header, args.json)
 
 
 if __name__ == "__main__":

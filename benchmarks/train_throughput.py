@@ -101,12 +101,19 @@ def main() -> None:
     ours = args.batch_size / statistics.median(times["ours"])
     monai = args.batch_size / statistics.median(times["monai"])
     result = {"ours_img_s": round(ours, 3), "monai_img_s": round(monai, 3), "speedup": round(ours / monai, 3)}
-    if args.json:
+    header = f"batch {args.batch_size} of {tuple(x.shape[2:])} images, {torch.get_num_threads()} threads"
+    print_result(result, header, args.json, width=12)
+
+
+def print_result(result: dict, header: str, as_json: bool, width: int = 0) -> None:
+    """A benchmark's result on stdout: one JSON object (``as_json``), else ``header`` and one ``key: value`` line
+    per entry, the keys right-aligned to ``width`` characters (the benchmarks' one report format)."""
+    if as_json:
         print(json.dumps(result))
-    else:
-        print(f"batch {args.batch_size} of {tuple(x.shape[2:])} images, {torch.get_num_threads()} threads")
-        for k, v in result.items():
-            print(f"{k:>12}: {v}")
+        return
+    print(header)
+    for k, v in result.items():
+        print(f"{k:>{width}}: {v}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ __all__ = [
     "copy_bundle",
     "read_metrics",
     "reconstruction_metrics",
+    "real_diversity",
+    "real_test_images",
 ]
 
 
@@ -213,27 +215,66 @@ def read_metrics(output_dir: str | os.PathLike) -> dict[str, float]:
     return json.loads((Path(output_dir) / "eval" / "metrics.json").read_text())
 
 
-def reconstruction_metrics(bundle: str, overrides: Mapping[str, Any], ckpt: str | os.PathLike) -> dict[str, float]:
-    """SSIM, PSNR and MSE of the 2D autoencoder ``ckpt`` on ``bundle``'s test split (``train.json`` +
-    ``evaluate.json`` with ``overrides``), computed here with MONAI's metrics on the clipped reconstructions, the
-    whole split in one batch: what the bundle's ``eval/metrics.json`` must hold."""
+def reconstruction_metrics(
+    bundle: str,
+    overrides: Mapping[str, Any],
+    ckpt: str | os.PathLike,
+    configs: Sequence[str] = ("train.json", "evaluate.json"),
+) -> dict[str, float]:
+    """What the autoencoder ``ckpt`` scores on ``bundle``'s test split (``configs`` with ``overrides``), computed
+    here, the whole split in one batch: what the bundle's ``eval/metrics.json`` must hold. SSIM (2D only), PSNR and
+    MSE with MONAI's metrics on the clipped reconstructions; per code level, the fraction of codes used and the
+    perplexity (``exp`` of the entropy of the code histogram, in numpy: not the package's function) as
+    ``codebook_usage`` and ``perplexity`` (one level) or ``..._top`` and ``..._bottom`` (two)."""
+    import numpy as np
     import torch
     from monai.bundle import ConfigParser
     from monai.metrics import MSEMetric, PSNRMetric, SSIMMetric
 
-    configs = BUNDLES / bundle / "configs"
     parser = ConfigParser()
-    parser.read_config([str(configs / "train.json"), str(configs / "evaluate.json")])
+    parser.read_config(config_paths(bundle, configs))
     parser.update({"bundle_root": str(BUNDLES / bundle), **{k: _plain(v) for k, v in overrides.items()}})
     dataset = parser.get_parsed_content("validate#dataset")
     images = torch.stack([dataset[i]["image"].as_tensor() for i in range(len(dataset))])
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
     with torch.no_grad():
-        recon = network.eval().model(images).reconstruction.float().clamp(0.0, 1.0)
-    return {
-        "ssim": SSIMMetric(spatial_dims=2, data_range=1.0)(recon, images).mean().item(),
+        out = network.eval().model(images)
+    recon = out.reconstruction.float().clamp(0.0, 1.0)
+    result = {
         "psnr": PSNRMetric(max_val=1.0)(recon, images).mean().item(),
         "mse": MSEMetric()(recon, images).mean().item(),
         "n_images": len(dataset),
     }
+    if images.ndim == 4:
+        result["ssim"] = SSIMMetric(spatial_dims=2, data_range=1.0)(recon, images).mean().item()
+    sizes = np.atleast_1d(parser.get_parsed_content("num_embeddings"))
+    names = [""] if len(out.levels) == 1 else ["_top", "_bottom"]
+    for name, level, k in zip(names, out.levels, sizes, strict=True):
+        counts = np.bincount(level.indices.numpy().ravel(), minlength=int(k))
+        p = counts[counts > 0] / counts.sum()
+        result[f"codebook_usage{name}"] = float(np.count_nonzero(counts) / k)
+        result[f"perplexity{name}"] = float(np.exp(-(p * np.log(p)).sum()))
+    return result
+
+
+def real_test_images(autoencoder_dir: str | os.PathLike, cache_dir: str | os.PathLike, **split: Any):
+    """The test split of the stage-1 run in ``autoencoder_dir`` (its recorded data, split and preprocessing; ``split``:
+    ``val_fraction`` and ``test_fraction`` where a stage-2 run overrides them), every image preprocessed and stacked
+    ``[N, C, ...]``: the real set a stage-2 evaluate scores against when the split is small (``cache_dir``: where
+    embedded data may be written)."""
+    import torch
+
+    from vqvae_medical.stages.frozen import load_autoencoder
+
+    autoencoder = load_autoencoder(autoencoder_dir)
+    transform, test = autoencoder.transforms(), autoencoder.datalist(cache_dir, **split)["test"]
+    return torch.stack([transform(dict(item))["image"].as_tensor() for item in test])
+
+
+def real_diversity(real, metrics: Mapping[str, Any]) -> float:
+    """MS-SSIM diversity of the real images ``real`` with the kernel size and weights a stage-2 evaluate recorded in
+    ``metrics``, computed here: what its ``ms_ssim_diversity_real`` must be when it scored all of ``real``."""
+    from vqvae_medical.evaluation.sample_quality import ms_ssim_diversity
+
+    return ms_ssim_diversity(real, kernel_size=metrics["ms_ssim_kernel_size"], weights=metrics["ms_ssim_weights"])

@@ -3,9 +3,15 @@ test takes seconds with them. Command-line overrides of ``python -m monai.bundle
 a test adds its own run settings (epochs, batch size, data) on top.
 
 ``bundle_runner`` re-exports ``TINY_VQVAE_2D`` and ``TINY_VQVAE2_2D`` for the tests that import them from there.
+``cpu_trainer`` is the MONAI trainer of the tests that train a tiny network in process.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
 
 __all__ = [
     "TINY_DIFFUSION",
@@ -15,16 +21,42 @@ __all__ = [
     "TINY_VQVAE2_2D",
     "TINY_VQVAE_2D",
     "TINY_VQVAE_3D",
+    "cpu_trainer",
+    "vqvae_settings",
 ]
 
+
+def vqvae_settings(
+    channels: list[int], res_channels: list[int], num_embeddings: int, embedding_dim: int = 8
+) -> dict[str, Any]:
+    """Overrides of the vqvae bundle's network: ``channels`` and ``res_channels`` per level, one residual unit per
+    level, ``num_embeddings`` codes of dimension ``embedding_dim``."""
+    return {
+        "network_def#model#channels": channels,
+        "network_def#model#res_channels": res_channels,
+        "network_def#model#num_res_units": 1,
+        "num_embeddings": num_embeddings,
+        "embedding_dim": embedding_dim,
+    }
+
+
+def cpu_trainer(
+    network: torch.nn.Module,
+    data: Iterable,
+    optimizer: torch.optim.Optimizer,
+    loss_function: torch.nn.Module,
+    max_epochs: int,
+    **kwargs: Any,
+):
+    """MONAI's ``SupervisedTrainer`` on the CPU over ``data``, batches not decollated; ``kwargs`` go to it."""
+    from monai.engines import SupervisedTrainer
+
+    # SupervisedTrainer(device, max_epochs, train_data_loader, network, optimizer, loss_function, ...)
+    cpu = torch.device("cpu")
+    return SupervisedTrainer(cpu, max_epochs, data, network, optimizer, loss_function, decollate=False, **kwargs)
+
 #: the vqvae bundle's network, tiny: channels 8/16, one residual unit of 8 channels, 16 codes of dimension 8
-TINY_VQVAE = {
-    "network_def#model#channels": [8, 16],
-    "network_def#model#res_channels": [8, 8],
-    "network_def#model#num_res_units": 1,
-    "num_embeddings": 16,
-    "embedding_dim": 8,
-}
+TINY_VQVAE = vqvae_settings([8, 16], [8, 8], 16)
 #: the vqvae bundle (2D), tiny, two images a batch
 TINY_VQVAE_2D = {**TINY_VQVAE, "batch_size": 2}
 #: the vqvae bundle with configs/3d.json, tiny: 24^3 crops, the SSIM window fitted to them

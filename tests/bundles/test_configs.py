@@ -243,29 +243,20 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+#: the VQ-VAE-2 network's settings that differ from the VQ-VAE's, in every config that builds the network
+VQVAE2_NETWORK = {
+    "num_embeddings",
+    "embedding_dim",
+    "network_def#model#_target_",
+    "network_def#model#channels",
+    "network_def#model#res_channels",
+    "network_def#model#normalize_latents",
+}
 #: what the VQ-VAE-2 recipe sets apart from the VQ-VAE's (all else of the two bundles' configs is the same)
 VQVAE2_DIFFERS = {
-    "train.json": {
-        "batch_size",
-        "learning_rate",
-        "range_weight",
-        "time_budget_minutes",
-        "num_embeddings",
-        "embedding_dim",
-        "network_def#model#_target_",
-        "network_def#model#channels",
-        "network_def#model#res_channels",
-        "network_def#model#normalize_latents",
-        "train#handlers#9#keys",
-    },
-    "inference.json": {
-        "num_embeddings",
-        "embedding_dim",
-        "network_def#model#_target_",
-        "network_def#model#channels",
-        "network_def#model#res_channels",
-        "network_def#model#normalize_latents",
-    },
+    "train.json": VQVAE2_NETWORK
+    | {"batch_size", "learning_rate", "range_weight", "time_budget_minutes", "train#handlers#9#keys"},
+    "inference.json": VQVAE2_NETWORK,
     "evaluate.json": set(),
     "multi_gpu_train.json": set(),
 }

@@ -19,12 +19,16 @@ from bundle_runner import (
     bundle_network,
     monai_bundle,
     read_metrics,
+    real_diversity,
+    real_test_images,
     run_bundle,
     run_bundle_in_process,
 )
 from monai.bundle import ConfigParser
 from monai.networks.nets import DiffusionModelUNet
 from PIL import Image
+from tiny import TINY_DIFFUSION, TINY_VQVAE
+from tiny_stage2 import train_steps
 
 from vqvae_medical.data import volume_transforms_3d
 from vqvae_medical.networks import VQVAE, ReconstructionNetwork
@@ -43,14 +47,7 @@ from vqvae_medical.utils.io import atomic_save, safe_load
 BUNDLE = "latent_diffusion"
 SIZE_2D = [96, 80]  # centre crop of the 208 x 176 slices: latents 24 x 20
 SIZE_3D = [32, 32, 32]
-TINY_UNET = {
-    "unet_def#channels": [16, 32],
-    "unet_def#attention_levels": [False, False],
-    "unet_def#num_res_blocks": 1,
-    "unet_def#norm_num_groups": 8,
-    "unet_def#num_head_channels": 8,
-}
-TINY = {**TINY_UNET, "num_inference_steps": 4, "embedding_dim": 8}  # the UNet takes the 8 latent channels
+TINY = {**TINY_DIFFUSION, "num_inference_steps": 4}  # the UNet takes the 8 latent channels
 TRAIN = {
     "batch_size": 4,
     "max_epochs": 1,
@@ -86,16 +83,7 @@ def brain_2d(tmp_path_factory, brain_dir):
     for f in sorted((brain_dir / "Test" / "NonDemented").glob("*.jpg"))[:12]:
         shutil.copy(f, data / f.name.replace(" ", "_"))
     vq_out = tmp_path_factory.mktemp("vqvae")
-    vq = {
-        "network_def#model#channels": [8, 16],
-        "network_def#model#res_channels": [8, 8],
-        "network_def#model#num_res_units": 1,
-        "num_embeddings": 16,
-        "embedding_dim": 8,
-        "batch_size": 4,
-        "max_epochs": 1,
-        "spatial_size": SIZE_2D,
-    }
+    vq = {**TINY_VQVAE, "batch_size": 4, "max_epochs": 1, "spatial_size": SIZE_2D}
     run_bundle_in_process(
         "vqvae",
         ["train.json"],
@@ -200,13 +188,14 @@ def test_inference_2d_writes_png_samples(trained_2d, brain_2d, tmp_path):
 @BRAIN_2D
 def test_evaluate_2d_writes_sample_quality_diversity_and_mmd(trained_2d, brain_2d):
     out, _ = trained_2d
-    _, _, common = brain_2d
+    _, vq_out, common = brain_2d
     proc = run_bundle(BUNDLE, ["train.json", "evaluate.json"], {**common, **TRAIN, "output_dir": out, "n_samples": 4})
     metrics = read_metrics(out)
     # the whole (tiny) test split is the real set: 12 slices, val and test fractions 0.2
     assert metrics["n_samples"] == metrics["n_generated"] == 4 and 2 <= metrics["n_real"] <= 3
-    for key in ("ms_ssim_diversity_samples", "ms_ssim_diversity_real"):
-        assert 0.0 <= metrics[key] <= 1.0
+    real = real_test_images(vq_out, out / "cache")
+    assert len(real) == metrics["n_real"]
+    assert metrics["ms_ssim_diversity_real"] == pytest.approx(real_diversity(real, metrics), rel=1e-5)
     ratio = metrics["ms_ssim_diversity_samples"] / metrics["ms_ssim_diversity_real"]
     assert metrics["ms_ssim_diversity_ratio"] == pytest.approx(ratio)
     assert np.isfinite(metrics["mmd"]) and "mmd_real_reference" in metrics
@@ -339,15 +328,7 @@ def ixi_3d(tmp_path_factory, ixi_dir):
     volumes = torch.stack([transform({"image": str(f)})["image"].as_tensor() for f in files[:4]])
     torch.manual_seed(0)
     model = VQVAE(3, 1, channels=(8, 16), num_res_units=1, res_channels=(8, 8), num_embeddings=16, embedding_dim=8)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    model.train()
-    for _ in range(3):
-        out = model(volumes)
-        loss = (out.reconstruction - volumes).abs().mean() + out.quantizer_loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    network = ReconstructionNetwork(model)
+    network = ReconstructionNetwork(train_steps(model, volumes))
     ckpt = atomic_save(network.state_dict(), data.parent / "vqvae3d" / "models" / "model.pt")
     preprocessing = {"transforms": "volume_transforms_3d", "channels": 1, "spatial_size": SIZE_3D}
     write_record(ckpt, network, preprocessing, data_settings(data), SIZE_3D)
@@ -397,7 +378,11 @@ def test_3d_train_inference_evaluate(ixi_3d, tmp_path):
     run_bundle(BUNDLE, ["train.json", "3d.json", "evaluate.json"], {**train, "n_samples": 2})
     metrics = read_metrics(out)
     assert metrics["n_samples"] == 2 and metrics["n_real"] == 2 and metrics["c2st_accuracy"] is None
-    assert 0.0 <= metrics["ms_ssim_diversity_samples"] <= 1.0 and 0.0 <= metrics["ms_ssim_diversity_real"] <= 1.0
+    real = real_test_images(vq_out, tmp_path / "cache", val_fraction=0.15, test_fraction=0.3)
+    assert len(real) == 2
+    assert metrics["ms_ssim_diversity_real"] == pytest.approx(real_diversity(real, metrics), rel=1e-5)
+    ratio = metrics["ms_ssim_diversity_samples"] / metrics["ms_ssim_diversity_real"]
+    assert metrics["ms_ssim_diversity_ratio"] == pytest.approx(ratio)
     assert (metrics["ms_ssim_kernel_size"], len(metrics["ms_ssim_weights"])) == (3, 4)
 
 

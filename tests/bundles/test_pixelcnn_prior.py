@@ -12,32 +12,27 @@ import monai.bundle
 import numpy as np
 import pytest
 import torch
-from bundle_runner import BUNDLES, read_metrics, run_bundle, run_bundle_in_process
+import torch.nn.functional as F
+from bundle_runner import BUNDLES, read_metrics, real_diversity, real_test_images, run_bundle, run_bundle_in_process
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from PIL import Image
+from tiny import TINY_PRIOR, TINY_VQVAE
 from torch.utils.data import DataLoader
 
 from vqvae_medical.networks import GatedPixelCNN, TransformerPrior, prior_cross_entropy
 from vqvae_medical.stages.frozen import load_autoencoder
 from vqvae_medical.stages.prior.codes import CodeMapDataset
 from vqvae_medical.stages.prior.generate import PriorSampler
-from vqvae_medical.stages.prior.network import PriorNetwork, load_prior, pack_inputs
+from vqvae_medical.stages.prior.network import PriorNetwork, load_prior, pack_inputs, prior_of
 from vqvae_medical.stages.prior.report import evaluate_prior_samples
 from vqvae_medical.stages.prior.steps import PriorTrainStep
 
 BUNDLE = "pixelcnn_prior"
-VQ_TINY = {
-    "in_channels": 3,
-    "network_def#model#channels": [8, 16],
-    "network_def#model#res_channels": [8, 8],
-    "network_def#model#num_res_units": 1,
-    "num_embeddings": 16,
-    "embedding_dim": 8,
-}
+VQ_TINY = {**TINY_VQVAE, "in_channels": 3}  # ISIC photos
 SIZE = [32, 32]  # images -> 8 x 8 code maps
 #: the default prior (a transformer), tiny: 64 positions (the 8 x 8 code maps), 2 layers of 8 channels, 2 heads
-TINY_TRANSFORMER = {"num_embeddings": 16, "channels": 8, "num_layers": 2, "num_heads": 2, "max_seq_len": 64}
+TINY_TRANSFORMER = TINY_PRIOR
 PRIOR_NET = {**TINY_TRANSFORMER, "num_classes": 2, "class_names": ["benign", "malignant"]}
 
 
@@ -49,6 +44,24 @@ def tiny_transformer_prior(num_classes: int | None = 2) -> PriorNetwork:
 
 
 SPLIT = {"val_fraction": 0.2, "test_fraction": 0.2}
+
+
+def _bits_per_code(prior: PriorNetwork, cache: dict) -> float:
+    """Mean negative log2-likelihood per code of the cached code maps (``values``, with ``labels`` when the prior
+    is class-conditioned) under ``prior``, computed here in one batch."""
+    codes = cache["values"].long()
+    labels = cache.get("labels") if prior_of(prior).class_conditioned else None
+    with torch.no_grad():
+        logits = prior.eval()(pack_inputs(codes, labels))
+    return float(F.cross_entropy(logits.double(), codes)) / math.log(2.0)
+
+
+def _entropy_bits(codes: torch.Tensor) -> float:
+    """Entropy (bits) of the histogram of ``codes``, in numpy."""
+    counts = np.bincount(codes.reshape(-1).numpy().astype(np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
 
 #: the tests that use ``trained`` run on one pytest-xdist worker (--dist loadgroup): it is built once
 TRAINED = pytest.mark.xdist_group("pixelcnn_prior_trained")
@@ -110,7 +123,13 @@ def test_train_writes_model_logs_checkpoints_and_samples(trained):
     history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
     val = [r for r in history if r["phase"] == "validation"]
     assert [r["epoch"] for r in val] == [1, 2]
-    assert all(0.0 < r["nll_bits_per_code"] < 10.0 for r in val)
+    # each epoch's validation bits per code against that epoch's checkpoint on the cached validation codes
+    val_codes = torch.load(out / "cache" / "codes_validation.pt", weights_only=True)
+    for r in val:
+        prior = tiny_transformer_prior()
+        state = torch.load(out / "models" / f"checkpoint_epoch={r['epoch']}.pt", weights_only=True)["model"]
+        prior.load_state_dict(state)
+        assert r["nll_bits_per_code"] == pytest.approx(_bits_per_code(prior, val_codes), rel=1e-4), r["epoch"]
     assert [r["epoch"] for r in history if r["phase"] == "train"] == [1, 2]
     for c in (0, 1):
         grid = Image.open(out / "logs" / "samples" / "epoch=1" / f"samples_class{c}.png")
@@ -138,18 +157,24 @@ def test_evaluate_writes_bits_per_code_and_sample_quality(trained):
     metrics = read_metrics(out)
     assert metrics["uniform_bits_per_code"] == pytest.approx(math.log2(16))
     assert metrics["n_maps"] >= 2 and metrics["n_codes"] == metrics["n_maps"] * 64
-    assert 0.0 < metrics["nll_bits_per_code"] < 10.0
+    # the bits per code against the trained prior's likelihood of the cached test codes, and the entropy of their
+    # histogram, computed here
+    test_codes = torch.load(out / "cache" / "codes_test.pt", weights_only=True)
+    prior = load_prior(tiny_transformer_prior(), out / "models" / "model.pt")
+    assert metrics["nll_bits_per_code"] == pytest.approx(_bits_per_code(prior, test_codes), rel=1e-4)
     assert metrics["nll_fraction_of_uniform"] == pytest.approx(metrics["nll_bits_per_code"] / 4.0)
-    assert 0.0 <= metrics["marginal_bits_per_code"] <= 4.0
+    assert metrics["marginal_bits_per_code"] == pytest.approx(_entropy_bits(test_codes["values"]), rel=1e-6)
     assert (out / "eval" / "report.png").is_file()
-    assert (out / "cache" / "codes_test.pt").is_file()
     # sample quality next to the bits per code: the whole (tiny) test split is the real set
     assert metrics["n_samples"] == metrics["n_generated"] == 6 and metrics["n_real"] == metrics["n_maps"]
     test_labels = torch.load(out / "cache" / "codes_test.pt", weights_only=True)["labels"].tolist()
     per_class = {str(c): round(6 * test_labels.count(c) / len(test_labels)) for c in set(test_labels)}
     assert metrics["samples_per_class"] == {c: k for c, k in per_class.items() if k}  # in proportion to the test split
-    for key in ("ms_ssim_diversity_samples", "ms_ssim_diversity_real"):
-        assert 0.0 <= metrics[key] <= 1.0
+    real = real_test_images(trained["common"]["autoencoder_dir"], out / "cache")
+    assert len(real) == metrics["n_real"]
+    assert metrics["ms_ssim_diversity_real"] == pytest.approx(real_diversity(real, metrics), rel=1e-5)
+    ratio = metrics["ms_ssim_diversity_samples"] / metrics["ms_ssim_diversity_real"]
+    assert metrics["ms_ssim_diversity_ratio"] == pytest.approx(ratio)
     assert metrics["c2st_accuracy"] is None and metrics["c2st_power_blurred_real"] is None
     assert "at least 64 real and 64 generated" in metrics["c2st_skipped"]
     assert (proc.stdout + proc.stderr).count("no two-sample test") == 1
@@ -304,9 +329,14 @@ def test_gated_overlay_evaluates_with_a_two_sample_test(brain_gated):
     c2st = {"image_size": 32, "epochs": 5, "n_folds": 2, "channels": [8, 16]}  # fast: only the plumbing is tested
     run_bundle(BUNDLE, configs, {**brain_gated["common"], "n_samples": 64, "c2st_settings": c2st}, threads=1)
     metrics = read_metrics(out)
-    assert 0.0 < metrics["nll_bits_per_code"] < 10.0 and metrics["n_maps"] >= 128
+    test_codes = torch.load(out / "cache" / "codes_test.pt", weights_only=True)
+    prior = load_prior(PriorNetwork(GatedPixelCNN(2, 16, 8, 2)), out / "models" / "model.pt")
+    assert metrics["nll_bits_per_code"] == pytest.approx(_bits_per_code(prior, test_codes), rel=1e-4)
+    assert metrics["n_maps"] == len(test_codes["values"]) >= 128
     assert metrics["n_real"] == 128 and metrics["n_generated"] == 64 and metrics["c2st_n_per_set"] == 64
-    assert 0.0 <= metrics["c2st_accuracy"] <= 1.0 and 0.0 <= metrics["c2st_power_blurred_real"] <= 1.0
+    # held-out accuracies: the count of correct calls among 64 + 64 images (two folds), not a score or a loss
+    for key in ("c2st_accuracy", "c2st_power_blurred_real"):
+        assert metrics[key] * 128 == pytest.approx(round(metrics[key] * 128), abs=1e-9), key
     assert "c2st_skipped" not in metrics and "c2st_power_skipped" not in metrics
     assert metrics["samples_per_class"] is None and metrics["cpu_seconds_per_sample"] > 0
     assert (out / "eval" / "samples_vs_real.png").is_file()

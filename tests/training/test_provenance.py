@@ -381,3 +381,30 @@ def test_resume_names_a_network_setting_no_shape_shows_and_leaves_shapes_to_the_
     with pytest.raises(CheckpointError, match="num_embeddings is 16 in the checkpoint and 32 here"):
         resume(32, False)
     resume(16, False)  # the same run resumes
+
+
+def test_a_stored_result_is_read_back_only_for_its_key(tmp_path):
+    """stored_or_computed: computed and written once, read back while the key is the same; another key, a corrupt
+    file or a file of another JSON value recompute; ``check`` sees the stored record first."""
+    from vqvae_medical.training.provenance import stored_or_computed
+
+    calls = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"value": len(calls)}
+
+    path = tmp_path / "result.json"
+    assert stored_or_computed(path, {"seed": 1}, compute, "result") == {"seed": 1, "value": 1}
+    assert json.loads(path.read_text()) == {"seed": 1, "value": 1}
+    assert stored_or_computed(path, {"seed": 1}, compute, "result")["value"] == 1 and len(calls) == 1
+    assert stored_or_computed(path, {"seed": 2}, compute, "result") == {"seed": 2, "value": 2}
+    for text in ("{not json", "[1, 2]"):
+        path.write_text(text)
+        assert stored_or_computed(path, {"seed": 2}, compute, "result")["value"] == len(calls)
+    assert len(calls) == 4
+    seen = []
+    stored_or_computed(path, {"seed": 2}, compute, "result", check=seen.append)
+    assert seen == [{"seed": 2, "value": 4}] and len(calls) == 4
+    (tmp_path / "file").write_text("x")  # a folder that cannot be written: the result, not an error
+    assert stored_or_computed(tmp_path / "file" / "r.json", {"seed": 2}, compute, "result")["value"] == 5

@@ -15,6 +15,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler
+from tiny import cpu_trainer
 
 from vqvae_medical.training.handlers import TimeBudget
 from vqvae_medical.training.schedules import cosine_decay
@@ -95,16 +96,8 @@ def _train_tiny(
     data = [{"image": torch.randn(2, 4), "label": torch.randn(2, 1)} for _ in range(4)]
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_decay(max_epochs, guard, 0.01))
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=max_epochs,
-        train_data_loader=data,
-        network=net,
-        optimizer=optimizer,
-        loss_function=torch.nn.MSELoss(),
-        train_handlers=[LrScheduleHandler(scheduler, print_lr=False), guard],
-        decollate=False,
-    )
+    handlers = [LrScheduleHandler(scheduler, print_lr=False), guard]
+    trainer = cpu_trainer(net, data, optimizer, torch.nn.MSELoss(), max_epochs, train_handlers=handlers)
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda _: time.sleep(pause_s))
     trainer.run()
     return {k: v.clone() for k, v in net.state_dict().items()}, trainer

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from monai.data import DataLoader, Dataset
 
+from vqvae_medical.data.lists import section
 from vqvae_medical.stages.autoencoder.record import state_fingerprint
 from vqvae_medical.utils.distributed import rank_zero_first
 from vqvae_medical.utils.io import atomic_save, safe_load
@@ -23,7 +24,7 @@ from vqvae_medical.utils.io import atomic_save, safe_load
 if TYPE_CHECKING:
     from vqvae_medical.stages.frozen import FrozenAutoencoder
 
-__all__ = ["ENCODINGS", "Encoded", "encode_cached"]
+__all__ = ["ENCODINGS", "Encoded", "cached_section", "encode_cached"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,25 @@ _INT16_MAX_CODES = 32768
 
 ENCODINGS: tuple[str, ...] = ("codes", "latents")
 """What :func:`encode_cached` stores: code indices (the prior) or latents (diffusion)."""
+
+
+def cached_section(
+    datalist: Mapping[str, list[dict]],
+    section_name: str,
+    cache_dir: str | os.PathLike,
+    kind: str,
+    max_items: int | None = None,
+) -> tuple[list[dict], str]:
+    """The items of one section of a datalist and the file that caches their encodings.
+
+    Args:
+        datalist: ``{"training": [...], "validation": [...], "test": [...]}``.
+        section_name: the section to encode.
+        cache_dir: folder of the caches.
+        kind: one of :data:`ENCODINGS`; the cache is ``<cache_dir>/<kind>_<section_name>.pt``.
+        max_items: the first ``max_items`` items of the section only (``None``: all).
+    """
+    return section(datalist, section_name, max_items), os.path.join(cache_dir, f"{kind}_{section_name}.pt")
 
 
 class Encoded(NamedTuple):

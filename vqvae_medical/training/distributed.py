@@ -1,9 +1,12 @@
 """``torch.distributed`` set-up for ``torchrun`` (rank-zero-first, which data uses too, is
 :func:`vqvae_medical.utils.distributed.rank_zero_first`; re-exported here).
 
-Which handlers run on which rank is said in each bundle's ``multi_gpu_train.json``, as in the Model Zoo: rank 0
-runs ``train#handlers``; the other ranks run ``train#every_rank_handlers``, the handlers that must run on every
-rank (resume, validation, learning-rate schedule, time budget, EMA), not those that write files or logs."""
+Which handlers run on which rank: each bundle's ``multi_gpu_train.json`` hands its trainer and evaluator
+``handlers_of_rank(handlers, rank)`` of the stage's workflow module
+(:func:`vqvae_medical.training.workflow.handlers_of_rank` with the stage's own writer types): rank 0 runs every
+handler; the other ranks run all but the writers (files and logs: :data:`vqvae_medical.training.workflow.WRITERS`
+and the stage's), chosen by type, not by place in the list, so resume, validation, learning-rate schedule, time
+budget and EMA run on every rank."""
 
 from __future__ import annotations
 

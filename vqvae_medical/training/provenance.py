@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,9 @@ __all__ = [
     "identity_differences",
     "identity_sha256",
     "move_aside",
+    "read_json_object",
     "read_provenance",
+    "stored_or_computed",
     "write_provenance",
 ]
 
@@ -67,9 +69,10 @@ def identity_sha256(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def read_provenance(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """``<folder>/provenance.json``, or ``None`` when there is none (or it cannot be read: a warning says so)."""
-    path = Path(folder) / PROVENANCE_FILE
+def read_json_object(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or ``None`` when there is none (no file; one that cannot be read: a warning says
+    so; another JSON value)."""
+    path = Path(path)
     if not path.is_file():
         return None
     try:
@@ -77,7 +80,47 @@ def read_provenance(folder: str | os.PathLike) -> dict[str, Any] | None:
     except (OSError, ValueError) as e:
         logger.warning(f"{path}: cannot be read ({e}); treated as missing")
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("identity"), dict) else None
+    return record if isinstance(record, dict) else None
+
+
+def read_provenance(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """``<folder>/provenance.json``, or ``None`` when there is none (or it cannot be read: a warning says so)."""
+    record = read_json_object(Path(folder) / PROVENANCE_FILE)
+    return record if record is not None and isinstance(record.get("identity"), dict) else None
+
+
+def stored_or_computed(
+    path: str | os.PathLike,
+    key: Mapping[str, Any],
+    compute: Callable[[], Mapping[str, Any]],
+    what: str,
+    check: Callable[[Mapping[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """A result stored as JSON with the identity of what it was computed from: the record in ``path`` when it holds
+    every entry of ``key`` with the same value, else ``{**key, **compute()}``, written to ``path`` (a folder that
+    cannot be written only logs a warning: the result is recomputed next time).
+
+    Args:
+        path: the JSON file.
+        key: what the result depends on (plain JSON values).
+        compute: the result when the stored one does not fit.
+        what: the result's name in the log lines.
+        check: called with the stored record (``{}`` when there is none) before it is used; may raise.
+    """
+    path = Path(path)
+    stored = read_json_object(path) or {}
+    if check is not None:
+        check(stored)
+    if stored and all(stored.get(k) == v for k, v in key.items()):
+        logger.info(f"read the {what} {path}")
+        return stored
+    result = {**key, **compute()}
+    try:
+        atomic_write_json(result, path)
+        logger.info(f"wrote the {what} {path}")
+    except OSError as e:
+        logger.warning(f"could not write the {what} to {path} ({e}); it is recomputed next time")
+    return result
 
 
 def write_provenance(

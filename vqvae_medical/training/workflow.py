@@ -7,8 +7,9 @@ other ranks all but the writers (files and logs are rank 0's), chosen by type, n
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from monai.handlers import StatsHandler, TensorBoardHandler
@@ -19,7 +20,7 @@ from vqvae_medical.training.command_line import check_command_line
 from vqvae_medical.training.handlers import MetricsHistory, ProgressBar
 from vqvae_medical.training.runtime import check_writable, install_error_hook
 
-__all__ = ["WRITERS", "handlers_of_rank", "is_writer", "start_run"]
+__all__ = ["WRITERS", "handlers_of_rank", "handlers_of_rank_with", "is_writer", "start_run"]
 
 #: handler types that write files or logs: rank 0 runs them, the other ranks leave them out
 WRITERS: tuple[type, ...] = (
@@ -72,3 +73,13 @@ def handlers_of_rank(handlers: Sequence[Any], rank: int, writers: Iterable[type]
         return list(handlers)
     writers = tuple(writers)
     return [h for h in handlers if not is_writer(h, writers)]
+
+
+def handlers_of_rank_with(writers: Iterable[type]) -> Callable[[Sequence[Any], int], list[Any]]:
+    """:func:`handlers_of_rank` with a stage's own writer types: the ``handlers_of_rank(handlers, rank)`` of a
+    stage's workflow module, which its ``multi_gpu_train.json`` names.
+
+    Args:
+        writers: the stage's own writer types, beside :data:`WRITERS`.
+    """
+    return functools.partial(handlers_of_rank, writers=tuple(writers))

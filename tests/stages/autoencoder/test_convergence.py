@@ -27,12 +27,13 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset, DataLoader
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines import SupervisedEvaluator
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import SSIMMetric
 from monai.utils import set_determinism
 
 from tests.bundle_runner import BUNDLES
+from tests.tiny import cpu_trainer
 from vqvae_medical.data import image_transforms_2d, mni152_slices
 from vqvae_medical.stages.autoencoder.steps import VQEvalStep
 
@@ -73,16 +74,9 @@ def validation_curve(data_dir, step_overrides: dict | None = None) -> tuple[list
         },
         decollate=False,
     )
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=ITERATIONS,
-        epoch_length=None,
-        train_data_loader=train,
-        network=network,
-        optimizer=torch.optim.Adam(network.parameters(), lr=parser["learning_rate"]),
-        loss_function=torch.nn.L1Loss(),
-        iteration_update=step,
-        decollate=False,
+    optimizer = torch.optim.Adam(network.parameters(), lr=parser["learning_rate"])
+    trainer = cpu_trainer(
+        network, train, optimizer, torch.nn.L1Loss(), ITERATIONS, epoch_length=None, iteration_update=step
     )
     curve: list[float] = []
     range_losses: list[float] = []

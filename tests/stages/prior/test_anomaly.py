@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from bundle_runner import TINY_VQVAE2_2D, run_bundle, run_bundle_in_process
 from PIL import Image
 from scipy import ndimage
+from tiny import vqvae_settings
 
 from vqvae_medical.data import image_transforms_2d
 from vqvae_medical.data.checks import DataError
@@ -36,14 +37,7 @@ from vqvae_medical.training.runtime import SettingError
 
 BUNDLE = "pixelcnn_prior"
 SIZE = [64, 64]  # centre crops of the 208 x 176 slices -> 16 x 16 code maps
-VQ = {
-    "in_channels": 1,
-    "network_def#model#channels": [16, 32],
-    "network_def#model#res_channels": [8, 16],
-    "network_def#model#num_res_units": 1,
-    "num_embeddings": 32,
-    "embedding_dim": 8,
-}
+VQ = {**vqvae_settings([16, 32], [8, 16], 32), "in_channels": 1}
 PRIOR = {"num_embeddings": 32, "channels": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 256}
 
 #: the tests that use ``models`` run on one pytest-xdist worker: the models are trained once

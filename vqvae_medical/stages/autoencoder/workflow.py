@@ -39,6 +39,9 @@ __all__ = [
 #: the autoencoder's own writers, beside :data:`vqvae_medical.training.workflow.WRITERS`
 WRITERS: tuple[type, ...] = (AutoencoderRecordWriter,)
 
+#: ``handlers_of_rank(handlers, rank)``: :func:`vqvae_medical.training.workflow.handlers_of_rank` with :data:`WRITERS`
+handlers_of_rank = workflow.handlers_of_rank_with(WRITERS)
+
 #: smallest side of a 2D image taken whole (no ``spatial_size``): the SSIM window
 MIN_IMAGE_SIZE = 11
 
@@ -129,9 +132,3 @@ def inference_datalist(
     if int(spatial_dims) == 3:
         return volume_inference_datalist(input_dir, channels=channels, skip_bad=skip_bad)
     return image_inference_datalist(input_dir, spatial_dims=spatial_dims, channels=channels, skip_bad=skip_bad)
-
-
-def handlers_of_rank(handlers: Sequence[Any], rank: int) -> list[Any]:
-    """:func:`vqvae_medical.training.workflow.handlers_of_rank` with the autoencoder's :data:`WRITERS`: rank 0
-    runs every handler, the other ranks all but the writers."""
-    return workflow.handlers_of_rank(handlers, rank, WRITERS)

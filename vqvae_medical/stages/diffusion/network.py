@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from vqvae_medical.stages.diffusion.torchscript import scriptable_copy
+from vqvae_medical.training.mismatch import class_embedding_hint, register_mismatch_hint
 from vqvae_medical.utils.io import safe_load
 
-__all__ = ["PREDICTION_TYPES", "LatentDiffusionNetwork", "load_diffusion_network"]
+__all__ = ["PREDICTION_TYPES", "LatentDiffusionNetwork", "class_embeds_hint", "load_diffusion_network"]
 
 
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
@@ -149,3 +150,8 @@ def load_diffusion_network(
     network.load_state_dict(state)
     network.check_ready()
     return network.to(device).eval()
+
+
+#: the diffusion UNet's class embeddings (``class_embedding``) of another number of classes: the ``num_class_embeds``
+#: to pass (registered when the stage is imported)
+class_embeds_hint = register_mismatch_hint(class_embedding_hint("class_embedding", "num_class_embeds", "None"))

@@ -4,8 +4,7 @@ dataset (cached latents or images), the handlers of a rank."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 from torch.utils.data import Dataset
 
@@ -13,6 +12,7 @@ from vqvae_medical.data import make_dataset
 from vqvae_medical.data.lists import section
 from vqvae_medical.stages.diffusion.handlers import ModelWriter, SampleGrid
 from vqvae_medical.stages.diffusion.latents import LatentSet, extract_latents
+from vqvae_medical.stages.encodings import cached_section
 from vqvae_medical.stages.frozen import FrozenAutoencoder
 from vqvae_medical.training import workflow
 
@@ -20,6 +20,9 @@ __all__ = ["WRITERS", "handlers_of_rank", "section_latents", "training_dataset"]
 
 #: the diffusion stage's own handler types that write files (beside ``vqvae_medical.training.workflow.WRITERS``)
 WRITERS: tuple[type, ...] = (SampleGrid, ModelWriter)
+
+#: ``handlers_of_rank(handlers, rank)``: :func:`vqvae_medical.training.workflow.handlers_of_rank` with :data:`WRITERS`
+handlers_of_rank = workflow.handlers_of_rank_with(WRITERS)
 
 
 def section_latents(
@@ -30,19 +33,15 @@ def section_latents(
     label_key: str | None = None,
     max_items: int | None = None,
 ) -> LatentSet:
-    """The latents of one section of ``datalist`` (:func:`~vqvae_medical.stages.diffusion.latents.extract_latents`),
-    cached in ``<cache_dir>/latents_<section_name>.pt``.
+    """The latents (:func:`~vqvae_medical.stages.diffusion.latents.extract_latents`) of a section of ``datalist``,
+    cached in ``<cache_dir>/latents_<section_name>.pt`` (:func:`~vqvae_medical.stages.encodings.cached_section`: the
+    other arguments).
 
     Args:
         autoencoder: the frozen stage-1 autoencoder that encodes the images.
-        datalist: ``{"training": [...], "validation": [...], "test": [...]}``.
-        section_name: the section to encode.
-        cache_dir: folder of the latent caches.
         label_key: key of the class label of a class-conditional model; ``None``: labels are not kept.
-        max_items: the first ``max_items`` items of the section only (``None``: all).
     """
-    items = section(datalist, section_name, max_items)
-    cache_path = os.path.join(cache_dir, f"latents_{section_name}.pt")
+    items, cache_path = cached_section(datalist, section_name, cache_dir, "latents", max_items)
     return extract_latents(autoencoder, items, cache_path, label_key=label_key)
 
 
@@ -75,9 +74,3 @@ def training_dataset(
         return make_dataset(latents.items(), None, "none", cache_dir, num_workers, "training")
     items = section(datalist, "training", max_items)
     return make_dataset(items, autoencoder.transforms(augment=augment), cache, cache_dir, num_workers, "training")
-
-
-def handlers_of_rank(handlers: Sequence[Any], rank: int) -> list[Any]:
-    """The handlers rank ``rank`` attaches (:func:`vqvae_medical.training.workflow.handlers_of_rank`): all on rank 0,
-    the others leave out the writers, the sample grids and the generator's ``model.pt`` (:data:`WRITERS`) included."""
-    return workflow.handlers_of_rank(handlers, rank, writers=WRITERS)

@@ -18,7 +18,6 @@ checkpoint. An input's ``healthy_percentile`` is the share of these healthy scor
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,11 +30,12 @@ from torch import nn
 
 from vqvae_medical.data.lists import section
 from vqvae_medical.networks.quantizers import perplexity
+from vqvae_medical.stages.encodings import cached_section
 from vqvae_medical.stages.frozen import FrozenAutoencoder, encode_cached
 from vqvae_medical.stages.prior.anomaly import IMAGE_SCORES, anomaly_maps, code_nll
 from vqvae_medical.stages.provenance import file_sha256
+from vqvae_medical.training.provenance import stored_or_computed
 from vqvae_medical.training.runtime import SettingError
-from vqvae_medical.utils.io import atomic_write_json
 
 __all__ = [
     "CALIBRATION_FILE",
@@ -149,31 +149,23 @@ def load_calibration(
         "class_label": class_label,
     }
     path = Path(path)
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-        except ValueError:
-            stored = {}
+
+    def check(stored: Mapping[str, Any]) -> None:
         if stored.get("prior_sha256") == key["prior_sha256"] and stored.get("autoencoder") != key["autoencoder"]:
             raise SettingError(
                 f"ckpt_path {ckpt_path} is a prior over the codes of another autoencoder than autoencoder_dir "
                 f"{_where(autoencoder)} (its calibration {path} was made with other stage-1 weights): pass the "
                 "autoencoder_dir it was trained on, or delete that file if the prior really belongs to this one."
             )
-        if all(stored.get(k) == v for k, v in key.items()):
-            logger.info(f"read the anomaly calibration {path}")
-            return stored
-    cache_dir = Path(cache_dir) if cache_dir is not None else path.parent
-    datalist = autoencoder.datalist(cache_dir)
-    items = section(datalist, section_name)
-    cache = cache_dir / f"codes_{section_name}.pt"
-    result = {**key, **calibrate(autoencoder, network, items, quantile, class_label, cache)}
-    try:
-        atomic_write_json(result, path)
-        logger.info(f"calibrated the NLL thresholds {result['thresholds_nats']} on {len(items)} images -> {path}")
-    except OSError as e:
-        logger.warning(f"could not write the anomaly calibration to {path} ({e}); it is recomputed next time")
-    return result
+
+    def compute() -> dict[str, Any]:
+        directory = cache_dir if cache_dir is not None else path.parent
+        items, cache = cached_section(autoencoder.datalist(directory), section_name, directory, "codes")
+        result = calibrate(autoencoder, network, items, quantile, class_label, cache)
+        logger.info(f"calibrated the NLL thresholds {result['thresholds_nats']} on {len(items)} images")
+        return result
+
+    return stored_or_computed(path, key, compute, "anomaly calibration", check)
 
 
 def resolve_thresholds(
@@ -256,23 +248,13 @@ def load_score_calibration(
         "max_images": int(max_images),
     }
     path = Path(path)
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-        except ValueError:
-            stored = {}
-        if all(stored.get(k) == v for k, v in key.items()):
-            logger.info(f"read the image-score calibration {path}")
-            return stored
-    cache_dir = Path(cache_dir) if cache_dir is not None else path.parent
-    items = section(autoencoder.datalist(cache_dir), section_name)[: int(max_images)]
-    scores = healthy_image_scores(
-        autoencoder, network, items, thresholds, class_label, temperature, mask_sigma, top_fraction, seed, batch_size
-    )
-    result = {**key, "n_images": len(items), "scores": scores}
-    try:
-        atomic_write_json(result, path)
-        logger.info(f"calibrated the image scores on {len(items)} held-out healthy images -> {path}")
-    except OSError as e:
-        logger.warning(f"could not write the image-score calibration to {path} ({e}); it is recomputed next time")
-    return result
+
+    def compute() -> dict[str, Any]:
+        directory = Path(cache_dir) if cache_dir is not None else path.parent
+        items = section(autoencoder.datalist(directory), section_name)[: int(max_images)]
+        settings = (class_label, temperature, mask_sigma, top_fraction, seed, batch_size)
+        scores = healthy_image_scores(autoencoder, network, items, thresholds, *settings)
+        logger.info(f"calibrated the image scores on {len(items)} held-out healthy images")
+        return {"n_images": len(items), "scores": scores}
+
+    return stored_or_computed(path, key, compute, "image-score calibration")

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqvae_medical.training.mismatch import register_mismatch_hint
+from vqvae_medical.training.mismatch import class_embedding_hint, register_mismatch_hint
 from vqvae_medical.utils.io import CheckpointError
 
-__all__ = ["check_prior_checkpoint", "prior_mismatch_hint", "prior_settings", "settings_to_pass"]
+__all__ = ["check_prior_checkpoint", "class_hint", "prior_mismatch_hint", "prior_settings", "settings_to_pass"]
 
 
 def _layers(state: Mapping[str, Any], stem: str) -> int:
@@ -135,6 +135,10 @@ def _kind_hint(own: Mapping[str, Any], saved: Mapping[str, Any]) -> str | None:
             return f"it holds a transformer prior and the network is a gated PixelCNN: leave out {overlay}"
         return f"it holds a gated PixelCNN prior and the network is a transformer: add {overlay} after the first config"
     return None
+
+
+#: a gated PixelCNN's class embeddings (``class_embed``) of another number of classes: the ``num_classes`` to pass
+class_hint = register_mismatch_hint(class_embedding_hint("class_embed.", "num_classes", "0"))
 
 
 @register_mismatch_hint
