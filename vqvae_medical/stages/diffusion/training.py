@@ -12,7 +12,27 @@ from monai.engines import DiffusionPrepareBatch
 from vqvae_medical.stages.diffusion.network import LatentDiffusionNetwork
 from vqvae_medical.stages.frozen import FrozenAutoencoder
 
-__all__ = ["LatentDiffusionPrepareBatch"]
+__all__ = ["LatentDiffusionPrepareBatch", "min_snr_probs"]
+
+
+def min_snr_probs(scheduler: Any, prediction_type: str, gamma: float) -> torch.Tensor:
+    """Probabilities of the training timesteps proportional to their Min-SNR-``gamma`` loss weight (Hang et al.,
+    ICCV 2023) for a loss on ``prediction_type``; see :class:`LatentDiffusionPrepareBatch`.
+
+    Args:
+        scheduler: a MONAI noise scheduler with ``alphas_cumprod`` (DDPM/DDIM).
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        gamma: the SNR cap, ``> 0`` (the paper's default is 5).
+    """
+    if gamma is None or not gamma > 0:
+        raise ValueError(f"min_snr_gamma must be a positive number, got {gamma!r}.")
+    if scheduler is None or not hasattr(scheduler, "alphas_cumprod"):
+        raise ValueError("min_snr_gamma needs the training scheduler (a DDPM/DDIM scheduler with alphas_cumprod).")
+    alpha_bar = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
+    snr = alpha_bar / (1.0 - alpha_bar)
+    capped = snr.clamp(max=float(gamma))
+    weight = {"epsilon": capped / snr, "v_prediction": capped / (snr + 1.0), "sample": capped}[prediction_type]
+    return (weight / weight.sum()).float()
 
 
 class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
@@ -34,6 +54,13 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         label_key: batch key of int class labels for a class-conditioned UNet, or ``None``.
         seed: draw noise and timesteps from a generator re-seeded at every epoch start (attach this object to
             the engine as a handler): the same noise every validation, comparable across epochs.
+        min_snr_gamma: ``None`` draws timesteps uniformly (MONAI's ``DiffusionPrepareBatch``); a value ``gamma``
+            draws timestep ``t`` with probability proportional to the Min-SNR-gamma weight of Hang et al.,
+            "Efficient Diffusion Training via Min-SNR Weighting Strategy", ICCV 2023 (arXiv:2303.09556), written
+            for the prediction type's loss: ``min(SNR, gamma) / SNR`` (epsilon), ``min(SNR, gamma) / (SNR + 1)``
+            (v) or ``min(SNR, gamma)`` (sample), with ``SNR = alpha_bar / (1 - alpha_bar)`` of ``scheduler``.
+            Drawing ``t`` in proportion to the weight gives the weighted loss's expected gradient while MONAI's
+            trainer keeps its plain ``MSELoss`` (the loss never sees the timesteps, so it cannot weight them).
     """
 
     def __init__(
@@ -47,6 +74,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         image_key: str = "image",
         label_key: str | None = None,
         seed: int | None = None,
+        min_snr_gamma: float | None = None,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -64,6 +92,9 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         self.latent_key, self.image_key, self.label_key = latent_key, image_key, label_key  # keys of the batch
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.timestep_probs = None
+        if min_snr_gamma is not None:
+            self.timestep_probs = min_snr_probs(scheduler, prediction_type, min_snr_gamma)
 
     def attach(self, engine: Engine) -> None:
         if self.seed is not None:
@@ -77,7 +108,10 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         return torch.randn(images.shape, generator=self.generator, dtype=images.dtype).to(images.device)
 
     def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
-        t = torch.randint(0, self.num_train_timesteps, (images.shape[0],), generator=self.generator)
+        if self.timestep_probs is not None:
+            t = torch.multinomial(self.timestep_probs, images.shape[0], replacement=True, generator=self.generator)
+        else:
+            t = torch.randint(0, self.num_train_timesteps, (images.shape[0],), generator=self.generator)
         return t.long().to(images.device)
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The README's generate chains (MNI152 slices, the main job's VQ-VAE) with one lever changed at a time (issue 30,
+# part 2): each variant is a stage-2 training run of the default bundle with the overrides below, then the bundle's
+# inference (16 samples, seed 0, and 128 for the realism score); benchmarks/chain_grid_figure.py draws every
+# variant's samples in one figure with its epochs, iterations and CPU seconds, and benchmarks/chain_realism.py scores
+# the 128 against the stage-1 reconstructions of all 192 slices.
+#   bash benchmarks/default_chain_levers.sh OUT [VARIANTS]
+# OUT/stage1 is the main job (bundles/vqvae, configs/train.json, defaults), trained unless it holds models/model.pt.
+# VARIANTS (default: all below) picks a subset; a finished variant (OUT/<name>/inference/samples.png) is skipped.
+# One thread per run, two runs at a time (OMP_WAIT_POLICY=PASSIVE), so CPU seconds compare across variants; the
+# wall times of the README come from separate runs on 2 idle cores.
+set -euo pipefail
+OUT=$1
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+declare -A ARGS=(
+  [diffusion_lr3e-4_b16]="latent_diffusion --learning_rate 0.0003 --batch_size 16"
+  [diffusion_min_snr5]="latent_diffusion --learning_rate 0.0003 --batch_size 16 --min_snr_gamma 5.0"
+  [diffusion_lr1e-3_e150]="latent_diffusion --learning_rate 0.001 --batch_size 16 --max_epochs 150"
+  [diffusion_lr1e-3_b8]="latent_diffusion --learning_rate 0.001 --batch_size 8"
+  [prior_default]="pixelcnn_prior"
+  [prior_e60]="pixelcnn_prior --max_epochs 60"
+)
+# (diffusion_lr3e-4_b16 is latent_diffusion 0.6.0's default, diffusion_lr1e-3_b8 0.7.0's: 100 epochs each)
+VARIANTS=${2:-${!ARGS[*]}}
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+export PYTHONPATH=$ROOT OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
+( while true; do echo "$(date -u +%T) $(uptime)"; sleep 60; done ) > "$OUT/uptime.txt" & LOAD=$!
+trap 'kill $LOAD 2>/dev/null' EXIT
+if [ ! -f "$OUT/stage1/models/model.pt" ]; then
+  ( cd "$ROOT/bundles/vqvae" && python -m monai.bundle run --config_file configs/train.json \
+      --output_dir "$OUT/stage1" > "$OUT/stage1.log" 2>&1 )
+fi
+variant() {  # variant NAME: train, then sample, with /usr/bin/time's CPU seconds in OUT/NAME.time
+  local name=$1; set -- ${ARGS[$name]}; local bundle=$1; shift
+  [ -f "$OUT/$name/inference/samples.png" ] && return 0
+  local common=(--autoencoder_dir "$OUT/stage1" --output_dir "$OUT/$name")
+  local count=--n_samples; [ "$bundle" = pixelcnn_prior ] && count=--num_samples
+  ( cd "$ROOT/bundles/$bundle" \
+    && /usr/bin/time -f "%U %S %e" -o "$OUT/$name.time" python -m monai.bundle run --config_file configs/train.json \
+         "${common[@]}" "$@" > "$OUT/$name.train.log" 2>&1 \
+    && python -m monai.bundle run --config_file configs/inference.json "${common[@]}" > "$OUT/$name.inf.log" 2>&1 \
+    && python -m monai.bundle run --config_file configs/inference.json "${common[@]}" "$count" 128 \
+         --inference_dir "$OUT/$name/inference_realism" > "$OUT/$name.inf128.log" 2>&1 )
+}
+running=0
+for name in $VARIANTS; do
+  variant "$name" &
+  running=$((running + 1))
+  if [ $running -ge 2 ]; then wait -n; running=$((running - 1)); fi
+done
+wait
+python "$ROOT/benchmarks/chain_grid_figure.py" "$OUT" $VARIANTS
+python "$ROOT/benchmarks/chain_realism.py" "$OUT" $VARIANTS | tee "$OUT/realism.jsonl"
