@@ -19,6 +19,7 @@ declare -A ARGS=(
   [diffusion_lr1e-3_b8]="latent_diffusion --learning_rate 0.001 --batch_size 8"
   [prior_default]="pixelcnn_prior"
   [prior_e60]="pixelcnn_prior --max_epochs 60"
+  [prior_dropout0.3]="pixelcnn_prior --embedding_dropout 0.3"
 )
 # (diffusion_lr3e-4_b16 is latent_diffusion 0.6.0's default, diffusion_lr1e-3_b8 0.7.0's: 100 epochs each)
 VARIANTS=${2:-${!ARGS[*]}}
