@@ -18,15 +18,16 @@
 # MS-SSIM diversity, NLL per level, CPU seconds per sample; diffusion with DIFFUSION_STEPS DDIM steps, default 50),
 # and benchmarks/generator_table.py, which prints the table and draws OUT/<set>_generators.png.
 # GENERATORS (default "gated transformer hierarchical diffusion") picks a subset; finished steps are skipped.
+# TEST_FRACTION (default 0.1) sets the test split: ISIC needs 0.15 for the 64 test photos of a two-sample test.
 set -euo pipefail
 OUT=$1; SET=$2; GEN_MIN=${3:-8}; S1_MIN=${4:-20}; GENS=${5:-gated transformer hierarchical diffusion}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DATA=$(cd "$ROOT/../shared/data" && pwd)
-STEPS=${DIFFUSION_STEPS:-50}
+STEPS=${DIFFUSION_STEPS:-50}; TEST=${TEST_FRACTION:-0.1}
 case $SET in
-  brain) ARGS="--dataset_dir $DATA/brain_mri_2d --data_layout folder --test_fraction 0.1 --val_fraction 0.02 --seed 0"
+  brain) ARGS="--dataset_dir $DATA/brain_mri_2d --data_layout folder --test_fraction $TEST --val_fraction 0.02 --seed 0"
          EPOCHS1=100 ;;
-  isic)  ARGS="--dataset_dir $DATA/isic_256 --data_layout isic --in_channels 3 --test_fraction 0.1 --val_fraction 0.02 --seed 0"
+  isic)  ARGS="--dataset_dir $DATA/isic_256 --data_layout isic --in_channels 3 --test_fraction $TEST --val_fraction 0.02 --seed 0"
          EPOCHS1=1000 ;;
   *) echo "set must be brain or isic"; exit 1 ;;
 esac
