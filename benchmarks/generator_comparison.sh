@@ -18,6 +18,7 @@
 # MS-SSIM diversity, NLL per level, CPU seconds per sample; diffusion with DIFFUSION_STEPS DDIM steps, default 50),
 # and benchmarks/generator_table.py, which prints the table and draws OUT/<set>_generators.png.
 # GENERATORS (default "gated transformer hierarchical diffusion") picks a subset; finished steps are skipped.
+# GEN_ARGS (default none): more stage-2 training settings, e.g. "--learning_rate 0.0003 --batch_size 16".
 # TEST_FRACTION (default 0.1) sets the test split: ISIC needs 0.15 for the 64 test photos of a two-sample test.
 set -euo pipefail
 OUT=$1; SET=$2; GEN_MIN=${3:-8}; S1_MIN=${4:-20}; GENS=${5:-gated transformer hierarchical diffusion}
@@ -65,7 +66,7 @@ gen() {  # gen NAME: train then evaluate one generator unless done
   esac
   local common="--autoencoder_dir $OUT/$vq --output_dir $OUT/$g"
   if [ ! -f "$OUT/$g/models/model.pt" ]; then
-    bundle $b "$g" --config_file "['configs/train.json'$overlay]" $common $BUDGET2
+    bundle $b "$g" --config_file "['configs/train.json'$overlay]" $common $BUDGET2 ${GEN_ARGS:-}
   fi
   if [ ! -f "$OUT/$g/eval/metrics.json" ]; then
     bundle $b "$g" --config_file "['configs/train.json'$overlay,'configs/evaluate.json']" $common $extra
