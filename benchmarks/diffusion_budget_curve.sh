@@ -5,7 +5,7 @@
 # then resumes from a copy of its run folder for 8 and 16 more (16 and 32 in all), each evaluated in turn. One
 # stage-1 VQ-VAE (STAGE1_CPU_MINUTES, default 10) serves both. Both recipes run side by side, one thread each.
 #   bash benchmarks/diffusion_budget_curve.sh OUT [STAGE1_CPU_MINUTES]
-# then: python benchmarks/budget_curve.py --figure FIG "before=8:OUT/before_8" ... (the command it prints at the end)
+# then the command it prints at the end: benchmarks/budget_curve.py --strict, both recipes' curves in one figure.
 set -euo pipefail
 OUT=$1; S1=${2:-10}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,5 +31,6 @@ if [ ! -f "$OUT/vqvae/models/model.pt" ]; then  # stage 1 as generator_compariso
       --max_epochs 100 --time_budget_minutes "$S1" --time_budget_clock process > "$OUT/vqvae.log" 2>&1 )
 fi
 recipe before & recipe after & wait
-ARGS=(); for name in before after; do for t in 8 16 32; do ARGS+=("$name=$t:$OUT/${name}_$t"); done; done
-echo python "$ROOT/benchmarks/budget_curve.py" --figure docs/diffusion_budget_before_after.png "${ARGS[@]}"
+declare -A SERIES=([before]="0.6.0: lr 3e-4, batch 16" [after]="0.7.0: lr 1e-3, batch 8")
+ARGS=(); for name in before after; do for t in 8 16 32; do ARGS+=("'diffusion=$t:$OUT/${name}_$t:${SERIES[$name]}'"); done; done
+echo python benchmarks/budget_curve.py --strict --figure docs/diffusion_budget_before_after.png "${ARGS[@]}"

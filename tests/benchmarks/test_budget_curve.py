@@ -64,3 +64,23 @@ def test_a_run_without_evaluation_is_named(tmp_path):
         proc.stderr.strip()
         == f"{tmp_path / 'gated' / 'eval' / 'metrics.json'}: no c2st_accuracy; run the evaluate first"
     )
+
+
+def test_strict_adds_the_statistics_test_and_copy_rate(tmp_path):
+    _run(tmp_path / "b8", "diffusion", 0.90, 5)
+    metrics_path = tmp_path / "b8" / "diffusion" / "eval" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics.update({"c2st_stats_accuracy": 0.99, "c2st_stats_power_blurred_real": 1.0, "copy_rate": 0.03})
+    metrics_path.write_text(json.dumps(metrics))
+    fig = tmp_path / "curve.png"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), f"diffusion=8:{tmp_path / 'b8'}", "--strict", "--figure", str(fig)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    head, rule, row = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert "| c2st_stats_accuracy | power (stats) | copy_rate |" in head
+    assert head.count("|") == rule.count("|") == row.count("|")
+    assert row.startswith("| latent diffusion (DDIM) | 8 | 5 | 0.900 | 0.870 | 0.990 | 1.000 | 0.030 |"), row
+    assert fig.stat().st_size > 10_000
