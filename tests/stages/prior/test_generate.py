@@ -15,6 +15,7 @@ from vqvae_medical.stages.prior.generate import (
     save_samples,
 )
 from vqvae_medical.stages.prior.network import PriorNetwork
+from vqvae_medical.training.runtime import SettingError
 
 SIZE = [16, 12]  # code maps 4 x 3
 
@@ -68,3 +69,22 @@ def test_save_samples_writes_the_sampler_output_per_class(tmp_path):
     unconditional, vqvae = tiny_models(None)
     written = save_samples(tmp_path / "u", PriorSampler(vqvae, SIZE), unconditional, num_samples=2, sample_files=False)
     assert sorted(p.name for p in written) == ["samples.png", "samples_codes.npy", "sampling.json"]
+
+
+@pytest.mark.parametrize("bad", [{"top_k": -1}, {"top_k": 2.5}, {"top_p": 0.0}, {"top_p": 1.5}])
+def test_bad_truncation_is_one_setting_error(bad):
+    _, vqvae = tiny_models()
+    with pytest.raises(SettingError, match="top_k|top_p"):
+        PriorSampler(vqvae, SIZE, **bad)
+
+
+def test_sampler_truncates_and_records_it(tmp_path):
+    network, vqvae = tiny_models(None)
+    plain = PriorSampler(vqvae, SIZE, seed=4).sample(network, 8)[0]
+    greedy = PriorSampler(vqvae, SIZE, seed=4, top_k=1).sample(network, 8)[0]
+    assert not torch.equal(plain, greedy)
+    assert torch.equal(greedy, PriorSampler(vqvae, SIZE, seed=9, top_p=1e-6).sample(network, 8)[0])  # both argmax
+    assert (greedy == greedy[0]).all()  # no randomness left: every sample is the same
+    save_samples(tmp_path, PriorSampler(vqvae, SIZE, top_p=0.9), network, num_samples=2, sample_files=False)
+    info = json.loads((tmp_path / "sampling.json").read_text())
+    assert (info["top_k"], info["top_p"]) == (0, 0.9)

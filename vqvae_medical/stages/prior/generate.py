@@ -22,7 +22,7 @@ from vqvae_medical.stages.frozen import grid_size
 from vqvae_medical.stages.prior.codes import check_codebooks
 from vqvae_medical.stages.prior.hierarchical import LEVELS, HierarchicalPrior, sample_hierarchical
 from vqvae_medical.stages.prior.network import prior_of
-from vqvae_medical.stages.prior.sampling import prior_device, sample
+from vqvae_medical.stages.prior.sampling import check_truncation, prior_device, sample
 from vqvae_medical.training.runtime import SettingError, check_writable
 from vqvae_medical.utils.io import atomic_write_json
 
@@ -41,6 +41,8 @@ def sample_and_decode(
     seed: int = 0,
     threads: int | None = 1,
     generator: torch.Generator | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Draw code maps from the prior (cached ancestral sampling) and decode them with the VQ-VAE.
 
@@ -61,6 +63,9 @@ def sample_and_decode(
             ``None`` keeps the current setting.
         generator: the random generator to draw from (on the prior's device), e.g. one that goes on from batch to
             batch; ``None`` makes one seeded with ``seed``.
+        top_k: draw each code from the ``top_k`` most likely ones (0: off;
+            :func:`~vqvae_medical.stages.prior.sampling.draw_codes`).
+        top_p: draw each code from the nucleus of cumulative probability ``top_p`` (1: off).
 
     Returns:
         int64 codes ``[N, h, w]`` (a ``(top, bottom)`` pair for a hierarchical prior) and images ``[N, C, H, W]``
@@ -88,9 +93,19 @@ def sample_and_decode(
     model.eval()
     try:
         if isinstance(model, HierarchicalPrior):
-            codes = sample_hierarchical(model, num_samples, grids[0], class_label, temperature, generator)
+            codes = sample_hierarchical(
+                model, num_samples, grids[0], class_label, temperature, generator, top_k=top_k, top_p=top_p
+            )
         else:
-            codes = sample(model, (num_samples, *grids), class_label, temperature=temperature, generator=generator)
+            codes = sample(
+                model,
+                (num_samples, *grids),
+                class_label,
+                temperature=temperature,
+                generator=generator,
+                top_k=top_k,
+                top_p=top_p,
+            )
     finally:
         model.train(was_training)
         torch.set_num_threads(old_threads)
@@ -114,12 +129,27 @@ class PriorSampler(Inferer):
         image_size: decoded image size ``(H, W)``.
         temperature: softmax temperature.
         seed: seed of the sampler's own generator (the global RNG is untouched).
+        top_k: draw each code from the ``top_k`` most likely ones (0: off).
+        top_p: draw each code from the nucleus of cumulative probability ``top_p`` (1: off).
     """
 
-    def __init__(self, vqvae: nn.Module, image_size: Sequence[int], temperature: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        vqvae: nn.Module,
+        image_size: Sequence[int],
+        temperature: float = 1.0,
+        seed: int = 0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}.")
+        try:
+            check_truncation(top_k, top_p)
+        except ValueError as e:
+            raise SettingError(f"{e} Pass --top_k 0 and --top_p 1.0 for the plain draw.") from None
+        self.top_k, self.top_p = int(top_k), float(top_p)
         self.vqvae = vqvae
         self.image_size = [int(s) for s in image_size]
         self.temperature = float(temperature)
@@ -147,7 +177,15 @@ class PriorSampler(Inferer):
         for start in range(0, int(num_samples), size):
             n = min(size, int(num_samples) - start)
             yield sample_and_decode(
-                network, self.vqvae, n, self.image_size, class_label, self.temperature, generator=generator
+                network,
+                self.vqvae,
+                n,
+                self.image_size,
+                class_label,
+                self.temperature,
+                generator=generator,
+                top_k=self.top_k,
+                top_p=self.top_p,
             )
 
     def sample(
@@ -223,9 +261,9 @@ def save_samples(
     - ``<prefix>_class<c>.png``: a grid of the first ``grid_samples``;
 
     plus ``<prefix>.png`` with every class when there are several, and ``sampling.json``: the settings (seed of each
-    class, temperature, batch size, image and code map size), the timing and ``models``, the checkpoint and the
-    autoencoder that made the samples (:func:`~vqvae_medical.stages.provenance.models_used`). A ``.npy`` file and
-    ``sampling.json`` are whole or absent. Class ``c`` is sampled with seed ``seed + c`` from one generator, batch
+    class, temperature, top_k, top_p, batch size, image and code map size), the timing and ``models``, the checkpoint
+    and the autoencoder that made the samples (:func:`~vqvae_medical.stages.provenance.models_used`). A ``.npy`` file
+    and ``sampling.json`` are whole or absent. Class ``c`` is sampled with seed ``seed + c`` from one generator, batch
     after batch, so one class gives the same samples alone or with the others (for the same ``batch_size``).
 
     Returns:
@@ -290,6 +328,8 @@ def save_samples(
     record.update(
         {
             "temperature": float(sampler.temperature),
+            "top_k": sampler.top_k,
+            "top_p": sampler.top_p,
             "batch_size": int(batch_size),
             "image_size": [int(s) for s in sampler.image_size],
             "code_shape": dict(zip(LEVELS, level_grids, strict=False)) if levels[0] else level_grids[0],

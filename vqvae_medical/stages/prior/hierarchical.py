@@ -167,6 +167,8 @@ def sample_hierarchical(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     cached: bool = True,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ancestral sampling of a VQ-VAE-2 code pair: the top map, then the bottom map given it (Razavi et al. 2019).
 
@@ -181,6 +183,8 @@ def sample_hierarchical(
         temperature: softmax temperature of both levels.
         generator: random generator on the prior's device (``None``: torch's global generator).
         cached: incremental evaluation of both priors; ``False`` runs the full networks at each position.
+        top_k: top-k truncation of both levels (0: off; :func:`~vqvae_medical.stages.prior.sampling.draw_codes`).
+        top_p: nucleus truncation of both levels (1: off).
 
     Returns:
         int64 ``(top [B, Ht, Wt], bottom [B, s Ht, s Wt])`` on the prior's device.
@@ -189,6 +193,8 @@ def sample_hierarchical(
         raise ValueError(f"top_size must be (H, W), got {tuple(top_size)}.")
     h, w = (int(v) for v in top_size)
     s = prior.scale_factor
-    top = sample(prior.top, (num_samples, h, w), class_label, None, temperature, generator, cached)
-    bottom = sample(prior.bottom, (num_samples, s * h, s * w), class_label, top, temperature, generator, cached)
+    top = sample(prior.top, (num_samples, h, w), class_label, None, temperature, generator, cached, top_k, top_p)
+    bottom = sample(
+        prior.bottom, (num_samples, s * h, s * w), class_label, top, temperature, generator, cached, top_k, top_p
+    )
     return top, bottom
