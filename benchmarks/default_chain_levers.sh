@@ -6,7 +6,9 @@
 # the 128 against the stage-1 reconstructions of all 192 slices.
 #   bash benchmarks/default_chain_levers.sh OUT [VARIANTS]
 # OUT/stage1 is the main job (bundles/vqvae, configs/train.json, defaults), trained unless it holds models/model.pt.
-# VARIANTS (default: all below) picks a subset; a finished variant (OUT/<name>/inference/samples.png) is skipped.
+# VARIANTS (default: all below) picks a subset; a finished step (a trained model.pt, a samples.png) is skipped.
+# A sampling variant ("sample:VARIANT ARGS") trains nothing: it samples VARIANT's trained model with the inference
+# settings ARGS (e.g. the prior's top_p), after every training variant has run.
 # One thread per run, two runs at a time (OMP_WAIT_POLICY=PASSIVE), so CPU seconds compare across variants; the
 # wall times of the README come from separate runs on 2 idle cores.
 set -euo pipefail
@@ -20,6 +22,11 @@ declare -A ARGS=(
   [prior_default]="pixelcnn_prior"
   [prior_e60]="pixelcnn_prior --max_epochs 60"
   [prior_dropout0.3]="pixelcnn_prior --embedding_dropout 0.3"
+  [prior_temp0.9]="sample:prior_default --temperature 0.9"
+  [prior_topp0.95]="sample:prior_default --top_p 0.95"
+  [prior_topp0.9]="sample:prior_default --top_p 0.9"
+  [prior_topp0.8]="sample:prior_default --top_p 0.8"
+  [prior_topk16]="sample:prior_default --top_k 16"
 )
 # (diffusion_lr3e-4_b16 is latent_diffusion 0.6.0's default, diffusion_lr1e-3_b8 0.7.0's: 100 epochs each)
 VARIANTS=${2:-${!ARGS[*]}}
@@ -33,22 +40,35 @@ if [ ! -f "$OUT/stage1/models/model.pt" ]; then
 fi
 variant() {  # variant NAME: train, then sample, with /usr/bin/time's CPU seconds in OUT/NAME.time
   local name=$1; set -- ${ARGS[$name]}; local bundle=$1; shift
-  [ -f "$OUT/$name/inference/samples.png" ] && return 0
-  local common=(--autoencoder_dir "$OUT/stage1" --output_dir "$OUT/$name")
+  local model=$name train=("$@") sampling=()
+  if [[ $bundle == sample:* ]]; then  # another variant's model, sampled with other settings
+    model=${bundle#sample:}; bundle=${ARGS[$model]%% *}; train=(); sampling=("$@")
+    if [ ! -f "$OUT/$model/models/model.pt" ]; then echo "$name: train $model first (add it to VARIANTS)"; return 1; fi
+    mkdir -p "$OUT/$name"; ln -sfn "$OUT/$model/logs" "$OUT/$name/logs"; cp "$OUT/$model.time" "$OUT/$name.time"
+  fi
+  local common=(--autoencoder_dir "$OUT/stage1" --output_dir "$OUT/$model")
   local count=--n_samples; [ "$bundle" = pixelcnn_prior ] && count=--num_samples
-  ( cd "$ROOT/bundles/$bundle" \
-    && /usr/bin/time -f "%U %S %e" -o "$OUT/$name.time" python -m monai.bundle run --config_file configs/train.json \
-         "${common[@]}" "$@" > "$OUT/$name.train.log" 2>&1 \
-    && python -m monai.bundle run --config_file configs/inference.json "${common[@]}" > "$OUT/$name.inf.log" 2>&1 \
-    && python -m monai.bundle run --config_file configs/inference.json "${common[@]}" "$count" 128 \
-         --inference_dir "$OUT/$name/inference_realism" > "$OUT/$name.inf128.log" 2>&1 )
+  cd "$ROOT/bundles/$bundle"
+  if [ "$model" = "$name" ] && [ ! -f "$OUT/$name/models/model.pt" ]; then
+    /usr/bin/time -f "%U %S %e" -o "$OUT/$name.time" python -m monai.bundle run --config_file configs/train.json \
+      "${common[@]}" "${train[@]}" > "$OUT/$name.train.log" 2>&1
+  fi
+  [ -f "$OUT/$name/inference/samples.png" ] || python -m monai.bundle run --config_file configs/inference.json \
+    "${common[@]}" "${sampling[@]}" --inference_dir "$OUT/$name/inference" > "$OUT/$name.inf.log" 2>&1
+  [ -f "$OUT/$name/inference_realism/samples.png" ] || python -m monai.bundle run --config_file configs/inference.json \
+    "${common[@]}" "${sampling[@]}" "$count" 128 --inference_dir "$OUT/$name/inference_realism" \
+    > "$OUT/$name.inf128.log" 2>&1
 }
-running=0
-for name in $VARIANTS; do
-  variant "$name" &
-  running=$((running + 1))
-  if [ $running -ge 2 ]; then wait -n; running=$((running - 1)); fi
+for kind in train sample; do  # the training variants first, two at a time, then the sampling ones
+  running=0
+  for name in $VARIANTS; do
+    [[ ${ARGS[$name]} == sample:* ]] && is=sample || is=train
+    [ "$is" = "$kind" ] || continue
+    ( variant "$name" ) &
+    running=$((running + 1))
+    if [ $running -ge 2 ]; then wait -n; running=$((running - 1)); fi
+  done
+  wait
 done
-wait
 python "$ROOT/benchmarks/chain_grid_figure.py" "$OUT" $VARIANTS
 python "$ROOT/benchmarks/chain_realism.py" "$OUT" $VARIANTS | tee "$OUT/realism.jsonl"
