@@ -60,15 +60,14 @@ variant() {  # variant NAME: train, then sample, with /usr/bin/time's CPU second
     > "$OUT/$name.inf128.log" 2>&1
 }
 for kind in train sample; do  # the training variants first, two at a time, then the sampling ones
-  running=0
+  pids=()  # (a bare `wait` would also wait for the load logger, which never ends)
   for name in $VARIANTS; do
     [[ ${ARGS[$name]} == sample:* ]] && is=sample || is=train
     [ "$is" = "$kind" ] || continue
-    ( variant "$name" ) &
-    running=$((running + 1))
-    if [ $running -ge 2 ]; then wait -n; running=$((running - 1)); fi
+    ( variant "$name" ) & pids+=($!)
+    if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
   done
-  wait
+  [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
 done
 python "$ROOT/benchmarks/chain_grid_figure.py" "$OUT" $VARIANTS
 python "$ROOT/benchmarks/chain_realism.py" "$OUT" $VARIANTS | tee "$OUT/realism.jsonl"
