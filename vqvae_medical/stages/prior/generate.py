@@ -145,10 +145,7 @@ class PriorSampler(Inferer):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}.")
-        try:
-            check_truncation(top_k, top_p)
-        except ValueError as e:
-            raise SettingError(f"{e} Pass --top_k 0 and --top_p 1.0 for the plain draw.") from None
+        check_truncation(top_k, top_p)
         self.top_k, self.top_p = int(top_k), float(top_p)
         self.vqvae = vqvae
         self.image_size = [int(s) for s in image_size]

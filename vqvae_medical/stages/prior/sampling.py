@@ -20,6 +20,7 @@ from torch import nn
 
 from vqvae_medical.networks.pixelcnn import GatedPixelCNN, PixelCNNCache
 from vqvae_medical.networks.transformer_prior import TransformerPrior, TransformerPriorCache
+from vqvae_medical.training.runtime import SettingError
 
 __all__ = ["sample", "draw_codes", "check_truncation", "prior_device"]
 
@@ -30,11 +31,13 @@ def prior_device(model: nn.Module) -> torch.device:
 
 
 def check_truncation(top_k: int = 0, top_p: float = 1.0) -> None:
-    """Raises ``ValueError`` unless ``top_k`` is a whole number ``>= 0`` (0: off) and ``0 < top_p <= 1`` (1: off)."""
+    """Raises :class:`~vqvae_medical.training.runtime.SettingError` (a ``ValueError``) unless ``top_k`` is a whole
+    number ``>= 0`` (0: off) and ``0 < top_p <= 1`` (1: off)."""
+    plain = "Pass --top_k 0 and --top_p 1.0 for the plain draw."
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be a whole number, 0 (off) or more, got {top_k!r}.")
+        raise SettingError(f"top_k must be a whole number, 0 (off) or more, got {top_k!r}. {plain}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < float(top_p) <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 is off), got {top_p!r}.")
+        raise SettingError(f"top_p must be in (0, 1] (1 is off), got {top_p!r}. {plain}")
 
 
 def draw_codes(
@@ -54,8 +57,8 @@ def draw_codes(
     if top_p < 1.0:
         ordered, order = torch.sort(probs, dim=-1, descending=True)
         before = ordered.cumsum(dim=-1) - ordered  # the probability of the codes ranked above each one
-        cut = torch.zeros_like(probs).scatter(-1, order, (before >= top_p * ordered.sum(-1, keepdim=True)).float())
-        probs = probs.masked_fill(cut.bool(), 0.0)
+        kept = ordered.masked_fill(before >= top_p * ordered.sum(-1, keepdim=True), 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, kept)  # back to the codes' own order
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
