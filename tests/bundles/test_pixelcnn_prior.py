@@ -327,8 +327,10 @@ def test_gated_overlay_evaluates_with_a_two_sample_test(brain_gated):
     out = brain_gated["out"]
     configs = ["train.json", "gated.json", "evaluate.json"]
     c2st = {"image_size": 32, "epochs": 5, "n_folds": 2, "channels": [8, 16]}  # fast: only the plumbing is tested
-    run_bundle(BUNDLE, configs, {**brain_gated["common"], "n_samples": 64, "c2st_settings": c2st}, threads=1)
+    draw = {"temperature": 0.9, "top_k": 12, "top_p": 0.95}
+    run_bundle(BUNDLE, configs, {**brain_gated["common"], **draw, "n_samples": 64, "c2st_settings": c2st}, threads=1)
     metrics = read_metrics(out)
+    assert {k: metrics[k] for k in draw} == draw  # the metrics say how their samples were drawn
     test_codes = torch.load(out / "cache" / "codes_test.pt", weights_only=True)
     prior = load_prior(PriorNetwork(GatedPixelCNN(2, 16, 8, 2)), out / "models" / "model.pt")
     assert metrics["nll_bits_per_code"] == pytest.approx(_bits_per_code(prior, test_codes), rel=1e-4)

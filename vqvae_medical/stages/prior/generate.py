@@ -152,6 +152,12 @@ class PriorSampler(Inferer):
         self.temperature = float(temperature)
         self.seed = int(seed)
 
+    @property
+    def draw_settings(self) -> dict[str, float | int]:
+        """How each code is drawn (``temperature``, ``top_k``, ``top_p``): what a sample file or a metrics file
+        records beside the samples it describes."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+
     def batches(
         self,
         network: nn.Module,
@@ -324,9 +330,7 @@ def save_samples(
     n = num_samples * len(classes)
     record.update(
         {
-            "temperature": float(sampler.temperature),
-            "top_k": sampler.top_k,
-            "top_p": sampler.top_p,
+            **sampler.draw_settings,
             "batch_size": int(batch_size),
             "image_size": [int(s) for s in sampler.image_size],
             "code_shape": dict(zip(LEVELS, level_grids, strict=False)) if levels[0] else level_grids[0],

@@ -177,7 +177,7 @@ class PriorSampleQuality:
     Args:
         output_dir: the evaluation folder.
         sampler: a :class:`~vqvae_medical.stages.prior.generate.PriorSampler` (its ``sample`` returns codes and
-            images ``[N, C, H, W]`` in [0, 1]).
+            images ``[N, C, H, W]`` in [0, 1]; its ``draw_settings`` go into the metrics).
         prior: the prior the evaluator runs (its weights are loaded when the evaluator starts).
         real_data: datalist items of the held-out real images.
         transform: their preprocessing (the frozen autoencoder's ``transforms()``).
@@ -257,6 +257,7 @@ class PriorSampleQuality:
         metrics.update(
             {
                 "n_samples": n_samples,
+                **self.sampler.draw_settings,
                 "samples_per_class": {str(c): k for c, k in groups} if model.class_conditioned else None,
                 "seconds_per_sample": seconds / n_samples,
                 "cpu_seconds_per_sample": cpu_seconds / n_samples,
