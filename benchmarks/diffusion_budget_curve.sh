@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Latent diffusion on brain_mri_2d against its training budget, before and after the 0.7.0 recipe (issue 30, part 3):
-# "before" is latent_diffusion 0.6.0's learning rate 3e-4 and batch 16, "after" the 0.7.0 default (1e-3, batch 8).
+# "before" is latent_diffusion 0.6.0's learning rate 3e-4 and batch 16, "after" the 0.7.0 default (1e-3, batch 8);
+# "rflow" the 0.7.0 default with configs/rflow.json (rectified flow, 0.8.0). RECIPES (default "before after") picks.
 # Each recipe trains 8 CPU-minutes, is evaluated (evaluate.json: strict and downsampled c2st, memorisation audit),
 # then resumes from a copy of its run folder for 8 and 16 more (16 and 32 in all), each evaluated in turn. One
-# stage-1 VQ-VAE (STAGE1_CPU_MINUTES, default 10) serves both. Both recipes run side by side, one thread each.
+# stage-1 VQ-VAE (STAGE1_CPU_MINUTES, default 10) serves all. The recipes run side by side, one thread each.
 #   bash benchmarks/diffusion_budget_curve.sh OUT [STAGE1_CPU_MINUTES]
 # then: python benchmarks/budget_curve.py --strict --figure FIG "diffusion=8:OUT/before_8:before" ... (printed at the end)
 set -euo pipefail
 OUT=$1; S1=${2:-10}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-declare -A RECIPE=([before]="--learning_rate 0.0003 --batch_size 16" [after]="")
+declare -A RECIPE=([before]="--learning_rate 0.0003 --batch_size 16" [after]="" [rflow]="")
+declare -A CONFIGS=([before]="" [after]="" [rflow]="configs/rflow.json")
+RECIPES=${RECIPES:-before after}
 recipe() {  # recipe NAME: the 8, 16 and 32 CPU-minute points of one recipe
   local name=$1 prev="" total=0
   for step in 8 8 16; do
@@ -19,7 +22,7 @@ recipe() {  # recipe NAME: the 8, 16 and 32 CPU-minute points of one recipe
     if [ -n "$prev" ] && [ ! -d "$dir/diffusion" ]; then  # resume: the earlier run's checkpoints, not its model or eval
       cp -r "$prev/diffusion" "$dir/diffusion"; rm -rf "$dir/diffusion/models/model.pt" "$dir/diffusion/eval"
     fi
-    GEN_ARGS="${RECIPE[$name]}" bash "$ROOT/benchmarks/generator_comparison.sh" "$dir" brain "$step" "$S1" diffusion \
+    GEN_ARGS="${RECIPE[$name]}" GEN_CONFIGS="${CONFIGS[$name]}" bash "$ROOT/benchmarks/generator_comparison.sh" "$dir" brain "$step" "$S1" diffusion \
       > "$dir.out" 2>&1
     prev=$dir
   done
@@ -35,6 +38,6 @@ if [ ! -f "$OUT/vqvae/eval/metrics.json" ]; then  # evaluated once here, not by 
       --config_file "['configs/train.json','configs/evaluate.json']" --dataset_dir "$ROOT/../shared/data/brain_mri_2d" \
       --data_layout folder --test_fraction 0.1 --val_fraction 0.02 --seed 0 --output_dir "$OUT/vqvae" >> "$OUT/vqvae.log" 2>&1 )
 fi
-recipe before & recipe after & wait
-ARGS=(); for name in before after; do for t in 8 16 32; do ARGS+=("diffusion=$t:$OUT/${name}_$t:$name"); done; done
+for name in $RECIPES; do recipe "$name" & done; wait
+ARGS=(); for name in $RECIPES; do for t in 8 16 32; do ARGS+=("diffusion=$t:$OUT/${name}_$t:$name"); done; done
 echo python "$ROOT/benchmarks/budget_curve.py" --figure docs/diffusion_budget_before_after.png "${ARGS[@]}"

@@ -19,6 +19,7 @@
 # and benchmarks/generator_table.py, which prints the table and draws OUT/<set>_generators.png.
 # GENERATORS (default "gated transformer hierarchical diffusion") picks a subset; finished steps are skipped.
 # GEN_ARGS (default none): more stage-2 training settings, e.g. "--learning_rate 0.0003 --batch_size 16".
+# GEN_CONFIGS (default none): overlays appended to every stage-2 command, e.g. "configs/rflow.json" (diffusion only).
 # TEST_FRACTION (default 0.1) sets the test split: ISIC needs 0.15 for the 64 test photos of a two-sample test.
 set -euo pipefail
 OUT=$1; SET=$2; GEN_MIN=${3:-8}; S1_MIN=${4:-20}; GENS=${5:-gated transformer hierarchical diffusion}
@@ -64,6 +65,7 @@ gen() {  # gen NAME: train then evaluate one generator unless done
     hierarchical_transformer) overlay=",'configs/vqvae2.json'"; vq=vqvae2 ;;
     diffusion) b=latent_diffusion; extra="--num_inference_steps $STEPS" ;;
   esac
+  local c; for c in ${GEN_CONFIGS:-}; do overlay="$overlay,'$c'"; done
   local common="--autoencoder_dir $OUT/$vq --output_dir $OUT/$g"
   if [ ! -f "$OUT/$g/models/model.pt" ]; then
     bundle $b "$g" --config_file "['configs/train.json'$overlay]" $common $BUDGET2 ${GEN_ARGS:-}

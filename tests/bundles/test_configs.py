@@ -25,6 +25,7 @@ CASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "vqvae2": ("vqvae2", ()),
     "pixelcnn_prior": ("pixelcnn_prior", ()),
     "latent_diffusion": ("latent_diffusion", ()),
+    "latent_diffusion_rflow": ("latent_diffusion", ("rflow.json",)),
 }
 #: what each command runs: the configs before the overlay, and the ids its run starts from
 COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

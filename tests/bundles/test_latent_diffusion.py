@@ -6,6 +6,7 @@ codebook, resume, classes)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from vqvae_medical.stages.autoencoder.record import (
 )
 from vqvae_medical.stages.diffusion.evaluation import evaluate_samples
 from vqvae_medical.stages.diffusion.latents import LatentSet
+from vqvae_medical.stages.diffusion.network import PREDICTION_TYPES
 from vqvae_medical.stages.diffusion.sampling import LatentSampler
 from vqvae_medical.stages.frozen import load_autoencoder
 from vqvae_medical.training.checkpoints import ResumeFromCheckpoint
@@ -183,6 +185,28 @@ def test_inference_2d_writes_png_samples(trained_2d, brain_2d, tmp_path):
     info = json.loads((result / "inference" / "sampling.json").read_text())
     assert info["num_inference_steps"] == 4 and info["scheduler"] == "DDIMScheduler"
     assert info["seconds_per_sample"] > 0 and info["latent_shape"] == [8, 24, 20]
+
+
+@BRAIN_2D
+def test_rflow_overlay_trains_and_samples_a_rectified_flow(brain_2d, tmp_path):
+    """configs/rflow.json: the UNet learns the rectified-flow velocity (MONAI's RFlowScheduler) and inference samples
+    it in Euler steps; inference without the overlay stops with one line naming it."""
+    _, vq_out, common = brain_2d
+    out = tmp_path / "flow"
+    run_bundle(BUNDLE, ["train.json", "rflow.json"], {**common, **TRAIN, "sample_interval": 0, "output_dir": out})
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert int(state["diffusion.prediction_code"]) == PREDICTION_TYPES.index("flow")
+    history = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    assert math.isfinite(history[-1].get("val_loss", history[-2].get("val_loss", float("nan"))))
+    inference = {**TINY, "ckpt_path": out / "models" / "model.pt", "autoencoder_dir": vq_out, "n_samples": 2}
+    run_bundle(BUNDLE, ["inference.json", "rflow.json"], {**inference, "output_dir": tmp_path / "samples"})
+    info = json.loads((tmp_path / "samples" / "inference" / "sampling.json").read_text())
+    assert info["scheduler"] == "RFlowScheduler" and info["num_inference_steps"] == 4
+    assert len(list((tmp_path / "samples" / "inference").glob("sample_*.png"))) == 2
+    proc = run_bundle(BUNDLE, ["inference.json"], {**inference, "output_dir": tmp_path / "ddim"}, expect_ok=False)
+    last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
+    assert last.startswith("ERROR (SettingError):") and "add configs/rflow.json" in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 @BRAIN_2D

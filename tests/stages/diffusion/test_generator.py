@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine
 from monai.inferers import DiffusionInferer
 from monai.networks.nets import DiffusionModelUNet
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from tiny_stage2 import tiny_unet
 
 from vqvae_medical.networks import VQVAE
@@ -77,6 +77,27 @@ def test_generator_equals_monai_ddim_sampling_and_decoding(prediction_type, clip
     assert float(images.std()) > 0
 
 
+def test_generator_equals_monai_rflow_sampling_and_decoding():
+    """The generator's Euler loop gives MONAI's ``DiffusionInferer.sample`` with the ``RFlowScheduler`` (its
+    ``step`` with the next timestep), then ``/ scale_factor``, codebook snap and decoding."""
+    net, vqvae = tiny_network("flow").eval(), tiny_vqvae()
+    generator = LatentDiffusionGenerator(net, vqvae, RFlowScheduler(1000, use_discrete_timesteps=False), 4)
+    assert generator.scheduler_name == "RFlowScheduler"
+    x = noise()
+    with torch.no_grad():
+        images = generator(x)
+        scheduler = RFlowScheduler(1000, use_discrete_timesteps=False)
+        scheduler.set_timesteps(4)
+        z = DiffusionInferer(scheduler).sample(x, net, scheduler=scheduler, verbose=False)
+        reference = FrozenAutoencoder(vqvae).decode(z / net.scale_factor, list(IMAGE)).clamp(0, 1)
+        torch.testing.assert_close(generator.denoise(x), z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(images, reference, rtol=0, atol=1e-5)
+    assert float(images.std()) > 0
+    scripted = torch.jit.script(generator)  # what ckpt_export compiles
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), images, rtol=0, atol=0)
+
+
 def test_generator_torchscript_equals_eager_with_classes():
     """``torch.jit.script`` (what ``ckpt_export`` runs) compiles the whole sampler-decoder, class labels included;
     the eager generator is not modified by scripting."""
@@ -92,6 +113,9 @@ def test_generator_torchscript_equals_eager_with_classes():
 def test_generator_rejects_what_it_cannot_sample():
     with pytest.raises(ValueError, match="DDIMScheduler"):
         LatentDiffusionGenerator(tiny_network(), tiny_vqvae(), DDPMScheduler(1000))
+    flow_with_ddim = LatentDiffusionGenerator(tiny_network("flow"), tiny_vqvae(), ddim(), 2)
+    with pytest.raises(ValueError, match="configs/rflow.json"):  # a rectified-flow network, a DDIM scheduler
+        LatentSampler(flow_with_ddim).sample(1)
     with pytest.raises(ValueError, match="VQVAE"):
         LatentDiffusionGenerator(tiny_network(), torch.nn.Conv2d(4, 1, 1), ddim())
     mismatch = LatentDiffusionGenerator(tiny_network("epsilon"), tiny_vqvae(), ddim("v_prediction"), 2)

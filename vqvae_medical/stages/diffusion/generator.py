@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from monai.networks.schedulers import DDIMScheduler
+from monai.networks.schedulers import DDIMScheduler, RFlowScheduler
 from torch import nn
 
 from vqvae_medical.networks.vqvae import crop_to
+from vqvae_medical.stages.diffusion.flow import FLOW, flow_steps
 from vqvae_medical.stages.diffusion.network import (
     PREDICTION_TYPES,
     LatentDiffusionNetwork,
@@ -31,6 +32,8 @@ class LatentDiffusionGenerator(nn.Module):
     ``noise`` is ``x_T`` ``[B, D, *latent_spatial]`` (standard normal, the size of the scaled latents); every one of
     the scheduler's ``num_inference_steps`` timesteps runs the UNet of ``diffusion`` and MONAI's ``DDIMScheduler.step``
     update with ``eta = 0``, written out here with the same operations so that TorchScript compiles the whole loop.
+    With MONAI's ``RFlowScheduler`` (a rectified-flow UNet, prediction type ``"flow"``) each step is its Euler
+    step ``x + v dt`` (``RFlowScheduler.step``; :mod:`~vqvae_medical.stages.diffusion.flow`).
     The final latent is divided by ``scale_factor``, snapped to the codebook (``snap_to_codebook``), decoded,
     cropped to the training image size (the ``image_size`` buffer, when set) and clipped. A class-conditioned UNet
     takes ``class_labels`` ``[B]`` as an optional second argument. The same noise gives the same images, in eager
@@ -47,8 +50,9 @@ class LatentDiffusionGenerator(nn.Module):
         autoencoder: the frozen VQ-VAE (a :class:`~vqvae_medical.networks.VQVAE`, its ``ReconstructionNetwork`` or
             a :class:`~vqvae_medical.stages.frozen.FrozenAutoencoder`); its decoder and quantizer are shared, not
             copied.
-        scheduler: MONAI ``DDIMScheduler`` with the training schedule (betas, ``prediction_type``, clipping).
-        num_inference_steps: DDIM steps.
+        scheduler: MONAI ``DDIMScheduler`` with the training schedule (betas, ``prediction_type``, clipping), or
+            ``RFlowScheduler`` for a rectified-flow UNet.
+        num_inference_steps: DDIM (or Euler) steps.
         snap_to_codebook: replace each final latent vector by its nearest codebook vector before decoding.
         clip: range the images are clipped to, or ``None``.
     """
@@ -57,14 +61,15 @@ class LatentDiffusionGenerator(nn.Module):
         self,
         diffusion: LatentDiffusionNetwork,
         autoencoder: nn.Module,
-        scheduler: DDIMScheduler,
+        scheduler: DDIMScheduler | RFlowScheduler,
         num_inference_steps: int = 50,
         snap_to_codebook: bool = True,
         clip: Sequence[float] | None = (0.0, 1.0),
     ) -> None:
         super().__init__()
-        if not isinstance(scheduler, DDIMScheduler):
-            raise ValueError(f"scheduler must be a MONAI DDIMScheduler, got {type(scheduler).__name__}.")
+        if not isinstance(scheduler, (DDIMScheduler, RFlowScheduler)):
+            name = type(scheduler).__name__
+            raise ValueError(f"scheduler must be a MONAI DDIMScheduler or RFlowScheduler, got {name}.")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
         if clip is not None and len(clip) != 2:
@@ -82,19 +87,31 @@ class LatentDiffusionGenerator(nn.Module):
         self.clip = clip is not None
         self.clip_min, self.clip_max = (0.0, 0.0) if clip is None else (float(clip[0]), float(clip[1]))
         self.scheduler_name = type(scheduler).__name__
-        self.prediction_code = PREDICTION_TYPES.index(str(scheduler.prediction_type))
-        self.clip_sample = bool(scheduler.clip_sample)
-        self.clip_sample_min, self.clip_sample_max = (float(v) for v in scheduler.clip_sample_values)
-        # the DDIMScheduler's own timesteps and alphas (set_timesteps and step), tabulated per step
-        scheduler.set_timesteps(int(num_inference_steps))
-        timesteps = scheduler.timesteps.long().cpu()
-        previous = timesteps - scheduler.num_train_timesteps // scheduler.num_inference_steps
-        table = scheduler.alphas_cumprod.float().cpu()
-        alpha_prev = [table[int(p)] if p >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod) for p in previous]
         self.num_inference_steps = int(num_inference_steps)
+        if isinstance(scheduler, RFlowScheduler):
+            self.prediction_code = PREDICTION_TYPES.index(FLOW)
+            self.clip_sample, self.clip_sample_min, self.clip_sample_max = False, -1.0, 1.0
+            spatial = [int(s) for s in diffusion.latent_shape[1:]]
+            timesteps, step = flow_steps(scheduler, self.num_inference_steps, spatial)
+            alpha = alpha_prev = torch.zeros_like(step)  # DDIM's tables: unused by the flow's Euler steps
+        else:
+            self.prediction_code = PREDICTION_TYPES.index(str(scheduler.prediction_type))
+            self.clip_sample = bool(scheduler.clip_sample)
+            self.clip_sample_min, self.clip_sample_max = (float(v) for v in scheduler.clip_sample_values)
+            # the DDIMScheduler's own timesteps and alphas (set_timesteps and step), tabulated per step
+            scheduler.set_timesteps(self.num_inference_steps)
+            timesteps = scheduler.timesteps.long().cpu()
+            previous = timesteps - scheduler.num_train_timesteps // scheduler.num_inference_steps
+            table = scheduler.alphas_cumprod.float().cpu()
+            alpha = table[timesteps]
+            alpha_prev = torch.stack(
+                [table[int(p)] if p >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod) for p in previous]
+            ).float()
+            step = torch.zeros_like(alpha)  # the flow's Euler steps: unused by DDIM
         self.register_buffer("timesteps", timesteps, persistent=False)
-        self.register_buffer("alpha", table[timesteps], persistent=False)
-        self.register_buffer("alpha_prev", torch.stack(alpha_prev).float(), persistent=False)
+        self.register_buffer("alpha", alpha, persistent=False)
+        self.register_buffer("alpha_prev", alpha_prev, persistent=False)
+        self.register_buffer("step_size", step, persistent=False)
 
     def train(self, mode: bool = True) -> LatentDiffusionGenerator:
         """The generator is never trained: it stays in eval mode (the VQ-VAE's EMA codebook must not move)."""
@@ -106,12 +123,15 @@ class LatentDiffusionGenerator(nn.Module):
         return scriptable_copy(self)
 
     def denoise(self, x: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The DDIM loop: ``x_T`` (scaled latent space) -> ``x_0``."""
+        """The DDIM (or rectified-flow Euler) loop: ``x_T`` (scaled latent space) -> ``x_0``."""
         if int(self.diffusion.prediction_code) != self.prediction_code:
             raise ValueError("the network was trained with another prediction_type than the sampling scheduler's.")
         batch = x.shape[0]
         for i in range(self.timesteps.shape[0]):
             out = self.diffusion(x, self.timesteps[i].expand([batch]), None, class_labels)
+            if self.prediction_code == 3:  # flow: the velocity x_0 - noise, one Euler step towards t = 0
+                x = x + self.step_size[i] * out
+                continue
             alpha, alpha_prev = self.alpha[i], self.alpha_prev[i]
             beta = 1 - alpha
             if self.prediction_code == 0:  # epsilon

@@ -16,8 +16,9 @@ from vqvae_medical.utils.io import safe_load
 __all__ = ["PREDICTION_TYPES", "LatentDiffusionNetwork", "class_embeds_hint", "load_diffusion_network"]
 
 
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
-"""What the UNet predicts (MONAI schedulers' ``prediction_type``); stored in the checkpoint as an index."""
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample", "flow")
+"""What the UNet predicts (MONAI schedulers' ``prediction_type``; ``"flow"``: the rectified-flow velocity of
+:mod:`~vqvae_medical.stages.diffusion.flow`); stored in the checkpoint as an index."""
 
 
 class LatentDiffusionNetwork(nn.Module):

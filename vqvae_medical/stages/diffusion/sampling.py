@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from vqvae_medical.evaluation.figures import save_sample_grid
 from vqvae_medical.evaluation.sample_files import SampleFiles
+from vqvae_medical.stages.diffusion.flow import FLOW
 from vqvae_medical.stages.diffusion.generator import LatentDiffusionGenerator
 from vqvae_medical.stages.diffusion.network import PREDICTION_TYPES
 from vqvae_medical.training.runtime import SettingError, check_writable
@@ -118,9 +119,12 @@ class LatentSampler(Inferer):
         diffusion.check_ready()
         sampling_type = PREDICTION_TYPES[self.network.prediction_code]
         if sampling_type != diffusion.prediction_type:
-            raise ValueError(
+            fix = f"set --prediction_type {diffusion.prediction_type}"
+            if FLOW in (sampling_type, diffusion.prediction_type):
+                fix = ("add" if diffusion.prediction_type == FLOW else "leave out") + " configs/rflow.json"
+            raise SettingError(
                 f"the model was trained with prediction_type {diffusion.prediction_type!r} but the sampling scheduler "
-                f"uses {sampling_type!r}; set --prediction_type {diffusion.prediction_type}."
+                f"uses {sampling_type!r}; {fix}."
             )
 
     @torch.no_grad()

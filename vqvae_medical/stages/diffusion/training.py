@@ -9,6 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.engines import DiffusionPrepareBatch
 
+from vqvae_medical.stages.diffusion.flow import FLOW, check_flow_scheduler, flow_timesteps
 from vqvae_medical.stages.diffusion.network import LatentDiffusionNetwork
 from vqvae_medical.stages.frozen import FrozenAutoencoder
 
@@ -47,8 +48,10 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         network: the :class:`LatentDiffusionNetwork`; its ``scale_factor`` buffer is read at every call, so a
             value restored from a checkpoint is the one used.
         autoencoder: the frozen VQ-VAE, needed only for batches of images.
-        scheduler: the training scheduler, needed for ``prediction_type="v_prediction"``.
-        prediction_type: ``"epsilon"`` (target: the noise), ``"v_prediction"`` or ``"sample"``.
+        scheduler: the training scheduler, needed for ``prediction_type="v_prediction"`` and ``"flow"``.
+        prediction_type: ``"epsilon"`` (target: the noise), ``"v_prediction"``, ``"sample"`` or ``"flow"``
+            (rectified flow with MONAI's ``RFlowScheduler``: target ``latent - noise``, timesteps drawn as the
+            scheduler's ``sample_method`` says, see :func:`~vqvae_medical.stages.diffusion.flow.flow_timesteps`).
         latent_key: batch key of pre-extracted latents.
         image_key: batch key of images to encode.
         label_key: batch key of int class labels for a class-conditioned UNet, or ``None``.
@@ -77,14 +80,18 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         min_snr_gamma: float | None = None,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
-        if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}.")
+        if prediction_type not in ("epsilon", "v_prediction", "sample", FLOW):
+            raise ValueError(
+                f"prediction_type must be 'epsilon', 'v_prediction', 'sample' or 'flow', got {prediction_type!r}."
+            )
         if prediction_type != network.prediction_type:
             raise ValueError(
                 f"prediction_type {prediction_type!r} differs from the network's {network.prediction_type!r}."
             )
         if prediction_type == "v_prediction" and scheduler is None:
             raise ValueError("prediction_type='v_prediction' needs the scheduler (for get_velocity).")
+        if scheduler is not None or prediction_type == FLOW:
+            check_flow_scheduler(scheduler, prediction_type)
         self.network = network
         self.autoencoder = autoencoder
         self.scheduler = scheduler
@@ -108,6 +115,8 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         return torch.randn(images.shape, generator=self.generator, dtype=images.dtype).to(images.device)
 
     def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == FLOW:
+            return flow_timesteps(self.scheduler, images.shape[0], images.shape[2:], self.generator).to(images.device)
         if self.timestep_probs is not None:
             t = torch.multinomial(self.timestep_probs, images.shape[0], replacement=True, generator=self.generator)
         else:
@@ -119,6 +128,8 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
             return self.scheduler.get_velocity(images, noise, timesteps)
         if self.prediction_type == "sample":
             return images
+        if self.prediction_type == FLOW:
+            return images - noise
         return noise
 
     def latents(self, batchdata: Mapping[str, Any], device: Any = None, non_blocking: bool = False) -> torch.Tensor:
