@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generator_table import LABELS, _fmt, rows  # noqa: E402
+from generator_table import _fmt, rows  # noqa: E402
+from generator_table import label as generator_label  # noqa: E402
 
 TARGET = 0.75
 
@@ -43,8 +44,8 @@ def points(specs: list[str]) -> list[dict]:
         row = rows(Path(out), [name])[0]
         if row["c2st_accuracy"] is None:
             raise SystemExit(f"{Path(out) / name / 'eval' / 'metrics.json'}: no c2st_accuracy; run the evaluate first")
-        label = LABELS.get(name, name) + (f", {series[0]}" if series else "")
-        found.append({**row, "budget_cpu_min": budget, "label": label})
+        name_of_series = generator_label(row) + (f", {series[0]}" if series else "")
+        found.append({**row, "budget_cpu_min": budget, "label": name_of_series})
     return sorted(found, key=lambda r: (r["label"], r["budget_cpu_min"]))
 
 

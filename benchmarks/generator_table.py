@@ -42,6 +42,25 @@ def _cpu_seconds(log: Path) -> list[float]:
     return [float(u) + float(s) for u, s in found]
 
 
+def _scheduler(run: Path, metrics: dict) -> str | None:
+    """The sampling scheduler of a latent diffusion run: ``scheduler`` of its metrics (latent_diffusion 0.8.0 on),
+    else what its ``models/model.pt`` was trained to predict (``diffusion.prediction_code`` 3: a rectified flow)."""
+    if metrics.get("scheduler") or not (run / "models" / "model.pt").is_file():
+        return metrics.get("scheduler")
+    import torch
+
+    state = torch.load(run / "models" / "model.pt", map_location="cpu", weights_only=True)
+    code = state.get("diffusion.prediction_code")
+    return None if code is None else ("RFlowScheduler" if int(code) == 3 else "DDIMScheduler")
+
+
+def label(row: dict) -> str:
+    """The generator's name in tables and figures (a diffusion run names its sampler)."""
+    if row.get("scheduler") == "RFlowScheduler":
+        return "latent diffusion (rectified flow)"
+    return LABELS.get(row["generator"], row["generator"])
+
+
 def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -70,6 +89,7 @@ def rows(out: Path, generators: list[str]) -> list[dict]:
                 "nll_top_bottom": levels if any(v is not None for v in levels) else None,
                 "cpu_seconds_per_sample": metrics.get("cpu_seconds_per_sample"),
                 "n": metrics.get("c2st_n_per_set"),
+                "scheduler": _scheduler(out / name, metrics) if name == "diffusion" else None,
             }
         )
     return table
@@ -87,7 +107,7 @@ def markdown(table: list[dict]) -> str:
         if r["nll_top_bottom"]:
             nll += " (" + " / ".join(_fmt(v, 2) for v in r["nll_top_bottom"]) + ")"
         lines.append(
-            f"| {LABELS.get(r['generator'], r['generator'])} | {r['epochs']} | {_fmt(r['train_cpu_min'], 1)} "
+            f"| {label(r)} | {r['epochs']} | {_fmt(r['train_cpu_min'], 1)} "
             f"| {_fmt(r['c2st_accuracy'])} | {_fmt(r['c2st_power_blurred_real'])} "
             f"| {_fmt(r['ms_ssim_diversity_samples'])} / {_fmt(r['ms_ssim_diversity_real'])} | {nll} "
             f"| {_fmt(r['cpu_seconds_per_sample'], 2)} | {r['n'] if r['n'] is not None else '-'} |"

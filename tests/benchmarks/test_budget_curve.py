@@ -84,3 +84,22 @@ def test_strict_adds_the_statistics_test_and_copy_rate(tmp_path):
     assert head.count("|") == rule.count("|") == row.count("|")
     assert row.startswith("| latent diffusion (DDIM) | 8 | 5 | 0.900 | 0.870 | 0.990 | 1.000 | 0.030 |"), row
     assert fig.stat().st_size > 10_000
+
+
+def test_a_rectified_flow_run_is_named_by_its_sampler(tmp_path):
+    """A diffusion run sampled with the RFlowScheduler is labelled so: from its metrics' ``scheduler``, or, for an
+    evaluate older than that key, from what its model.pt was trained to predict."""
+    import torch
+
+    _run(tmp_path / "f8", "diffusion", 0.90, 5)
+    metrics_path = tmp_path / "f8" / "diffusion" / "eval" / "metrics.json"
+    metrics_path.write_text(json.dumps({**json.loads(metrics_path.read_text()), "scheduler": "RFlowScheduler"}))
+    _run(tmp_path / "m8", "diffusion", 0.80, 5)
+    (tmp_path / "m8" / "diffusion" / "models").mkdir()
+    torch.save({"diffusion.prediction_code": torch.tensor(3)}, tmp_path / "m8" / "diffusion" / "models" / "model.pt")
+    _run(tmp_path / "d8", "diffusion", 0.70, 5)
+    runs = [f"diffusion={b}:{tmp_path / r}" for b, r in ((8, "f8"), (16, "m8"), (8, "d8"))]  # no two alike: no mean
+    proc = subprocess.run([sys.executable, str(SCRIPT), *runs], capture_output=True, text=True, check=True)
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| latent")]
+    flow = "| latent diffusion (rectified flow)"
+    assert [line.split(" | ")[0] for line in table] == ["| latent diffusion (DDIM)", flow, flow], table

@@ -217,6 +217,7 @@ def test_evaluate_2d_writes_sample_quality_diversity_and_mmd(trained_2d, brain_2
     metrics = read_metrics(out)
     # the whole (tiny) test split is the real set: 12 slices, val and test fractions 0.2
     assert metrics["n_samples"] == metrics["n_generated"] == 4 and 2 <= metrics["n_real"] <= 3
+    assert metrics["scheduler"] == "DDIMScheduler" and metrics["num_inference_steps"] == 4  # how they were drawn
     real = real_test_images(vq_out, out / "cache")
     assert len(real) == metrics["n_real"]
     assert metrics["ms_ssim_diversity_real"] == pytest.approx(real_diversity(real, metrics), rel=1e-5)

@@ -57,7 +57,8 @@ def evaluate_samples(
     - ``mmd_real_reference``: the same between the real images and a disjoint set of real images (the value
       an ideal generator would reach up to sampling noise; NaN when the test set is too small);
     - ``n_samples``, ``samples_per_class`` (class-conditioned model), ``seconds_per_sample``,
-      ``cpu_seconds_per_sample`` (process CPU time of sampling and decoding per image), ``num_inference_steps``;
+      ``cpu_seconds_per_sample`` (process CPU time of sampling and decoding per image), ``num_inference_steps``,
+      ``scheduler`` (the sampling scheduler's class: DDIM or rectified flow);
     - ``models``: the checkpoint and autoencoder evaluated (:func:`~vqvae_medical.stages.provenance.models_used`).
 
     ``metrics.json`` is written once, atomically, when everything is computed; the settings and the size of the
@@ -130,6 +131,7 @@ def evaluate_samples(
             "seconds_per_sample": sampler.last_seconds_per_sample,
             "cpu_seconds_per_sample": sampler.last_cpu_seconds_per_sample,
             "num_inference_steps": sampler.num_inference_steps,
+            "scheduler": sampler.scheduler_name,
             "models": None if models is None else dict(models),
         }
     )
