@@ -49,9 +49,11 @@ def _scheduler(run: Path, metrics: dict) -> str | None:
         return metrics.get("scheduler")
     import torch
 
+    from vqvae_medical.stages.diffusion.network import PREDICTION_TYPES
+
     state = torch.load(run / "models" / "model.pt", map_location="cpu", weights_only=True)
     code = state.get("diffusion.prediction_code")
-    return None if code is None else ("RFlowScheduler" if int(code) == 3 else "DDIMScheduler")
+    return None if code is None else ("RFlowScheduler" if PREDICTION_TYPES[int(code)] == "flow" else "DDIMScheduler")
 
 
 def label(row: dict) -> str:

@@ -10,6 +10,7 @@ velocity ``x_0 - noise`` (prediction type ``"flow"``); sampling integrates it fr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,7 +63,7 @@ def flow_timesteps(
     if scheduler.use_discrete_timesteps:
         t = t.long()
     if scheduler.use_timestep_transform:
-        numel = int(torch.tensor([int(s) for s in spatial_shape]).prod())
+        numel = math.prod(int(s) for s in spatial_shape)
         t = timestep_transform(
             t,
             input_img_size_numel=numel,
@@ -78,7 +79,7 @@ def flow_steps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampler's timesteps ``[n]`` (``RFlowScheduler.set_timesteps``) and the Euler step of each, ``(t_i -
     t_{i+1}) / T`` with ``t_n = 0`` (what ``RFlowScheduler.step`` adds ``v * dt`` with), as float tensors."""
-    numel = int(torch.tensor([int(s) for s in spatial_shape]).prod())
+    numel = math.prod(int(s) for s in spatial_shape)
     if scheduler.use_timestep_transform and numel < 1:
         raise ValueError("the RFlowScheduler's timestep transform needs the latent shape; build the network with it.")
     scheduler.set_timesteps(int(num_inference_steps), input_img_size_numel=numel)

@@ -10,7 +10,7 @@ from ignite.engine import Engine, Events
 from monai.engines import DiffusionPrepareBatch
 
 from vqvae_medical.stages.diffusion.flow import FLOW, check_flow_scheduler, flow_timesteps
-from vqvae_medical.stages.diffusion.network import LatentDiffusionNetwork
+from vqvae_medical.stages.diffusion.network import PREDICTION_TYPES, LatentDiffusionNetwork
 from vqvae_medical.stages.frozen import FrozenAutoencoder
 
 __all__ = ["LatentDiffusionPrepareBatch", "min_snr_probs"]
@@ -80,10 +80,8 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         min_snr_gamma: float | None = None,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
-        if prediction_type not in ("epsilon", "v_prediction", "sample", FLOW):
-            raise ValueError(
-                f"prediction_type must be 'epsilon', 'v_prediction', 'sample' or 'flow', got {prediction_type!r}."
-            )
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
         if prediction_type != network.prediction_type:
             raise ValueError(
                 f"prediction_type {prediction_type!r} differs from the network's {network.prediction_type!r}."
