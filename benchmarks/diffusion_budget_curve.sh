@@ -40,4 +40,4 @@ if [ ! -f "$OUT/vqvae/eval/metrics.json" ]; then  # evaluated once here, not by 
 fi
 for name in $RECIPES; do recipe "$name" & done; wait
 ARGS=(); for name in $RECIPES; do for t in 8 16 32; do ARGS+=("diffusion=$t:$OUT/${name}_$t:$name"); done; done
-echo python "$ROOT/benchmarks/budget_curve.py" --figure docs/diffusion_budget_before_after.png "${ARGS[@]}"
+echo python "$ROOT/benchmarks/budget_curve.py" --strict --figure docs/diffusion_budget_before_after.png "${ARGS[@]}"
