@@ -19,6 +19,8 @@ declare -A ARGS=(
   [diffusion_min_snr5]="latent_diffusion --learning_rate 0.0003 --batch_size 16 --min_snr_gamma 5.0"
   [diffusion_lr1e-3_e150]="latent_diffusion --learning_rate 0.001 --batch_size 16 --max_epochs 150"
   [diffusion_lr1e-3_b8]="latent_diffusion --learning_rate 0.001 --batch_size 8"
+  [diffusion_augment]="latent_diffusion --augment True --cache_latents False"
+  [diffusion_attn2]="latent_diffusion"
   [prior_default]="pixelcnn_prior"
   [prior_e60]="pixelcnn_prior --max_epochs 60"
   [prior_dropout0.3]="pixelcnn_prior --embedding_dropout 0.3"
@@ -28,7 +30,11 @@ declare -A ARGS=(
   [prior_topp0.8]="sample:prior_default --top_p 0.8"
   [prior_topk16]="sample:prior_default --top_k 16"
 )
-# (diffusion_lr3e-4_b16 is latent_diffusion 0.6.0's default, diffusion_lr1e-3_b8 0.7.0's: 100 epochs each)
+# (diffusion_lr3e-4_b16 is latent_diffusion 0.6.0's default, diffusion_lr1e-3_b8 0.7.0's: 100 epochs each;
+# diffusion_augment and diffusion_attn2 are 0.7.0's default with flips and rotations of the slices, encoded every
+# step, or with self-attention at the UNet's middle level too)
+# network overrides: given to the training and to every inference of the variant (and of its sampling variants)
+declare -A NET=([diffusion_attn2]="--unet_def#attention_levels [False,True,True]")
 VARIANTS=${2:-${!ARGS[*]}}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH=$ROOT OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
@@ -46,7 +52,7 @@ variant() {  # variant NAME: train, then sample, with /usr/bin/time's CPU second
     if [ ! -f "$OUT/$model/models/model.pt" ]; then echo "$name: train $model first (add it to VARIANTS)"; return 1; fi
     mkdir -p "$OUT/$name"; ln -sfn "$OUT/$model/logs" "$OUT/$name/logs"; cp "$OUT/$model.time" "$OUT/$name.time"
   fi
-  local common=(--autoencoder_dir "$OUT/stage1" --output_dir "$OUT/$model")
+  local common=(--autoencoder_dir "$OUT/stage1" --output_dir "$OUT/$model" ${NET[$model]:-})
   local count=--n_samples; [ "$bundle" = pixelcnn_prior ] && count=--num_samples
   cd "$ROOT/bundles/$bundle"
   if [ "$model" = "$name" ] && [ ! -f "$OUT/$name/models/model.pt" ]; then

@@ -5,6 +5,8 @@
 # Each recipe trains 8 CPU-minutes, is evaluated (evaluate.json: strict and downsampled c2st, memorisation audit),
 # then resumes from a copy of its run folder for 8 and 16 more (16 and 32 in all), each evaluated in turn. One
 # stage-1 VQ-VAE (STAGE1_CPU_MINUTES, default 10) serves all. The recipes run side by side, one thread each.
+# EVAL_SEEDS (default "0") adds evaluates of every point with other seeds (sampling noise, classifier folds; same
+# model, same test slices) into OUT/NAME_MINUTES_seedS/diffusion/eval, the trained run's logs linked beside them.
 #   bash benchmarks/diffusion_budget_curve.sh OUT [STAGE1_CPU_MINUTES]
 # then: python benchmarks/budget_curve.py --strict --figure FIG "diffusion=8:OUT/before_8:before" ... (printed at the end)
 set -euo pipefail
@@ -26,6 +28,19 @@ recipe() {  # recipe NAME: the 8, 16 and 32 CPU-minute points of one recipe
       > "$dir.out" 2>&1
     prev=$dir
   done
+  local seed t
+  for seed in ${EVAL_SEEDS:-0}; do
+    [ "$seed" = 0 ] && continue
+    for t in 32 16 8; do
+      local run="$OUT/${name}_$t" ev="$OUT/${name}_${t}_seed$seed/diffusion"
+      [ -f "$ev/eval/metrics.json" ] && continue
+      mkdir -p "$ev"; [ -e "$ev/logs" ] || ln -s "$run/diffusion/logs" "$ev/logs"
+      ( cd "$ROOT/bundles/latent_diffusion" && OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python -m monai.bundle run \
+          --bundle_root . --config_file "['configs/train.json'$(for c in ${CONFIGS[$name]}; do printf ",'%s'" "$c"; done),'configs/evaluate.json']" \
+          --autoencoder_dir "$run/vqvae" --output_dir "$run/diffusion" --eval_dir "$ev/eval" \
+          --num_inference_steps 50 --seed "$seed" > "$ev.out" 2>&1 )
+    done
+  done
 }
 if [ ! -f "$OUT/vqvae/models/model.pt" ]; then  # stage 1 as generator_comparison.sh trains it on brain_mri_2d
   ( cd "$ROOT/bundles/vqvae" && OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python -m monai.bundle run \
@@ -39,5 +54,8 @@ if [ ! -f "$OUT/vqvae/eval/metrics.json" ]; then  # evaluated once here, not by 
       --data_layout folder --test_fraction 0.1 --val_fraction 0.02 --seed 0 --output_dir "$OUT/vqvae" >> "$OUT/vqvae.log" 2>&1 )
 fi
 for name in $RECIPES; do recipe "$name" & done; wait
-ARGS=(); for name in $RECIPES; do for t in 8 16 32; do ARGS+=("diffusion=$t:$OUT/${name}_$t:$name"); done; done
+ARGS=(); for name in $RECIPES; do for t in 8 16 32; do
+  ARGS+=("diffusion=$t:$OUT/${name}_$t:$name")
+  for seed in ${EVAL_SEEDS:-0}; do [ "$seed" = 0 ] || ARGS+=("diffusion=$t:$OUT/${name}_${t}_seed$seed:$name"); done
+done; done
 echo python "$ROOT/benchmarks/budget_curve.py" --strict --figure docs/diffusion_budget_before_after.png "${ARGS[@]}"
