@@ -28,15 +28,16 @@ recipe() {  # recipe NAME: the 8, 16 and 32 CPU-minute points of one recipe
       > "$dir.out" 2>&1
     prev=$dir
   done
-  local seed t
-  for seed in ${EVAL_SEEDS:-0}; do
-    [ "$seed" = 0 ] && continue
-    for t in 32 16 8; do
+  local seed t overlay="" c
+  for c in ${CONFIGS[$name]}; do overlay="$overlay,'$c'"; done
+  for t in 32 16 8; do  # the target budget's seeds first: a run stopped early has them
+    for seed in ${EVAL_SEEDS:-0}; do
+      [ "$seed" = 0 ] && continue
       local run="$OUT/${name}_$t" ev="$OUT/${name}_${t}_seed$seed/diffusion"
       [ -f "$ev/eval/metrics.json" ] && continue
       mkdir -p "$ev"; [ -e "$ev/logs" ] || ln -s "$run/diffusion/logs" "$ev/logs"
       ( cd "$ROOT/bundles/latent_diffusion" && OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python -m monai.bundle run \
-          --bundle_root . --config_file "['configs/train.json'$(for c in ${CONFIGS[$name]}; do printf ",'%s'" "$c"; done),'configs/evaluate.json']" \
+          --bundle_root . --config_file "['configs/train.json'$overlay,'configs/evaluate.json']" \
           --autoencoder_dir "$run/vqvae" --output_dir "$run/diffusion" --eval_dir "$ev/eval" \
           --num_inference_steps 50 --seed "$seed" > "$ev.out" 2>&1 )
     done
